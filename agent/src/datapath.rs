@@ -1,0 +1,342 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Loading the embedded eBPF object and writing its maps.
+//!
+//! [`Datapath`] is the only writer of the datapath's maps. It applies every
+//! change in make-before-break order: backends first, then a freshly written
+//! SLOTS region, then the SERVICES entry that points at it (the "flip"), and
+//! only then the old region is released. A reader in the kernel therefore
+//! never sees a count or a table that points at unwritten entries.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::Key,
+    },
+    programs::Program,
+    util::nr_cpus,
+};
+use datapath_common::{
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, RevNat, SCHED_MAGLEV,
+    Service, ServiceKey, SourceRangeKey, maps, v4_mapped, verdict,
+};
+
+use crate::{
+    maglev,
+    region::{Allocator, Region},
+};
+
+/// The eBPF object built by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("SLOTS is full: {needed} entries needed, {available} free of {capacity}")]
+    SlotsFull { needed: u32, available: u32, capacity: u32 },
+    #[error("backend id {0} is out of range (1..{1})")]
+    BackendId(u32, u32),
+    #[error("service id {0} is out of range (0..{1})")]
+    ServiceId(u32, u32),
+    #[error("service references backend {0}, which was never written")]
+    UnknownBackend(u32),
+    #[error("Maglev table size {0} is not a prime")]
+    MaglevSize(u32),
+    #[error("bad source range {0}")]
+    SourceRange(String),
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Map sizes, chosen by the loader (never hard-coded in the programs).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// SERVICES entries, and the number of frontend ids (REV_NAT, RR_CURSOR, SERVICE_STATS).
+    pub services: u32,
+    /// Backend ids (BACKENDS, BACKEND_STATS); id 0 is reserved.
+    pub backends: u32,
+    /// SLOTS entries shared by all services' lists and Maglev tables.
+    pub slots: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+    pub source_ranges: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: 65_536,
+            backends: 65_536,
+            slots: 1 << 22,
+            conntrack: 262_144,
+            affinity: 65_536,
+            source_ranges: 16_384,
+        }
+    }
+}
+
+/// What a frontend should look like; see [`Datapath::set_service`].
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    /// Frontend id, unique per SERVICES key.
+    pub id: u32,
+    pub scheduler: u8,
+    /// `SVC_F_*`.
+    pub flags: u8,
+    pub affinity_timeout_s: u32,
+    /// Backend ids eligible for new flows (active ones; terminating backends
+    /// are left out but stay in BACKENDS so their flows drain).
+    pub backends: Vec<u32>,
+    /// Maglev table size; `None` picks [`maglev::size_for`].
+    pub maglev_size: Option<u32>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+struct Maps {
+    services: BpfHashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    slots: Array<MapData, u32>,
+    rev_nat: Array<MapData, RevNat>,
+    conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
+    affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    service_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+    verdicts: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
+}
+
+/// A loaded datapath: the programs (not attached) and typed handles on every map.
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    maps: Maps,
+    sizes: MapSizes,
+    alloc: Allocator,
+    /// Where each frontend's current region is.
+    regions: HashMap<ServiceKey, Region>,
+    /// Backends as written, for the Maglev keys.
+    backends: HashMap<u32, Backend>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Datapath {
+    /// Loads the embedded object with the given map sizes (nothing is attached).
+    pub fn load(sizes: MapSizes) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::SERVICES, sizes.services)
+            .map_max_entries(maps::REV_NAT, sizes.services)
+            .map_max_entries(maps::RR_CURSOR, sizes.services)
+            .map_max_entries(maps::SERVICE_STATS, sizes.services)
+            .map_max_entries(maps::BACKENDS, sizes.backends)
+            .map_max_entries(maps::BACKEND_STATS, sizes.backends)
+            .map_max_entries(maps::SLOTS, sizes.slots)
+            .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+            .map_max_entries(maps::AFFINITY, sizes.affinity)
+            .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
+            .load(OBJECT)?;
+        let maps = Maps {
+            services: take(&mut ebpf, maps::SERVICES)?,
+            backends: take(&mut ebpf, maps::BACKENDS)?,
+            slots: take(&mut ebpf, maps::SLOTS)?,
+            rev_nat: take(&mut ebpf, maps::REV_NAT)?,
+            conntrack: take(&mut ebpf, maps::CONNTRACK)?,
+            affinity: take(&mut ebpf, maps::AFFINITY)?,
+            source_ranges: take(&mut ebpf, maps::SOURCE_RANGES)?,
+            service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
+            verdicts: take(&mut ebpf, maps::VERDICTS)?,
+            config: take(&mut ebpf, maps::CONFIG)?,
+        };
+        Ok(Self {
+            ebpf,
+            maps,
+            sizes,
+            alloc: Allocator::new(sizes.slots),
+            regions: HashMap::new(),
+            backends: HashMap::new(),
+        })
+    }
+
+    pub fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    /// A program of the object by name (`xlb_xdp`, `xlb_tc_ingress`, …).
+    pub fn program_mut(&mut self, name: &str) -> Option<&mut Program> {
+        self.ebpf.program_mut(name)
+    }
+
+    pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
+        self.maps.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    /// Writes (or overwrites) backend `id`. Write backends before any
+    /// service that lists them.
+    pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
+        if id == 0 || id >= self.sizes.backends {
+            return Err(Error::BackendId(id, self.sizes.backends));
+        }
+        self.maps.backends.set(id, b, 0).map_err(map_err(maps::BACKENDS))?;
+        self.backends.insert(id, *b);
+        Ok(())
+    }
+
+    /// Programs frontend `key`: writes the reverse-NAT entry and a fresh
+    /// region, flips the SERVICES entry to it, then releases the old region.
+    pub fn set_service(&mut self, key: ServiceKey, spec: &ServiceSpec) -> Result<()> {
+        if spec.id >= self.sizes.services {
+            return Err(Error::ServiceId(spec.id, self.sizes.services));
+        }
+        let mut entries = Vec::with_capacity(spec.backends.len());
+        for id in &spec.backends {
+            let b = self.backends.get(id).ok_or(Error::UnknownBackend(*id))?;
+            entries.push(maglev::Entry { key: maglev::backend_key(&b.addr, b.port), id: *id });
+        }
+        let m = match (spec.scheduler, entries.is_empty()) {
+            (SCHED_MAGLEV, false) => spec.maglev_size.unwrap_or_else(|| maglev::size_for(entries.len())),
+            _ => 0,
+        };
+        let table = if m > 0 {
+            if maglev::next_prime(m) != m {
+                return Err(Error::MaglevSize(m));
+            }
+            maglev::build(&entries, m)
+        } else {
+            Vec::new()
+        };
+        let count = spec.backends.len() as u32;
+        let region = self.alloc.alloc(count + m).ok_or(Error::SlotsFull {
+            needed: count + m,
+            available: self.alloc.available(),
+            capacity: self.alloc.capacity(),
+        })?;
+        let written = self.write_region(region, &spec.backends, &table);
+        if let Err(e) = written {
+            self.alloc.release(region);
+            return Err(e);
+        }
+        self.maps
+            .rev_nat
+            .set(spec.id, RevNat { addr: key.addr, port: key.port, _pad: 0 }, 0)
+            .map_err(map_err(maps::REV_NAT))?;
+        let value = Service {
+            id: spec.id,
+            count,
+            scheduler: spec.scheduler,
+            flags: spec.flags,
+            _pad: 0,
+            list_off: region.off,
+            maglev_off: region.off + count,
+            maglev_len: m,
+            affinity_timeout_s: spec.affinity_timeout_s,
+        };
+        if let Err(e) = self.maps.services.insert(key, value, 0) {
+            self.alloc.release(region);
+            return Err(map_err(maps::SERVICES)(e));
+        }
+        if let Some(old) = self.regions.insert(key, region) {
+            self.alloc.release(old);
+        }
+        Ok(())
+    }
+
+    fn write_region(&mut self, region: Region, list: &[u32], table: &[u32]) -> Result<()> {
+        for (i, id) in list.iter().chain(table).enumerate() {
+            self.maps.slots.set(region.off + i as u32, id, 0).map_err(map_err(maps::SLOTS))?;
+        }
+        Ok(())
+    }
+
+    /// Removes frontend `key` and releases its region.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        match self.maps.services.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::SERVICES)(e)),
+        }
+        if let Some(r) = self.regions.remove(key) {
+            self.alloc.release(r);
+        }
+        Ok(())
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Option<Service> {
+        self.maps.services.get(key, 0).ok()
+    }
+
+    /// The SLOTS entries of `svc`'s region (list, then Maglev table).
+    pub fn region_slots(&self, svc: &Service) -> Result<Vec<u32>> {
+        let start = svc.list_off.min(svc.maglev_off);
+        (start..svc.maglev_off + svc.maglev_len)
+            .map(|i| self.maps.slots.get(&i, 0).map_err(map_err(maps::SLOTS)))
+            .collect()
+    }
+
+    /// Allows `addr/prefix` as a source for frontend `id` (loadBalancerSourceRanges).
+    pub fn add_source_range(&mut self, id: u32, addr: IpAddr, prefix: u8) -> Result<()> {
+        let (a, bits) = match addr {
+            IpAddr::V4(v4) if prefix <= 32 => (v4_mapped(v4.octets()), 96 + prefix as u32),
+            IpAddr::V6(v6) if prefix <= 128 => (v6.octets(), prefix as u32),
+            _ => return Err(Error::SourceRange(format!("{addr}/{prefix}"))),
+        };
+        let key = Key::new(32 + bits, SourceRangeKey { service_id_be: id.to_be(), addr: a });
+        self.maps.source_ranges.insert(&key, 1, 0).map_err(map_err(maps::SOURCE_RANGES))
+    }
+
+    pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
+        self.maps.conntrack.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn conntrack_get(&self, key: &CtKey) -> Option<CtEntry> {
+        self.maps.conntrack.get(key, 0).ok()
+    }
+
+    pub fn affinity_get(&self, key: &AffinityKey) -> Option<AffinityValue> {
+        self.maps.affinity.get(key, 0).ok()
+    }
+
+    pub fn affinity_set(&mut self, key: &AffinityKey, v: &AffinityValue) -> Result<()> {
+        self.maps.affinity.insert(key, v, 0).map_err(map_err(maps::AFFINITY))
+    }
+
+    /// Packets per verdict reason, summed over CPUs, in `verdict::NAMES` order.
+    pub fn verdicts(&self) -> Result<Vec<u64>> {
+        (0..verdict::COUNT)
+            .map(|i| {
+                let v: PerCpuValues<u64> = self.maps.verdicts.get(&i, 0).map_err(map_err(maps::VERDICTS))?;
+                Ok(v.iter().sum())
+            })
+            .collect()
+    }
+
+    fn sum(map: &PerCpuArray<MapData, Counter>, name: &'static str, i: u32) -> Result<Counter> {
+        let v = map.get(&i, 0).map_err(map_err(name))?;
+        Ok(v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+    }
+
+    pub fn service_stats(&self, id: u32) -> Result<Counter> {
+        Self::sum(&self.maps.service_stats, maps::SERVICE_STATS, id)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<Counter> {
+        Self::sum(&self.maps.backend_stats, maps::BACKEND_STATS, id)
+    }
+
+    /// Number of possible CPUs (per-CPU map width).
+    pub fn cpus() -> usize {
+        nr_cpus().unwrap_or(1)
+    }
+}

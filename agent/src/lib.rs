@@ -1,0 +1,11 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The user-space side of xlb: loading the datapath, writing its maps, and
+//! the pure decision logic (Maglev, backend selection) the agent and the
+//! tests share with the kernel programs.
+
+pub mod datapath;
+pub mod maglev;
+pub mod region;
+pub mod select;
+
+pub use datapath::{Datapath, Error, MapSizes, ServiceSpec};

@@ -1,0 +1,55 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The flow hash used for Maglev slot selection and SNAT port probing.
+//!
+//! It deliberately leaves out the destination address: a NodePort flow hits a
+//! different VIP (the node address) on every node, and every node must still
+//! pick the same backend for it (as Katran and Cilium do).
+
+#[inline(always)]
+const fn mix(h: u32, k: u32) -> u32 {
+    // MurmurHash3's 32-bit block step.
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Hash of {source address, source port, destination port, protocol}.
+/// Ports in network order, as in the packet and the map keys.
+#[inline(always)]
+pub fn flow_hash(saddr: &[u8; 16], sport: u16, dport: u16, proto: u8) -> u32 {
+    let w = |i: usize| u32::from_le_bytes([saddr[i], saddr[i + 1], saddr[i + 2], saddr[i + 3]]);
+    let mut h = 0x9747_b28c_u32;
+    h = mix(h, w(0));
+    h = mix(h, w(4));
+    h = mix(h, w(8));
+    h = mix(h, w(12));
+    h = mix(h, ((sport as u32) << 16) | dport as u32);
+    h = mix(h, proto as u32);
+    finish(h ^ 24)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depends_on_every_input_but_not_the_vip() {
+        let a = [7u8; 16];
+        let h = flow_hash(&a, 1, 2, 6);
+        assert_ne!(h, flow_hash(&a, 2, 2, 6));
+        assert_ne!(h, flow_hash(&a, 1, 3, 6));
+        assert_ne!(h, flow_hash(&a, 1, 2, 17));
+        let mut b = a;
+        b[15] = 8;
+        assert_ne!(h, flow_hash(&b, 1, 2, 6));
+        assert_eq!(h, flow_hash(&a, 1, 2, 6));
+    }
+}

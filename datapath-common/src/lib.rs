@@ -1,0 +1,333 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The map ABI between xlb's eBPF datapath and its user-space side, plus the
+//! small pieces of pure logic both sides must agree on bit for bit: the flow
+//! hash, the conntrack state machine and the Internet checksum arithmetic.
+//!
+//! Conventions for every map type below:
+//! - `#[repr(C)]`, `Copy`, no `bool`/`Option`/enums: plain integers with named
+//!   constants, explicit `_pad` fields, and a compile-time size assertion.
+//! - Addresses are always 16 bytes in network byte order; an IPv4 address is
+//!   stored IPv4-mapped (`::ffff:a.b.c.d`, see [`v4_mapped`]).
+//! - Ports are `u16` in **network byte order** (as they sit in the packet),
+//!   so the datapath compares and copies them without swapping.
+//! - Every other integer is in host byte order.
+#![no_std]
+
+pub mod csum;
+pub mod ct;
+pub mod hash;
+
+/// IP protocol numbers the datapath load-balances.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Service scope: which hook may match a service entry.
+/// `External` entries are matched by the XDP program on node interfaces
+/// (NodePort, LoadBalancer ingress IPs, externalIPs); `Internal` entries by
+/// the TC programs on pod-facing interfaces (ClusterIP, and in-cluster access
+/// to the external addresses). A TC miss on `Internal` retries `External`.
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// How a service picks a backend for a new flow ([`Service::scheduler`]).
+pub const SCHED_MAGLEV: u8 = 0;
+pub const SCHED_ROUND_ROBIN: u8 = 1;
+pub const SCHED_RANDOM: u8 = 2;
+
+/// [`Service::flags`] bits.
+/// sessionAffinity: ClientIP — consult/refresh the AFFINITY map.
+pub const SVC_F_AFFINITY: u8 = 1 << 0;
+/// externalTrafficPolicy: Local — never SNAT; the agent lists only node-local backends.
+pub const SVC_F_EXT_LOCAL: u8 = 1 << 1;
+/// The frontend is a NodePort (informational, shown by `xlb dump`).
+pub const SVC_F_NODEPORT: u8 = 1 << 2;
+/// loadBalancerSourceRanges set: a source must match SOURCE_RANGES or is dropped.
+pub const SVC_F_SOURCE_RANGES: u8 = 1 << 3;
+
+/// [`Backend::state`] values. `BACKEND_EMPTY` (zero) marks an unused array slot.
+pub const BACKEND_EMPTY: u8 = 0;
+pub const BACKEND_ACTIVE: u8 = 1;
+/// Draining: keeps its existing conntrack flows, never chosen for new ones.
+pub const BACKEND_TERMINATING: u8 = 2;
+
+/// [`Backend::flags`] bits.
+/// The backend runs on this node: external traffic to it is not SNATed.
+pub const BACKEND_F_NODE_LOCAL: u8 = 1 << 0;
+
+/// Address of a v4 address as the 16-byte form every map uses.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// True when a 16-byte map address holds an IPv4-mapped address.
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
+/// SERVICES: frontend {VIP, port, protocol, scope} → [`Service`].
+/// One entry per frontend: a Kubernetes service port exposed on a ClusterIP,
+/// a NodePort on a node address, a LoadBalancer ingress IP and an externalIP
+/// are four keys that may share one backend region.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// VIP, network order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Service port, network order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`SCOPE_EXTERNAL`] or [`SCOPE_INTERNAL`].
+    pub scope: u8,
+}
+
+/// Value of SERVICES. A service's backends live in the flat SLOTS array:
+/// `slots[list_off .. list_off + count]` lists the backend ids eligible for new
+/// flows (round-robin / random pick from it) and
+/// `slots[maglev_off .. maglev_off + maglev_len]` is its Maglev lookup table.
+/// The agent writes a fresh region and only then replaces this value, so the
+/// datapath never sees a half-written table (the "region flip").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Frontend id: index into REV_NAT, RR_CURSOR, SERVICE_STATS; key part of AFFINITY.
+    pub id: u32,
+    /// Number of backends eligible for new flows (0 → reject).
+    pub count: u32,
+    /// `SCHED_*`.
+    pub scheduler: u8,
+    /// `SVC_F_*`.
+    pub flags: u8,
+    pub _pad: u16,
+    pub list_off: u32,
+    pub maglev_off: u32,
+    /// Maglev table size M (prime); 0 when the scheduler is not Maglev.
+    pub maglev_len: u32,
+    /// sessionAffinity timeout in seconds (with [`SVC_F_AFFINITY`]).
+    pub affinity_timeout_s: u32,
+}
+
+/// BACKENDS (array): backend id → [`Backend`]. Id 0 is never used, so a zero
+/// slot in SLOTS or a zeroed conntrack entry can never name a real backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend (pod) address, network order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Target port, network order.
+    pub port: u16,
+    /// `BACKEND_*` state.
+    pub state: u8,
+    /// `BACKEND_F_*`.
+    pub flags: u8,
+}
+
+/// REV_NAT (array): frontend id → the VIP:port replies must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNat {
+    /// VIP, network order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Service port, network order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// CONNTRACK (LRU hash): the 5-tuple of a packet as it arrives → [`CtEntry`].
+/// Every balanced flow has two entries: the forward one keyed by
+/// client → VIP, and the reply one keyed by backend → client (or → node
+/// address and SNAT port when the flow was SNATed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Source address, network order, IPv4 mapped.
+    pub src: [u8; 16],
+    /// Destination address, network order, IPv4 mapped.
+    pub dst: [u8; 16],
+    /// Ports, network order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// [`CtEntry::flags`] bits.
+/// This is the reply-direction entry (backend → client): reverse-NAT it.
+pub const CT_F_REPLY: u8 = 1 << 0;
+/// The flow's source was rewritten to a node address (SNAT); `nat_addr`/`nat_port` hold
+/// the SNAT source (forward entry) or the original client (reply entry).
+pub const CT_F_SNAT: u8 = 1 << 1;
+
+/// Value of CONNTRACK.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_coarse_ns` of the last packet that refreshed the entry.
+    pub last_seen_ns: u64,
+    /// The backend this flow is pinned to.
+    pub backend_id: u32,
+    /// Frontend id: index into REV_NAT.
+    pub rev_nat_id: u32,
+    /// See [`CT_F_SNAT`]; zero otherwise. Network order, IPv4 mapped.
+    pub nat_addr: [u8; 16],
+    /// See [`CT_F_SNAT`]; network order.
+    pub nat_port: u16,
+    /// `ct::STATE_*`.
+    pub state: u8,
+    /// `CT_F_*`.
+    pub flags: u8,
+    pub _pad: u32,
+}
+
+/// AFFINITY (LRU hash): {client address, frontend id} → [`AffinityValue`], for
+/// sessionAffinity ClientIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Client address, network order, IPv4 mapped.
+    pub client: [u8; 16],
+    pub service_id: u32,
+}
+
+/// Value of AFFINITY.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_coarse_ns` of the last new flow that used it.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Data part of the SOURCE_RANGES LPM-trie key: {frontend id, source prefix} → `u8` (1).
+/// The prefix length counts the 32 bits of `service_id` (big-endian, so it is
+/// matched first) plus the address bits (96 + n for an IPv4 /n).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceRangeKey {
+    /// Frontend id, **big-endian**.
+    pub service_id_be: u32,
+    /// Source address, network order, IPv4 mapped.
+    pub addr: [u8; 16],
+}
+
+/// Per-CPU packet and byte counter (SERVICE_STATS by frontend id,
+/// BACKEND_STATS by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// CONFIG (array, one entry): node-wide settings written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Node address used as the SNAT source for IPv4 flows (IPv4 mapped); zero disables SNAT.
+    pub snat_v4: [u8; 16],
+    /// Node address used as the SNAT source for IPv6 flows; zero disables SNAT.
+    pub snat_v6: [u8; 16],
+    /// SNAT source-port range, host order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+}
+
+/// VERDICTS (per-CPU array): reason → packets. Every packet a program sees is
+/// counted under exactly one of the reasons 0..=10; `FIB_PASS` comes on top.
+pub mod verdict {
+    /// Not for a service and not a tracked reply: passed unchanged.
+    pub const PASS: u32 = 0;
+    /// New flow balanced (DNAT).
+    pub const NEW_FLOW: u32 = 1;
+    /// Existing flow forwarded by its conntrack entry.
+    pub const CT_HIT: u32 = 2;
+    /// Reply reverse-NATed.
+    pub const REVERSE_NAT: u32 = 3;
+    /// Service without a usable backend: TCP RST / ICMP unreachable sent back.
+    pub const NO_BACKEND_REJECT: u32 = 4;
+    /// Malformed header (truncated, bad length, bad extension chain, …): passed unchanged.
+    pub const MALFORMED: u32 = 5;
+    /// Non-first IP fragment: carries no ports, passed unchanged.
+    pub const FRAGMENT: u32 = 6;
+    /// Conntrack insert failed: the flow went on by its consistent hash alone.
+    pub const CT_FULL: u32 = 7;
+    /// No free SNAT port after the bounded probe: dropped.
+    pub const SNAT_EXHAUSTED: u32 = 8;
+    /// Source not in loadBalancerSourceRanges: dropped.
+    pub const SOURCE_RANGE_DROP: u32 = 9;
+    /// A rewrite (NAT or reject) failed half-way (e.g. the packet could not be
+    /// resized): dropped, never sent half-rewritten.
+    pub const REWRITE_FAILED: u32 = 10;
+    /// Counted *in addition* to the packet's reason: rewritten, but the FIB had
+    /// no usable route or neighbour, so the kernel routes it (XDP_PASS / TC_ACT_OK).
+    pub const FIB_PASS: u32 = 11;
+    /// Number of reasons (size of VERDICTS).
+    pub const COUNT: u32 = 12;
+    /// Names in index order, for `xlb dump stats` and the tests.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass",
+        "new_flow",
+        "ct_hit",
+        "reverse_nat",
+        "no_backend_reject",
+        "malformed",
+        "fragment",
+        "ct_full",
+        "snat_exhausted",
+        "source_range_drop",
+        "rewrite_failed",
+        "fib_pass",
+    ];
+}
+
+/// Map names, shared by the programs and the loader.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const SLOTS: &str = "SLOTS";
+    pub const REV_NAT: &str = "REV_NAT";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const RR_CURSOR: &str = "RR_CURSOR";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const VERDICTS: &str = "VERDICTS";
+    pub const CONFIG: &str = "CONFIG";
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<Service>() == 28);
+    assert!(core::mem::size_of::<Backend>() == 20);
+    assert!(core::mem::size_of::<RevNat>() == 20);
+    assert!(core::mem::size_of::<CtKey>() == 40);
+    assert!(core::mem::size_of::<CtEntry>() == 40);
+    assert!(core::mem::size_of::<AffinityKey>() == 20);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<SourceRangeKey>() == 20);
+    assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<Config>() == 40);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] structs of integers and byte
+    // arrays with explicit padding, valid for every bit pattern.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for Config {}
+}

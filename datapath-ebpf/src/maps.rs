@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0
+//! The datapath's maps. What each one means is documented once, beside its
+//! key/value types in `datapath-common`. The sizes here are placeholders:
+//! the loader sets every size (`aya::EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use datapath_common::{
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, RevNat, Service,
+    ServiceKey, SourceRangeKey, verdict,
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(1, 0);
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, 0);
+#[map]
+pub static SLOTS: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+pub static REV_NAT: Array<RevNat> = Array::with_max_entries(1, 0);
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(1, 0);
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(1, 0);
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::with_max_entries(1, 0);
+#[map]
+pub static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static SERVICE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(verdict::COUNT, 0);
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count_verdict(reason: u32) {
+    if let Some(c) = VERDICTS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count(map: &PerCpuArray<Counter>, index: u32, bytes: u32) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes as u64;
+        }
+    }
+}

@@ -1,0 +1,339 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0
+//! The one load-balancing pipeline, shared by the XDP and TC programs:
+//! parse → conntrack → service lookup → select → NAT → forward.
+
+use crate::{
+    hook::{Action, Hook},
+    maps::{
+        AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REV_NAT, RR_CURSOR, SERVICE_STATS,
+        SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
+    },
+    nat::{Target, forward, rewrite},
+    parse::{Flow, Parsed, parse},
+    reject::reject,
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    maps::lpm_trie::Key,
+};
+use datapath_common::{
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend,
+    CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, Service,
+    ServiceKey, SourceRangeKey, ct, hash::flow_hash, verdict,
+};
+
+/// SNAT ports probed for a free one before the flow is dropped.
+const SNAT_TRIES: u32 = 16;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// What the conntrack / new-flow stages decided; `process` acts on it. Only
+/// `process` calls `forward` and `reject`, so the deepest call chain stays
+/// within the verifier's 512-byte stack budget.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Rewrite to the `Target` and forward; counted under the reason.
+    Nat(u32),
+    /// Leave the packet alone; counted under the reason.
+    Pass(u32),
+    /// Drop; counted under the reason.
+    Drop(u32),
+    /// No usable backend: send a reject back.
+    Reject,
+}
+
+#[inline(always)]
+pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
+    let mut flow = Flow::default();
+    match parse(hook, &mut flow) {
+        Parsed::Flow => {}
+        Parsed::Other => return done(verdict::PASS, Action::Pass),
+        Parsed::Malformed => return done(verdict::MALFORMED, Action::Pass),
+        Parsed::Fragment => return done(verdict::FRAGMENT, Action::Pass),
+    }
+    let len = hook.len();
+    let mut t = Target::default();
+    let mut step = conntrack(&flow, len, &mut t);
+    if step == Step::Pass(verdict::PASS) {
+        step = new_flow(&flow, scope, len, &mut t);
+    }
+    match step {
+        Step::Nat(reason) => {
+            if rewrite(hook, &flow, &t).is_err() {
+                return done(verdict::REWRITE_FAILED, Action::Drop);
+            }
+            count_verdict(reason);
+            forward(hook, &flow, &t)
+        }
+        Step::Pass(reason) => done(reason, Action::Pass),
+        Step::Drop(reason) => done(reason, Action::Drop),
+        Step::Reject => match reject(hook, &flow) {
+            Ok(()) => done(verdict::NO_BACKEND_REJECT, Action::Tx),
+            Err(()) => done(verdict::REWRITE_FAILED, Action::Drop),
+        },
+    }
+}
+
+#[inline(always)]
+fn done(reason: u32, action: Action) -> Action {
+    count_verdict(reason);
+    action
+}
+
+#[inline(always)]
+fn ct_key(flow: &Flow) -> CtKey {
+    CtKey { src: flow.src, dst: flow.dst, sport: flow.sport, dport: flow.dport, proto: flow.proto, _pad: [0; 3] }
+}
+
+/// Existing flows: a live forward entry DNATs to its backend (and SNATs if
+/// the flow was SNATed), a live reply entry reverse-NATs. `Pass(PASS)` means
+/// "not a tracked flow".
+#[inline(never)]
+fn conntrack(flow: &Flow, len: u32, t: &mut Target) -> Step {
+    let Some(e) = CONNTRACK.get_ptr_mut(&ct_key(flow)) else {
+        return Step::Pass(verdict::PASS);
+    };
+    // SAFETY: a live map value; concurrent updates race benignly (last writer wins).
+    let e = unsafe { &mut *e };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if e.flags & CT_F_REPLY != 0 {
+        if ct::expired(e.state, e.last_seen_ns, now) {
+            return Step::Pass(verdict::PASS);
+        }
+        let Some(rev) = REV_NAT.get(e.rev_nat_id) else {
+            return Step::Pass(verdict::PASS);
+        };
+        refresh(e, flow, true, now);
+        t.src = rev.addr;
+        t.sport = rev.port;
+        (t.dst, t.dport) =
+            if e.flags & CT_F_SNAT != 0 { (e.nat_addr, e.nat_port) } else { (flow.dst, flow.dport) };
+        return Step::Nat(verdict::REVERSE_NAT);
+    }
+    if ct::starts_new_flow(flow.proto, e.state, e.last_seen_ns, now, flow.tcp_flags) {
+        return Step::Pass(verdict::PASS);
+    }
+    let Some(b) = BACKENDS.get(e.backend_id) else {
+        return Step::Pass(verdict::PASS);
+    };
+    if b.state == BACKEND_EMPTY {
+        // The backend was deleted (not just terminating): pick a new one.
+        return Step::Pass(verdict::PASS);
+    }
+    refresh(e, flow, false, now);
+    count(&SERVICE_STATS, e.rev_nat_id, len);
+    count(&BACKEND_STATS, e.backend_id, len);
+    (t.src, t.sport) = if e.flags & CT_F_SNAT != 0 { (e.nat_addr, e.nat_port) } else { (flow.src, flow.sport) };
+    t.dst = b.addr;
+    t.dport = b.port;
+    Step::Nat(verdict::CT_HIT)
+}
+
+#[inline(always)]
+fn lookup_service(flow: &Flow, scope: u8) -> Option<Service> {
+    let mut k = ServiceKey { addr: flow.dst, port: flow.dport, proto: flow.proto, scope };
+    // SAFETY: values are plain data copied out at once.
+    if let Some(s) = unsafe { SERVICES.get(&k) } {
+        return Some(*s);
+    }
+    if scope == SCOPE_INTERNAL {
+        // A pod reaching a NodePort / LoadBalancer / external address.
+        k.scope = SCOPE_EXTERNAL;
+        // SAFETY: as above.
+        return unsafe { SERVICES.get(&k) }.copied();
+    }
+    None
+}
+
+#[inline(always)]
+fn refresh(e: &mut CtEntry, flow: &Flow, reply: bool, now: u64) {
+    let s = ct::next_state(flow.proto, e.state, flow.tcp_flags, reply);
+    if s != e.state || now.wrapping_sub(e.last_seen_ns) > ct::REFRESH_NS {
+        e.state = s;
+        e.last_seen_ns = now;
+    }
+}
+
+/// A packet without a live conntrack entry: service lookup, source-range
+/// check, backend selection, SNAT decision, conntrack entries.
+#[inline(never)]
+fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
+    let Some(svc) = lookup_service(flow, scope) else {
+        return Step::Pass(verdict::PASS);
+    };
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+        let k = Key::new(32 + 128, SourceRangeKey { service_id_be: svc.id.to_be(), addr: flow.src });
+        if SOURCE_RANGES.get(&k).is_none() {
+            return Step::Drop(verdict::SOURCE_RANGE_DROP);
+        }
+    }
+    let hash = flow_hash(&flow.src, flow.sport, flow.dport, flow.proto);
+    let backend_id = select(&svc, flow, hash);
+    let b = match BACKENDS.get(backend_id) {
+        Some(b) if backend_id != 0 && b.state != BACKEND_EMPTY => b,
+        _ => return Step::Reject,
+    };
+    t.dst = b.addr;
+    t.dport = b.port;
+    let mut req = Track { backend_id, rev_nat_id: svc.id, hash, snat_node: [0; 16], snat_min: 0, snat_max: 0 };
+    snat_source(&svc, b, flow, scope, &mut req);
+    let reason = track(flow, &req, t);
+    if reason == verdict::SNAT_EXHAUSTED {
+        return Step::Drop(reason);
+    }
+    count(&SERVICE_STATS, svc.id, len);
+    count(&BACKEND_STATS, backend_id, len);
+    Step::Nat(reason)
+}
+
+/// What `track` needs to know about a new flow.
+struct Track {
+    backend_id: u32,
+    rev_nat_id: u32,
+    hash: u32,
+    /// SNAT source address (all zero: no SNAT) and port range, host order.
+    /// Plain fields rather than an `Option`: LLVM leaves a `None`'s payload
+    /// uninitialised, and the verifier rejects copying uninitialised stack.
+    snat_node: [u8; 16],
+    snat_min: u16,
+    snat_max: u16,
+}
+
+/// Writes the new flow's conntrack entries (claiming a SNAT port when
+/// needed) and completes `t` with the source. `t.dst`/`t.dport` hold the
+/// backend. Returns the verdict reason: NEW_FLOW, CT_FULL (the flow goes on
+/// by its consistent hash alone) or SNAT_EXHAUSTED.
+#[inline(never)]
+fn track(flow: &Flow, req: &Track, t: &mut Target) -> u32 {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut fwd = CtEntry {
+        last_seen_ns: now,
+        backend_id: req.backend_id,
+        rev_nat_id: req.rev_nat_id,
+        nat_addr: [0; 16],
+        nat_port: 0,
+        state: ct::initial_state(flow.proto, flow.tcp_flags),
+        flags: 0,
+        _pad: 0,
+    };
+    let mut reason = verdict::NEW_FLOW;
+    let mut rkey = CtKey { src: t.dst, dst: flow.src, sport: t.dport, dport: flow.sport, proto: flow.proto, _pad: [0; 3] };
+    let mut rep = CtEntry { flags: CT_F_REPLY, ..fwd };
+    if req.snat_node != [0; 16] {
+        let (node, min, max) = (req.snat_node, req.snat_min, req.snat_max);
+        {
+            rep.flags |= CT_F_SNAT;
+            rep.nat_addr = flow.src;
+            rep.nat_port = flow.sport;
+            rkey.dst = node;
+            let Some(port) = snat_claim(&mut rkey, &rep, min, max, req.hash, now) else {
+                return verdict::SNAT_EXHAUSTED;
+            };
+            fwd.flags = CT_F_SNAT;
+            fwd.nat_addr = node;
+            fwd.nat_port = port;
+            t.src = node;
+            t.sport = port;
+        }
+    } else {
+        if CONNTRACK.insert(&rkey, &rep, 0).is_err() {
+            reason = verdict::CT_FULL;
+        }
+        t.src = flow.src;
+        t.sport = flow.sport;
+    }
+    if CONNTRACK.insert(&ct_key(flow), &fwd, 0).is_err() {
+        // Maglev picks the same backend for the next packet as long as the
+        // service's table is unchanged.
+        reason = verdict::CT_FULL;
+    }
+    reason
+}
+
+/// Claims a SNAT port for the reply key `rkey` (its `dport` is set here):
+/// probes up to `SNAT_TRIES` ports from the flow's hash and takes the first
+/// whose reply tuple is free (or expired), writing the reply entry in the
+/// same step. Returns the port, network order.
+#[inline(always)]
+fn snat_claim(rkey: &mut CtKey, rep: &CtEntry, min: u16, max: u16, hash: u32, now: u64) -> Option<u16> {
+    let range = (max - min) as u32 + 1;
+    for i in 0..SNAT_TRIES {
+        let port = ((min as u32 + hash.wrapping_add(i) % range) as u16).to_be();
+        rkey.dport = port;
+        if CONNTRACK.insert(&*rkey, rep, BPF_NOEXIST as u64).is_ok() {
+            return Some(port);
+        }
+        if let Some(e) = CONNTRACK.get_ptr_mut(&*rkey) {
+            // SAFETY: a live map value.
+            let e = unsafe { &mut *e };
+            if ct::expired(e.state, e.last_seen_ns, now) {
+                *e = *rep;
+                return Some(port);
+            }
+        }
+    }
+    None
+}
+
+/// The backend for a new flow, or 0 when the service has none.
+#[inline(never)]
+fn select(svc: &Service, flow: &Flow, hash: u32) -> u32 {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let akey = AffinityKey { client: flow.src, service_id: svc.id };
+    if svc.flags & SVC_F_AFFINITY != 0
+        && let Some(a) = AFFINITY.get_ptr_mut(&akey)
+    {
+        // SAFETY: a live map value.
+        let a = unsafe { &mut *a };
+        let fresh = now.wrapping_sub(a.last_used_ns) <= svc.affinity_timeout_s as u64 * NS_PER_SEC;
+        if fresh && BACKENDS.get(a.backend_id).is_some_and(|b: &Backend| b.state == BACKEND_ACTIVE) {
+            a.last_used_ns = now;
+            return a.backend_id;
+        }
+    }
+    if svc.count == 0 {
+        return 0;
+    }
+    let idx = match svc.scheduler {
+        SCHED_MAGLEV if svc.maglev_len != 0 => svc.maglev_off + hash % svc.maglev_len,
+        SCHED_ROUND_ROBIN => match RR_CURSOR.get_ptr_mut(svc.id) {
+            Some(c) => {
+                // SAFETY: per-CPU slot.
+                let n = unsafe { *c };
+                unsafe { *c = n.wrapping_add(1) };
+                svc.list_off + n % svc.count
+            }
+            None => svc.list_off + hash % svc.count,
+        },
+        // SAFETY: plain helper call.
+        SCHED_RANDOM => svc.list_off + unsafe { bpf_get_prandom_u32() } % svc.count,
+        _ => svc.list_off + hash % svc.count,
+    };
+    let id = SLOTS.get(idx).copied().unwrap_or(0);
+    if svc.flags & SVC_F_AFFINITY != 0 && id != 0 {
+        let v = AffinityValue { last_used_ns: now, backend_id: id, _pad: 0 };
+        let _ = AFFINITY.insert(&akey, &v, 0);
+    }
+    id
+}
+
+/// The node address and port range to SNAT to, when this flow needs SNAT:
+/// external traffic under externalTrafficPolicy Cluster to a backend on
+/// another node (its reply must come back through us).
+#[inline(always)]
+fn snat_source(svc: &Service, b: &Backend, flow: &Flow, scope: u8, req: &mut Track) {
+    if scope != SCOPE_EXTERNAL || svc.flags & SVC_F_EXT_LOCAL != 0 || b.flags & BACKEND_F_NODE_LOCAL != 0 {
+        return;
+    }
+    let Some(cfg) = CONFIG.get(0) else { return };
+    if cfg.snat_port_min == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        return;
+    }
+    req.snat_node = if flow.v6 { cfg.snat_v6 } else { cfg.snat_v4 };
+    req.snat_min = cfg.snat_port_min;
+    req.snat_max = cfg.snat_port_max;
+}
