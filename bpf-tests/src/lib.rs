@@ -1,1 +1,279 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Test harness for xlb's datapath in the real kernel: network-namespace
+//! guards, a packet builder on top of etherparse, BPF_PROG_TEST_RUN
+//! runners for the XDP and TC programs, and an independent checksum checker.
+//!
+//! Every namespace has a unique name (pid + counter) and is removed on drop,
+//! also when a test panics, so tests run in parallel and CI can run twice.
 
+pub mod packet;
+
+use std::{
+    fs::File,
+    os::fd::AsFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp};
+use datapath_common::{Backend, Config, ServiceKey, v4_mapped};
+use xlb::{Datapath, MapSizes};
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A unique name for a test resource: `prefix` + pid + counter (≤ 15 chars for interfaces).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{:x}{n:x}", std::process::id() & 0xfffff)
+}
+
+/// A named network namespace, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace (`ip -n` style, through nsenter so
+    /// /sys stays as it is).
+    pub fn exec(&self, args: &[&str]) {
+        let path = format!("--net=/var/run/netns/{}", self.name);
+        let mut full = vec!["nsenter", path.as_str()];
+        full.extend_from_slice(args);
+        sh(&full);
+    }
+
+    /// Enters the namespace on the current thread until the guard drops.
+    pub fn enter(&self) -> Entered {
+        let orig = File::open("/proc/thread-self/ns/net").expect("open own netns");
+        let target = File::open(format!("/var/run/netns/{}", self.name)).expect("open netns");
+        setns(&target);
+        Entered { orig }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn setns(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a valid namespace fd.
+    let rc = unsafe { libc::setns(f.as_fd().as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// The current thread is inside a namespace; dropping returns it home.
+pub struct Entered {
+    orig: File,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        setns(&self.orig);
+    }
+}
+
+/// MAC of the FIB environment's outgoing interface.
+pub const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x01];
+/// MAC every backend and client neighbour resolves to.
+pub const NEIGH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xbb, 0x01];
+
+/// A namespace in which `bpf_fib_lookup` resolves deterministically:
+/// forwarding on, a veth `o0` (MAC [`OUT_MAC`]) holding 10.0.0.1/16 and
+/// fd00::1/64, and permanent neighbours (MAC [`NEIGH_MAC`]) for the given
+/// addresses. BPF_PROG_TEST_RUN runs the program against the calling
+/// thread's namespace, so run the packets while [`FibEnv::enter`]ed.
+pub struct FibEnv {
+    pub ns: NetNs,
+    pub out_ifindex: u32,
+}
+
+impl FibEnv {
+    pub fn new(neighbours: &[&str]) -> Self {
+        let ns = NetNs::new("xlbf");
+        ns.exec(&["ip", "link", "add", "o0", "address", &mac_str(&OUT_MAC), "type", "veth", "peer", "name", "o1"]);
+        for cmd in [
+            "ip link set o0 up",
+            "ip link set o1 up",
+            "ip addr add 10.0.0.1/16 dev o0",
+            "ip addr add 192.0.2.1/24 dev o0",
+            "ip -6 addr add fd00::1/64 dev o0 nodad",
+            "ip -6 addr add 2001:db8::1/64 dev o0 nodad",
+            "sysctl -qw net.ipv4.conf.all.forwarding=1",
+            "sysctl -qw net.ipv6.conf.all.forwarding=1",
+        ] {
+            ns.exec(&cmd.split(' ').collect::<Vec<_>>());
+        }
+        for n in neighbours {
+            ns.exec(&["ip", "neigh", "replace", n, "lladdr", &mac_str(&NEIGH_MAC), "nud", "permanent", "dev", "o0"]);
+        }
+        let out_ifindex = {
+            let _in = ns.enter();
+            let name = std::ffi::CString::new("o0").unwrap();
+            // SAFETY: valid C string.
+            unsafe { libc::if_nametoindex(name.as_ptr()) }
+        };
+        assert_ne!(out_ifindex, 0);
+        Self { ns, out_ifindex }
+    }
+
+    pub fn enter(&self) -> Entered {
+        self.ns.enter()
+    }
+}
+
+pub fn mac_str(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Which program a packet goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    Xdp,
+    TcIngress,
+}
+
+impl Prog {
+    pub const ALL: [Prog; 2] = [Prog::Xdp, Prog::TcIngress];
+}
+
+/// Return codes.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// The hook-neutral outcome of a test run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Back out of the ingress device (XDP_TX; TC redirect to the same device).
+    Tx,
+    Redirect,
+}
+
+/// Map sizes small enough to load many datapaths side by side in tests.
+pub fn test_sizes() -> MapSizes {
+    MapSizes { services: 4096, backends: 4096, slots: 1 << 18, conntrack: 16_384, affinity: 4096, source_ranges: 1024 }
+}
+
+/// A loaded datapath with its XDP and TC-ingress programs loaded (not attached).
+pub struct Lb {
+    pub dp: Datapath,
+}
+
+impl Lb {
+    pub fn new() -> Self {
+        Self::with_sizes(test_sizes())
+    }
+
+    pub fn with_sizes(sizes: MapSizes) -> Self {
+        let mut dp = Datapath::load(sizes).expect("load datapath");
+        let xdp: &mut Xdp = dp.program_mut("xlb_xdp").unwrap().try_into().unwrap();
+        xdp.load().expect("verify xlb_xdp");
+        let tc: &mut SchedClassifier = dp.program_mut("xlb_tc_ingress").unwrap().try_into().unwrap();
+        tc.load().expect("verify xlb_tc_ingress");
+        Self { dp }
+    }
+
+    /// Runs one packet through `prog`; returns the verdict and the output frame.
+    pub fn run(&mut self, prog: Prog, input: &[u8]) -> (Verdict, Vec<u8>) {
+        let mut out = vec![0u8; input.len() + 256];
+        let (ret, size) = match prog {
+            Prog::Xdp => {
+                let p: &mut Xdp = self.dp.program_mut("xlb_xdp").unwrap().try_into().unwrap();
+                let r = run(p, input, &mut out, 1).expect("test_run xdp");
+                (r.0, r.1)
+            }
+            Prog::TcIngress => {
+                let p: &mut SchedClassifier = self.dp.program_mut("xlb_tc_ingress").unwrap().try_into().unwrap();
+                let r = run(p, input, &mut out, 1).expect("test_run tc");
+                (r.0, r.1)
+            }
+        };
+        out.truncate(size as usize);
+        let v = match (prog, ret) {
+            (Prog::Xdp, XDP_PASS) | (Prog::TcIngress, TC_ACT_OK) => Verdict::Pass,
+            (Prog::Xdp, XDP_DROP) | (Prog::TcIngress, TC_ACT_SHOT) => Verdict::Drop,
+            (Prog::Xdp, XDP_TX) => Verdict::Tx,
+            (Prog::Xdp, XDP_REDIRECT) => Verdict::Redirect,
+            // TC's "Tx" is a redirect to the ingress device (loopback in test runs).
+            (Prog::TcIngress, TC_ACT_REDIRECT) => Verdict::Redirect,
+            other => panic!("unexpected return code {other:?}"),
+        };
+        (v, out)
+    }
+
+    /// Verdict counters by name.
+    pub fn verdicts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let v = self.dp.verdicts().expect("read VERDICTS");
+        datapath_common::verdict::NAMES.iter().copied().zip(v).collect()
+    }
+
+    pub fn verdict(&self, name: &str) -> u64 {
+        self.verdicts()[name]
+    }
+
+    pub fn backend(&mut self, id: u32, addr: &str, port: u16, state: u8, flags: u8) {
+        let b = Backend { addr: addr16(addr), port: port.to_be(), state, flags };
+        self.dp.set_backend(id, &b).expect("set backend");
+    }
+
+    pub fn config_snat(&mut self, v4: &str, v6: &str, min: u16, max: u16) {
+        let cfg = Config { snat_v4: addr16(v4), snat_v6: addr16(v6), snat_port_min: min, snat_port_max: max, _pad: 0 };
+        self.dp.set_config(&cfg).expect("set config");
+    }
+}
+
+impl Default for Lb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One BPF_PROG_TEST_RUN: (return value, output size, duration per repeat).
+pub fn run<P>(prog: &P, input: &[u8], out: &mut [u8], repeat: u32) -> Result<(u32, u32, std::time::Duration), ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    let opts = TestRunOptions { data_in: Some(input), data_out: Some(out), repeat, ..TestRunOptions::new() };
+    let r = prog.test_run(opts)?;
+    Ok((r.return_value, r.data_size_out, r.duration))
+}
+
+/// Parses "10.0.0.1" or "fd00::1" into the 16-byte map form.
+pub fn addr16(s: &str) -> [u8; 16] {
+    match s.parse::<std::net::IpAddr>().unwrap_or_else(|_| panic!("bad address {s}")) {
+        std::net::IpAddr::V4(a) => v4_mapped(a.octets()),
+        std::net::IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// A SERVICES key.
+pub fn svc_key(addr: &str, port: u16, proto: u8, scope: u8) -> ServiceKey {
+    ServiceKey { addr: addr16(addr), port: port.to_be(), proto, scope }
+}

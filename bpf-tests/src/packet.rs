@@ -1,0 +1,236 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Packet construction for the fixtures (etherparse's builder, plus the
+//! header shapes it does not build: IPv4 options, IPv6 extension headers,
+//! fragments) and an independent checksum checker.
+
+use std::net::IpAddr;
+
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice, checksum::Sum16BitWords};
+
+/// Client-side MACs of input packets.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xcc, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xdd, 0x01];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp { flags: u8, seq: u32, ack: u32 },
+    Udp,
+}
+
+/// A TCP or UDP packet description, turned into bytes by [`Pkt::build`].
+#[derive(Clone, Debug)]
+pub struct Pkt {
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+    /// Bytes of IPv4 options (multiple of 4) to insert.
+    pub ipv4_options: usize,
+    /// Insert an IPv6 hop-by-hop header.
+    pub hop_by_hop: bool,
+    /// Zero the UDP checksum (IPv4 only: "no checksum").
+    pub udp_zero_csum: bool,
+    pub ttl: u8,
+}
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap_or_else(|_| panic!("bad address {s}"))
+}
+
+impl Pkt {
+    pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Self {
+        Self::new(src, sport, dst, dport, L4::Tcp { flags, seq: 1000, ack: if flags & ACK != 0 { 5000 } else { 0 } })
+    }
+
+    pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
+        Self::new(src, sport, dst, dport, L4::Udp)
+    }
+
+    fn new(src: &str, sport: u16, dst: &str, dport: u16, l4: L4) -> Self {
+        Self {
+            smac: CLIENT_MAC,
+            dmac: NODE_MAC,
+            vlan: None,
+            src: ip(src),
+            dst: ip(dst),
+            sport,
+            dport,
+            l4,
+            payload: b"hello xlb".to_vec(),
+            ipv4_options: 0,
+            hop_by_hop: false,
+            udp_zero_csum: false,
+            ttl: 64,
+        }
+    }
+
+    pub fn payload(mut self, p: &[u8]) -> Self {
+        self.payload = p.to_vec();
+        self
+    }
+    pub fn vlan(mut self, id: u16) -> Self {
+        self.vlan = Some(id);
+        self
+    }
+    pub fn options(mut self, n: usize) -> Self {
+        self.ipv4_options = n;
+        self
+    }
+    pub fn hop_by_hop(mut self) -> Self {
+        self.hop_by_hop = true;
+        self
+    }
+    pub fn udp_zero_csum(mut self) -> Self {
+        self.udp_zero_csum = true;
+        self
+    }
+    pub fn src(mut self, a: &str, port: u16) -> Self {
+        self.src = ip(a);
+        self.sport = port;
+        self
+    }
+    pub fn dst(mut self, a: &str, port: u16) -> Self {
+        self.dst = ip(a);
+        self.dport = port;
+        self
+    }
+    pub fn macs(mut self, smac: [u8; 6], dmac: [u8; 6]) -> Self {
+        self.smac = smac;
+        self.dmac = dmac;
+        self
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let eth = PacketBuilder::ethernet2(self.smac, self.dmac);
+        let ip = match (self.vlan, self.src, self.dst) {
+            (None, IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), self.ttl),
+            (None, IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), self.ttl),
+            (Some(v), IpAddr::V4(s), IpAddr::V4(d)) => {
+                eth.single_vlan(v.try_into().unwrap()).ipv4(s.octets(), d.octets(), self.ttl)
+            }
+            (Some(v), IpAddr::V6(s), IpAddr::V6(d)) => {
+                eth.single_vlan(v.try_into().unwrap()).ipv6(s.octets(), d.octets(), self.ttl)
+            }
+            _ => panic!("mixed address families"),
+        };
+        let mut out = Vec::new();
+        match self.l4 {
+            L4::Tcp { flags, seq, ack } => {
+                let mut b = ip.tcp(self.sport, self.dport, seq, 65535);
+                if flags & SYN != 0 {
+                    b = b.syn();
+                }
+                if flags & ACK != 0 {
+                    b = b.ack(ack);
+                }
+                if flags & FIN != 0 {
+                    b = b.fin();
+                }
+                if flags & RST != 0 {
+                    b = b.rst();
+                }
+                if flags & PSH != 0 {
+                    b = b.psh();
+                }
+                b.write(&mut out, &self.payload).unwrap();
+            }
+            L4::Udp => ip.udp(self.sport, self.dport).write(&mut out, &self.payload).unwrap(),
+        }
+        let l3 = if self.vlan.is_some() { 18 } else { 14 };
+        if self.udp_zero_csum {
+            assert!(matches!(self.l4, L4::Udp) && self.src.is_ipv4());
+            out[l3 + 20 + 6] = 0;
+            out[l3 + 20 + 7] = 0;
+        }
+        if self.ipv4_options > 0 {
+            insert_ipv4_options(&mut out, l3, self.ipv4_options);
+        }
+        if self.hop_by_hop {
+            insert_hop_by_hop(&mut out, l3);
+        }
+        out
+    }
+}
+
+/// Inserts `n` bytes of NOP options (plus EOL) after the IPv4 header.
+pub fn insert_ipv4_options(frame: &mut Vec<u8>, l3: usize, n: usize) {
+    assert!(n.is_multiple_of(4) && n <= 40);
+    let mut opts = vec![1u8; n];
+    opts[n - 1] = 0;
+    let ihl = (frame[l3] & 0x0f) as usize * 4;
+    frame.splice(l3 + ihl..l3 + ihl, opts);
+    frame[l3] = 0x40 | ((ihl + n) / 4) as u8;
+    let total = u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]) + n as u16;
+    frame[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(frame, l3);
+}
+
+/// Recomputes the IPv4 header checksum in place.
+pub fn fix_ipv4_checksum(frame: &mut [u8], l3: usize) {
+    let ihl = (frame[l3] & 0x0f) as usize * 4;
+    frame[l3 + 10] = 0;
+    frame[l3 + 11] = 0;
+    let c = Sum16BitWords::new().add_slice(&frame[l3..l3 + ihl]).ones_complement();
+    // etherparse sums native-order words: its result is in native order too.
+    frame[l3 + 10..l3 + 12].copy_from_slice(&c.to_ne_bytes());
+}
+
+/// Inserts an 8-byte hop-by-hop header (PadN) after the IPv6 header.
+pub fn insert_hop_by_hop(frame: &mut Vec<u8>, l3: usize) {
+    let next = frame[l3 + 6];
+    frame.splice(l3 + 40..l3 + 40, [next, 0, 1, 4, 0, 0, 0, 0]);
+    frame[l3 + 6] = 0;
+    let plen = u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]]) + 8;
+    frame[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
+}
+
+/// Checks every checksum of a frame with etherparse's own arithmetic:
+/// the IPv4 header, and TCP / UDP / ICMP / ICMPv6 over their pseudo headers.
+/// A zero UDP-over-IPv4 checksum ("none") is accepted.
+pub fn verify_checksums(frame: &[u8]) {
+    let p = SlicedPacket::from_ethernet(frame).unwrap_or_else(|e| panic!("unparseable output: {e:?}"));
+    let (mut pseudo, v6) = match &p.net {
+        Some(etherparse::NetSlice::Ipv4(v4)) => {
+            let h = v4.header();
+            let c = Sum16BitWords::new().add_slice(h.slice()).ones_complement();
+            assert_eq!(c, 0, "IPv4 header checksum");
+            let s = Sum16BitWords::new().add_slice(&h.source()).add_slice(&h.destination());
+            (s, false)
+        }
+        Some(etherparse::NetSlice::Ipv6(v6)) => {
+            let h = v6.header();
+            (Sum16BitWords::new().add_slice(&h.source()).add_slice(&h.destination()), true)
+        }
+        other => panic!("no IP layer: {other:?}"),
+    };
+    let (proto, seg): (u8, &[u8]) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => (6, t.slice()),
+        Some(TransportSlice::Udp(u)) => {
+            if !v6 && u.checksum() == 0 {
+                return;
+            }
+            (17, u.slice())
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            let c = Sum16BitWords::new().add_slice(i.slice()).ones_complement();
+            assert_eq!(c, 0, "ICMP checksum");
+            return;
+        }
+        Some(TransportSlice::Icmpv6(i)) => (58, i.slice()),
+        None => panic!("no transport layer"),
+    };
+    pseudo = pseudo.add_2bytes([0, proto]).add_slice(&(seg.len() as u32).to_be_bytes()[if v6 { 0 } else { 2 }..]);
+    let c = pseudo.add_slice(seg).ones_complement();
+    assert_eq!(c, 0, "L4 checksum (proto {proto})");
+}

@@ -1,0 +1,547 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Packet fixtures through BPF_PROG_TEST_RUN, into both the XDP and the TC
+//! program, for IPv4 and IPv6. Maps are filled through the agent's own
+//! writer (`xlb::Datapath`); every rewritten packet is compared byte for
+//! byte with one etherparse builds from scratch, and its checksums are
+//! verified independently.
+
+use bpf_tests::{
+    FibEnv, Lb, NEIGH_MAC, OUT_MAC, Prog, Verdict, addr16,
+    packet::{ACK, CLIENT_MAC, FIN, L4, NODE_MAC, PSH, Pkt, RST, SYN, fix_ipv4_checksum, verify_checksums},
+    svc_key,
+};
+use datapath_common::{
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT,
+    CtKey, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ct,
+};
+use xlb::{ServiceSpec, select};
+
+const VIP4: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
+const CLIENT4: &str = "192.0.2.100";
+const CLIENT6: &str = "2001:db8::100";
+const NODE4: &str = "192.0.2.1";
+const NODE6: &str = "2001:db8::1";
+/// IPv4 backends 1..=4 are 10.0.1.11..14, IPv6 backends 11..=14 are fd00::11..14.
+const NEIGHBOURS: &[&str] = &[
+    "10.0.1.11", "10.0.1.12", "10.0.1.13", "10.0.1.14", "fd00::11", "fd00::12", "fd00::13", "fd00::14",
+    CLIENT4, CLIENT6,
+];
+
+fn family(v6: bool) -> (&'static str, &'static str) {
+    if v6 { (VIP6, CLIENT6) } else { (VIP4, CLIENT4) }
+}
+
+fn backend_addr(id: u32) -> String {
+    if id >= 11 { format!("fd00::{id}") } else { format!("10.0.1.{}", 10 + id) }
+}
+
+fn scope(prog: Prog) -> u8 {
+    match prog {
+        Prog::Xdp => SCOPE_EXTERNAL,
+        Prog::TcIngress => SCOPE_INTERNAL,
+    }
+}
+
+struct World {
+    env: FibEnv,
+    lb: Lb,
+}
+
+/// Backends 1-4 (IPv4) and 11-14 (IPv6) on port 8080, all active; no SNAT
+/// address configured (so XDP flows keep the client address).
+fn world() -> World {
+    let env = FibEnv::new(NEIGHBOURS);
+    let mut lb = Lb::new();
+    for id in 1..=4 {
+        lb.backend(id, &backend_addr(id), 8080, BACKEND_ACTIVE, 0);
+    }
+    for id in 11..=14 {
+        lb.backend(id, &backend_addr(id), 8080, BACKEND_ACTIVE, 0);
+    }
+    World { env, lb }
+}
+
+fn spec(id: u32, scheduler: u8, flags: u8, backends: &[u32]) -> ServiceSpec {
+    ServiceSpec { id, scheduler, flags, affinity_timeout_s: 10800, backends: backends.to_vec(), maglev_size: None }
+}
+
+fn backends(v6: bool) -> Vec<u32> {
+    if v6 { vec![11, 12] } else { vec![1, 2] }
+}
+
+/// Programs the VIP:80 service (TCP and UDP) for `prog`'s scope; returns its key.
+fn vip_service(w: &mut World, prog: Prog, v6: bool, sched: u8, flags: u8, list: &[u32]) -> ServiceKey {
+    let (vip, _) = family(v6);
+    let id = if v6 { 20 } else { 10 };
+    for (i, proto) in [PROTO_TCP, PROTO_UDP].into_iter().enumerate() {
+        let k = svc_key(vip, 80, proto, scope(prog));
+        w.lb.dp.set_service(k, &spec(id + i as u32, sched, flags, list)).expect("set service");
+    }
+    svc_key(vip, 80, PROTO_TCP, scope(prog))
+}
+
+/// Which backend the host mirror says a new flow gets.
+fn expected_backend(w: &World, key: &ServiceKey, p: &Pkt) -> u32 {
+    let svc = w.lb.dp.service(key).expect("service programmed");
+    let slots = w.lb.dp.region_slots(&svc).unwrap();
+    let proto = match p.l4 {
+        L4::Tcp { .. } => PROTO_TCP,
+        L4::Udp => PROTO_UDP,
+    };
+    match select::pick(&svc, &slots, &addr16(&p.src.to_string()), p.sport.to_be(), p.dport.to_be(), proto, 0) {
+        select::Pick::Maglev { backend, .. } | select::Pick::List { backend, .. } => backend,
+        select::Pick::Reject => panic!("no backend"),
+    }
+}
+
+/// The packet as the datapath must emit it after DNAT to `backend` and FIB redirect.
+fn dnatted(p: &Pkt, backend: u32) -> Vec<u8> {
+    p.clone().dst(&backend_addr(backend), 8080).macs(OUT_MAC, NEIGH_MAC).build()
+}
+
+fn both_families_both_hooks(f: impl Fn(Prog, bool)) {
+    for prog in Prog::ALL {
+        for v6 in [false, true] {
+            f(prog, v6);
+        }
+    }
+}
+
+#[test]
+fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
+        let (vip, client) = family(v6);
+        let syn = Pkt::tcp(client, 40000, vip, 80, SYN);
+        let b = expected_backend(&w, &key, &syn);
+        let (v, out) = w.lb.run(prog, &syn.build());
+        assert_eq!(v, Verdict::Redirect, "{prog:?} v6={v6}");
+        assert_eq!(out, dnatted(&syn, b), "{prog:?} v6={v6}: DNAT output");
+        verify_checksums(&out);
+        assert_eq!(w.lb.verdict("new_flow"), 1);
+
+        // Both conntrack entries exist: forward (client → VIP) and reply (backend → client).
+        let fwd = w.lb.dp.conntrack_get(&CtKey {
+            src: addr16(client),
+            dst: addr16(vip),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        });
+        let fwd = fwd.expect("forward entry");
+        assert_eq!((fwd.backend_id, fwd.state, fwd.flags), (b, ct::STATE_SYN_SENT, 0));
+        let rep = w.lb.dp.conntrack_get(&CtKey {
+            src: addr16(&backend_addr(b)),
+            dst: addr16(client),
+            sport: 8080u16.to_be(),
+            dport: 40000u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        });
+        assert_eq!(rep.expect("reply entry").flags, CT_F_REPLY);
+
+        // The next packet of the flow hits conntrack and goes to the same backend.
+        let ack = Pkt::tcp(client, 40000, vip, 80, ACK | PSH).payload(b"GET / HTTP/1.0\r\n\r\n");
+        let (v, out) = w.lb.run(prog, &ack.build());
+        assert_eq!(v, Verdict::Redirect);
+        assert_eq!(out, dnatted(&ack, b));
+        verify_checksums(&out);
+        assert_eq!(w.lb.verdict("ct_hit"), 1);
+
+        // The reply is reverse-NATed to come from the VIP.
+        let reply = Pkt::tcp(&backend_addr(b), 8080, client, 40000, SYN | ACK).macs(NEIGH_MAC, OUT_MAC);
+        let (v, out) = w.lb.run(prog, &reply.build());
+        assert_eq!(v, Verdict::Redirect);
+        let want = reply.clone().src(vip, 80).macs(OUT_MAC, NEIGH_MAC).build();
+        assert_eq!(out, want, "{prog:?} v6={v6}: reverse NAT");
+        verify_checksums(&out);
+        assert_eq!(w.lb.verdict("reverse_nat"), 1);
+        let fwd_after = w.lb.dp.conntrack_get(&CtKey {
+            src: addr16(client),
+            dst: addr16(vip),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        });
+        assert_eq!(fwd_after.unwrap().state, ct::STATE_ESTABLISHED, "ACK established the flow");
+    });
+}
+
+#[test]
+fn udp_is_dnatted_and_a_zero_udp_checksum_stays_zero() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
+        let (vip, client) = family(v6);
+        let key = svc_key(vip, 80, PROTO_UDP, scope(prog));
+        let dgram = Pkt::udp(client, 5353, vip, 80).payload(b"query");
+        let b = expected_backend(&w, &key, &dgram);
+        let (v, out) = w.lb.run(prog, &dgram.build());
+        assert_eq!(v, Verdict::Redirect);
+        assert_eq!(out, dnatted(&dgram, b));
+        verify_checksums(&out);
+        if !v6 {
+            let z = Pkt::udp(client, 5354, vip, 80).udp_zero_csum();
+            let b = expected_backend(&w, &key, &z);
+            let (v, out) = w.lb.run(prog, &z.build());
+            assert_eq!(v, Verdict::Redirect);
+            let l4 = 14 + 20;
+            assert_eq!(&out[l4 + 6..l4 + 8], &[0, 0], "no checksum stays no checksum");
+            let mut want = z.clone();
+            want.dst = backend_addr(b).parse().unwrap();
+            want.dport = 8080;
+            want.smac = OUT_MAC;
+            want.dmac = NEIGH_MAC;
+            assert_eq!(out, want.build());
+        }
+    });
+}
+
+#[test]
+fn traffic_not_for_a_service_passes_byte_identical() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
+        let (vip, client) = family(v6);
+        let other_dst = if v6 { "fd00::99" } else { "10.0.9.9" };
+        let cases = [
+            Pkt::tcp(client, 40000, other_dst, 80, SYN).build(),
+            Pkt::tcp(client, 40000, vip, 81, SYN).build(),
+            Pkt::udp(client, 40000, vip, 443).build(),
+        ];
+        for input in cases {
+            let (v, out) = w.lb.run(prog, &input);
+            assert_eq!(v, Verdict::Pass);
+            assert_eq!(out, input);
+        }
+        // Not IP at all (ARP).
+        let mut arp = Pkt::udp(CLIENT4, 1, VIP4, 80).build();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        let (v, out) = w.lb.run(prog, &arp);
+        assert_eq!((v, out), (Verdict::Pass, arp));
+        assert_eq!(w.lb.verdict("pass"), 4);
+        assert_eq!(w.lb.verdict("new_flow"), 0);
+    });
+}
+
+#[test]
+fn vlan_ipv4_options_and_ipv6_extension_headers_are_balanced() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
+        let (vip, client) = family(v6);
+        let base = Pkt::tcp(client, 40001, vip, 80, SYN);
+        let shaped = if v6 { base.clone().hop_by_hop() } else { base.clone().options(8) };
+        for p in [base.clone().vlan(42), shaped] {
+            let b = expected_backend(&w, &key, &p);
+            let (v, out) = w.lb.run(prog, &p.build());
+            assert_eq!(v, Verdict::Redirect, "{prog:?} v6={v6} {p:?}");
+            assert_eq!(out, dnatted(&p, b));
+            verify_checksums(&out);
+        }
+    });
+}
+
+#[test]
+fn fragments_first_follows_the_flow_later_ones_pass_and_are_counted() {
+    for prog in Prog::ALL {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = vip_service(&mut w, prog, false, SCHED_MAGLEV, 0, &backends(false));
+        // First fragment (MF set, offset 0): balanced by its ports.
+        let p = Pkt::udp(CLIENT4, 7000, VIP4, 80).payload(&[7u8; 64]);
+        let b = expected_backend(&w, &key, &p);
+        let mut first = p.build();
+        first[14 + 6] = 0x20; // MF
+        fix_ipv4_checksum(&mut first, 14);
+        let (v, out) = w.lb.run(prog, &first);
+        assert_eq!(v, Verdict::Redirect);
+        let mut want = dnatted(&p, b);
+        want[14 + 6] = 0x20;
+        fix_ipv4_checksum(&mut want, 14);
+        assert_eq!(out, want);
+        // A later fragment (offset 8 × 8 bytes) carries no ports: passed unchanged.
+        let mut later = Pkt::udp(CLIENT4, 7000, VIP4, 80).payload(&[7u8; 64]).build();
+        later[14 + 7] = 8;
+        fix_ipv4_checksum(&mut later, 14);
+        let (v, out) = w.lb.run(prog, &later);
+        assert_eq!((v, out), (Verdict::Pass, later));
+        assert_eq!(w.lb.verdict("fragment"), 1);
+        // IPv6: a fragment header with a non-zero offset.
+        let mut v6 = Pkt::udp(CLIENT6, 7000, VIP6, 80).build();
+        v6.splice(14 + 40..14 + 40, [17u8, 0, 0, 8, 0, 0, 0, 1]);
+        v6[14 + 6] = 44;
+        let plen = u16::from_be_bytes([v6[18], v6[19]]) + 8;
+        v6[18..20].copy_from_slice(&plen.to_be_bytes());
+        let (v, out) = w.lb.run(prog, &v6);
+        assert_eq!((v, out), (Verdict::Pass, v6));
+        assert_eq!(w.lb.verdict("fragment"), 2);
+    }
+}
+
+#[test]
+fn no_backend_tcp_gets_a_rst_and_udp_an_icmp_port_unreachable() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &[]);
+        let (vip, client) = family(v6);
+        let syn = Pkt::tcp(client, 40000, vip, 80, SYN).payload(b"");
+        let (v, out) = w.lb.run(prog, &syn.build());
+        let want_verdict = if prog == Prog::Xdp { Verdict::Tx } else { Verdict::Redirect };
+        assert_eq!(v, want_verdict, "{prog:?} v6={v6}");
+        let mut rst = Pkt::tcp(vip, 80, client, 40000, RST | ACK).payload(b"").macs(NODE_MAC, CLIENT_MAC);
+        rst.l4 = L4::Tcp { flags: RST | ACK, seq: 0, ack: 1001 };
+        let mut want = rst.build();
+        // Our RST has window 0 and DF set; etherparse's builder does not: patch both in.
+        let l4 = 14 + if v6 { 40 } else { 20 };
+        want[l4 + 14] = 0;
+        want[l4 + 15] = 0;
+        if !v6 {
+            want[14 + 6] = 0x40;
+            want[14 + 8] = 64;
+            fix_ipv4_checksum(&mut want, 14);
+        }
+        want[l4 + 16] = 0;
+        want[l4 + 17] = 0;
+        verify_checksums(&out);
+        assert_eq!(&out[..l4 + 16], &want[..l4 + 16], "{prog:?} v6={v6}: RST headers");
+        assert_eq!(out.len(), want.len());
+
+        let dgram = Pkt::udp(client, 5353, vip, 80).payload(b"query");
+        let input = dgram.build();
+        let (v, out) = w.lb.run(prog, &input);
+        assert_eq!(v, want_verdict);
+        verify_checksums(&out);
+        assert_eq!(&out[..6], &CLIENT_MAC);
+        assert_eq!(&out[6..12], &NODE_MAC);
+        let (ip_len, icmp_type, icmp_code, quote) = if v6 { (40, 1, 4, 48) } else { (20, 3, 3, 28) };
+        assert_eq!(out[14 + ip_len], icmp_type);
+        assert_eq!(out[14 + ip_len + 1], icmp_code);
+        assert_eq!(&out[14 + ip_len + 8..], &input[14..14 + quote], "quotes the offending header");
+        assert_eq!(w.lb.verdict("no_backend_reject"), 2);
+        // A RST to a service without backends is never answered.
+        let (v, _) = w.lb.run(prog, &Pkt::tcp(client, 40000, vip, 80, RST).build());
+        assert_eq!(v, Verdict::Drop);
+        assert_eq!(w.lb.verdict("rewrite_failed"), 1);
+    });
+}
+
+#[test]
+fn external_traffic_to_a_remote_backend_is_snatted_and_reply_restored() {
+    for v6 in [false, true] {
+        let mut w = world();
+        let _in = w.env.enter();
+        w.lb.config_snat(NODE4, NODE6, 61000, 61015);
+        let key = vip_service(&mut w, Prog::Xdp, v6, SCHED_MAGLEV, 0, &backends(v6));
+        let (vip, client) = family(v6);
+        let node = if v6 { NODE6 } else { NODE4 };
+        let syn = Pkt::tcp(client, 40000, vip, 80, SYN);
+        let b = expected_backend(&w, &key, &syn);
+        let (v, out) = w.lb.run(Prog::Xdp, &syn.build());
+        assert_eq!(v, Verdict::Redirect);
+        verify_checksums(&out);
+        let fwd = w
+            .lb
+            .dp
+            .conntrack()
+            .into_iter()
+            .find(|(k, e)| e.flags == CT_F_SNAT && k.src == addr16(client))
+            .expect("SNAT forward entry");
+        let port = u16::from_be(fwd.1.nat_port);
+        assert!((61000..=61015).contains(&port), "SNAT port {port} in range");
+        let want = syn.clone().src(node, port).dst(&backend_addr(b), 8080).macs(OUT_MAC, NEIGH_MAC).build();
+        assert_eq!(out, want, "v6={v6}: DNAT + SNAT");
+
+        let reply = Pkt::tcp(&backend_addr(b), 8080, node, port, SYN | ACK);
+        let (v, out) = w.lb.run(Prog::Xdp, &reply.build());
+        assert_eq!(v, Verdict::Redirect);
+        let want = reply.clone().src(vip, 80).dst(client, 40000).macs(OUT_MAC, NEIGH_MAC).build();
+        assert_eq!(out, want, "v6={v6}: reply restored to VIP → client");
+        verify_checksums(&out);
+
+        // Under externalTrafficPolicy Local the client address is preserved.
+        let key = vip_service(&mut w, Prog::Xdp, v6, SCHED_MAGLEV, SVC_F_EXT_LOCAL, &backends(v6));
+        let syn = Pkt::tcp(client, 40001, vip, 80, SYN);
+        let b = expected_backend(&w, &key, &syn);
+        let (_, out) = w.lb.run(Prog::Xdp, &syn.build());
+        assert_eq!(out, dnatted(&syn, b), "no SNAT under Local");
+    }
+}
+
+#[test]
+fn snat_ports_collide_then_exhaust_and_node_local_backends_are_not_snatted() {
+    let mut w = world();
+    let _in = w.env.enter();
+    w.lb.config_snat(NODE4, NODE6, 61000, 61001);
+    vip_service(&mut w, Prog::Xdp, false, SCHED_MAGLEV, 0, &[1]);
+    // Two ports: two clients fit, the third finds both taken and is dropped.
+    let mut ports = Vec::new();
+    for (i, client) in ["192.0.2.100", "192.0.2.101", "192.0.2.102"].into_iter().enumerate() {
+        let (v, out) = w.lb.run(Prog::Xdp, &Pkt::tcp(client, 40000, VIP4, 80, SYN).build());
+        if i < 2 {
+            assert_eq!(v, Verdict::Redirect);
+            ports.push(u16::from_be_bytes([out[14 + 20], out[14 + 21]]));
+        } else {
+            assert_eq!(v, Verdict::Drop);
+        }
+    }
+    ports.sort();
+    assert_eq!(ports, [61000, 61001], "collision moved to the next free port");
+    assert_eq!(w.lb.verdict("snat_exhausted"), 1);
+
+    w.lb.backend(3, "10.0.1.13", 8080, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL);
+    vip_service(&mut w, Prog::Xdp, false, SCHED_MAGLEV, 0, &[3]);
+    let syn = Pkt::tcp("192.0.2.103", 40000, VIP4, 80, SYN);
+    let (_, out) = w.lb.run(Prog::Xdp, &syn.build());
+    assert_eq!(out, dnatted(&syn, 3), "node-local backend: client address kept");
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_listed_sources_only() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = vip_service(&mut w, prog, v6, SCHED_MAGLEV, SVC_F_SOURCE_RANGES, &backends(v6));
+        let id = w.lb.dp.service(&key).unwrap().id;
+        let (net, ok, bad) =
+            if v6 { ("2001:db8::", CLIENT6, "2001:db9::1") } else { ("192.0.2.0", CLIENT4, "198.51.100.7") };
+        w.lb.dp.add_source_range(id, net.parse().unwrap(), if v6 { 64 } else { 24 }).unwrap();
+        let (vip, _) = family(v6);
+        let (v, _) = w.lb.run(prog, &Pkt::tcp(ok, 1234, vip, 80, SYN).build());
+        assert_eq!(v, Verdict::Redirect);
+        let (v, _) = w.lb.run(prog, &Pkt::tcp(bad, 1234, vip, 80, SYN).build());
+        assert_eq!(v, Verdict::Drop);
+        assert_eq!(w.lb.verdict("source_range_drop"), 1);
+    });
+}
+
+/// Sends `n` new flows (distinct client ports) and counts hits per backend.
+fn spread(w: &mut World, prog: Prog, v6: bool, n: u16, first_port: u16) -> std::collections::BTreeMap<u32, u32> {
+    let (vip, client) = family(v6);
+    let mut hits = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let (v, out) = w.lb.run(prog, &Pkt::tcp(client, first_port + i, vip, 80, SYN).build());
+        assert_eq!(v, Verdict::Redirect);
+        let ip = if v6 { &out[14 + 24..14 + 40] } else { &out[14 + 16..14 + 20] };
+        let id = if v6 { ip[15] as u32 } else { ip[3] as u32 - 10 };
+        *hits.entry(id).or_default() += 1;
+    }
+    hits
+}
+
+#[test]
+fn maglev_round_robin_and_random_spread_new_flows() {
+    for prog in Prog::ALL {
+        for (sched, tolerance) in [(SCHED_MAGLEV, 0.10), (SCHED_ROUND_ROBIN, 0.0), (SCHED_RANDOM, 0.15)] {
+            let mut w = world();
+            let _in = w.env.enter();
+            vip_service(&mut w, prog, false, sched, 0, &[1, 2, 3, 4]);
+            let hits = spread(&mut w, prog, false, 2000, 10000);
+            assert_eq!(hits.len(), 4, "{prog:?} sched {sched}: {hits:?}");
+            for (b, n) in &hits {
+                let dev = (*n as f64 - 500.0).abs() / 500.0;
+                assert!(dev <= tolerance, "{prog:?} sched {sched}: backend {b} got {n} of 2000 ({hits:?})");
+            }
+        }
+    }
+}
+
+#[test]
+fn established_flows_keep_their_backend_across_a_maglev_region_flip() {
+    for prog in Prog::ALL {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = vip_service(&mut w, prog, false, SCHED_MAGLEV, 0, &[1, 2]);
+        let before_region = w.lb.dp.service(&key).unwrap();
+        let mut pinned = Vec::new();
+        for port in 20000..20200u16 {
+            let p = Pkt::tcp(CLIENT4, port, VIP4, 80, SYN);
+            let (_, out) = w.lb.run(prog, &p.build());
+            pinned.push((port, out[14 + 19]));
+        }
+        // Scale out: the table is rebuilt in a fresh region and flipped.
+        vip_service(&mut w, prog, false, SCHED_MAGLEV, 0, &[1, 2, 3, 4]);
+        let after_region = w.lb.dp.service(&key).unwrap();
+        assert_ne!(before_region.maglev_off, after_region.maglev_off, "a fresh region was written");
+        let mut moved_if_new = 0;
+        for (port, backend_octet) in &pinned {
+            let p = Pkt::tcp(CLIENT4, *port, VIP4, 80, ACK);
+            let (_, out) = w.lb.run(prog, &p.build());
+            assert_eq!(out[14 + 19], *backend_octet, "established flow {port} kept its backend");
+            if expected_backend(&w, &key, &p) != (*backend_octet - 10) as u32 {
+                moved_if_new += 1;
+            }
+        }
+        assert!(moved_if_new > 0, "the flip did change the table for some flows");
+        assert_eq!(w.lb.verdict("ct_hit"), 200);
+    }
+}
+
+#[test]
+fn a_terminating_backend_drains_its_flows_and_gets_no_new_ones() {
+    for prog in Prog::ALL {
+        let mut w = world();
+        let _in = w.env.enter();
+        vip_service(&mut w, prog, false, SCHED_MAGLEV, 0, &[1]);
+        let p = Pkt::tcp(CLIENT4, 30000, VIP4, 80, SYN);
+        let (_, out) = w.lb.run(prog, &p.build());
+        assert_eq!(out, dnatted(&p, 1));
+        // Backend 1 starts terminating: the agent marks it and leaves it out of the list.
+        w.lb.backend(1, "10.0.1.11", 8080, BACKEND_TERMINATING, 0);
+        vip_service(&mut w, prog, false, SCHED_MAGLEV, 0, &[2]);
+        let data = Pkt::tcp(CLIENT4, 30000, VIP4, 80, ACK);
+        let (_, out) = w.lb.run(prog, &data.build());
+        assert_eq!(out, dnatted(&data, 1), "existing flow keeps the terminating backend");
+        for port in 30001..30050 {
+            let p = Pkt::tcp(CLIENT4, port, VIP4, 80, SYN);
+            let (_, out) = w.lb.run(prog, &p.build());
+            assert_eq!(out, dnatted(&p, 2), "new flows avoid it");
+        }
+        // A FIN then a new SYN on the same tuple is a new flow: it moves too.
+        let (_, _) = w.lb.run(prog, &Pkt::tcp(CLIENT4, 30000, VIP4, 80, FIN | ACK).build());
+        let again = Pkt::tcp(CLIENT4, 30000, VIP4, 80, SYN);
+        let (_, out) = w.lb.run(prog, &again.build());
+        assert_eq!(out, dnatted(&again, 2));
+    }
+}
+
+#[test]
+fn session_affinity_pins_a_client_until_the_timeout() {
+    for prog in Prog::ALL {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = svc_key(VIP4, 80, PROTO_TCP, scope(prog));
+        let mut s = spec(10, SCHED_MAGLEV, SVC_F_AFFINITY, &[1, 2, 3, 4]);
+        s.affinity_timeout_s = 30;
+        w.lb.dp.set_service(key, &s).unwrap();
+        let hits = spread(&mut w, prog, false, 20, 41000);
+        assert_eq!(hits.len(), 1, "{prog:?}: 20 connections of one client on one backend: {hits:?}");
+        let pinned = *hits.keys().next().unwrap();
+        let id = w.lb.dp.service(&key).unwrap().id;
+        let akey = AffinityKey { client: addr16(CLIENT4), service_id: id };
+        let a = w.lb.dp.affinity_get(&akey).expect("affinity entry");
+        assert_eq!(a.backend_id, pinned);
+        // Inject time: make the entry older than the 30 s timeout. The next
+        // new flow goes by the scheduler again and refreshes the entry.
+        let aged = AffinityValue { last_used_ns: a.last_used_ns.saturating_sub(31_000_000_000), ..a };
+        w.lb.dp.affinity_set(&akey, &aged).unwrap();
+        let p = (42000..43000u16)
+            .map(|port| Pkt::tcp(CLIENT4, port, VIP4, 80, SYN))
+            .find(|p| expected_backend(&w, &key, p) != pinned)
+            .expect("a flow that Maglev sends elsewhere");
+        let b = expected_backend(&w, &key, &p);
+        let (_, out) = w.lb.run(prog, &p.build());
+        assert_eq!(out, dnatted(&p, b), "expired affinity no longer pins");
+        assert_eq!(w.lb.dp.affinity_get(&akey).unwrap().backend_id, b);
+    }
+}
