@@ -159,20 +159,30 @@ mod tests {
         }
     }
 
+    /// Worst share of slots that change owner when one of `n` backends is removed.
+    fn worst_disruption(n: u32, m: u32) -> f64 {
+        let all = entries(n);
+        let before = build(&all, m);
+        (1..=n)
+            .map(|removed| {
+                let rest: Vec<Entry> = all.iter().filter(|e| e.id != removed).cloned().collect();
+                let after = build(&rest, m);
+                assert!(after.iter().all(|id| *id != removed));
+                before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64 / m as f64
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// The paper's algorithm is not minimally disruptive: besides the removed
+    /// backend's own 1/N, the refill reshuffles a few percent more when M is
+    /// only 100·N (measured ≤ 3.5 %), and under 1 % once M ≥ 1000·N.
     #[test]
     fn removing_one_backend_moves_few_slots() {
         for n in [3u32, 5, 10, 40, 100] {
-            let m = size_for(n as usize);
-            let all = entries(n);
-            let before = build(&all, m);
-            for removed in [1, n / 2 + 1, n] {
-                let rest: Vec<Entry> = all.iter().filter(|e| e.id != removed).cloned().collect();
-                let after = build(&rest, m);
-                let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-                let bound = (1.0 / n as f64 + 0.01) * m as f64;
-                assert!(moved as f64 <= bound, "n={n}: {moved} of {m} slots moved (bound {bound:.0})");
-                assert!(after.iter().all(|id| *id != removed));
-            }
+            let d = worst_disruption(n, next_prime(1000 * n));
+            assert!(d <= 1.0 / n as f64 + 0.01, "n={n} M≈1000N: {d:.4} of slots moved");
+            let d = worst_disruption(n, size_for(n as usize));
+            assert!(d <= 1.0 / n as f64 + 0.04, "n={n} M≈100N: {d:.4} of slots moved");
         }
     }
 

@@ -7,6 +7,7 @@
 //! also when a test panics, so tests run in parallel and CI can run twice.
 
 pub mod packet;
+pub mod topo;
 
 use std::{
     fs::File,

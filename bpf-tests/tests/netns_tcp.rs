@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Real TCP connections (handshake, request, response, close) between a
+//! client and a server namespace through xlb attached in a node namespace:
+//! DNAT on the way in, reverse NAT on the way back, for XDP and TC, IPv4
+//! and IPv6.
+
+use std::net::SocketAddr;
+
+use bpf_tests::{Lb, svc_key, topo::*};
+use datapath_common::{BACKEND_ACTIVE, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL, SCOPE_INTERNAL};
+use xlb::ServiceSpec;
+
+fn through_vip(tc: bool, v6: bool) {
+    let topo = Topology::new();
+    let mut lb = Lb::new();
+    let (vip, server, client) = if v6 { ("fd96::10", SERVER6, CLIENT6) } else { ("10.96.0.10", SERVER4, CLIENT4) };
+    lb.backend(1, server, 8080, BACKEND_ACTIVE, 0);
+    let scope = if tc { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
+    let spec = ServiceSpec { id: 1, scheduler: SCHED_MAGLEV, flags: 0, affinity_timeout_s: 0, backends: vec![1], maglev_size: None };
+    lb.dp.set_service(svc_key(vip, 80, PROTO_TCP, scope), &spec).unwrap();
+    // The client routes the VIP to the node (its default route); the node
+    // itself has no route or address for it: only xlb makes it reachable.
+    if tc { topo.attach_tc(&mut lb) } else { topo.attach_xdp(&mut lb) }
+
+    let backend = SocketAddr::new(server.parse().unwrap(), 8080);
+    let conns = 3;
+    let srv = topo.serve(backend, conns);
+    let to = SocketAddr::new(vip.parse().unwrap(), 80);
+    for i in 0..conns {
+        let answer = topo.request(to).unwrap_or_else(|e| panic!("tc={tc} v6={v6}: connection {i} to {to}: {e}"));
+        assert!(answer.starts_with("pong "), "got {answer:?}");
+        let seen: SocketAddr = answer[5..].parse().unwrap();
+        assert_eq!(seen.ip().to_string(), client, "the backend sees the real client address");
+    }
+    let peers = srv.join().expect("server thread");
+    assert_eq!(peers.len(), conns);
+    assert!(lb.verdict("new_flow") >= conns as u64, "{:?}", lb.verdicts());
+    assert!(lb.verdict("reverse_nat") > 0, "{:?}", lb.verdicts());
+    assert!(lb.verdict("ct_hit") > 0, "{:?}", lb.verdicts());
+}
+
+#[test]
+fn tcp_through_xdp_ipv4() {
+    through_vip(false, false);
+}
+
+#[test]
+fn tcp_through_xdp_ipv6() {
+    through_vip(false, true);
+}
+
+#[test]
+fn tcp_through_tc_ipv4() {
+    through_vip(true, false);
+}
+
+#[test]
+fn tcp_through_tc_ipv6() {
+    through_vip(true, true);
+}
