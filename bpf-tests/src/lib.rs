@@ -182,7 +182,7 @@ pub fn test_sizes() -> MapSizes {
     MapSizes { services: 4096, backends: 4096, slots: 1 << 18, conntrack: 16_384, affinity: 4096, source_ranges: 1024 }
 }
 
-/// A loaded datapath with its XDP and TC-ingress programs loaded (not attached).
+/// A loaded datapath with its XDP, TC-ingress and baseline programs loaded (not attached).
 pub struct Lb {
     pub dp: Datapath,
 }
@@ -198,6 +198,8 @@ impl Lb {
         xdp.load().expect("verify xlb_xdp");
         let tc: &mut SchedClassifier = dp.program_mut("xlb_tc_ingress").unwrap().try_into().unwrap();
         tc.load().expect("verify xlb_tc_ingress");
+        let base: &mut Xdp = dp.program_mut("xdp_tx_baseline").unwrap().try_into().unwrap();
+        base.load().expect("verify xdp_tx_baseline");
         Self { dp }
     }
 

@@ -98,7 +98,7 @@ impl Topology {
     }
 
     /// Starts a TCP echo server in the server namespace on `addr`: for each
-    /// connection it reads one request and answers `pong <peer address>`.
+    /// connection it reads one request and answers `pong <peer> from <local>`.
     /// Serves `conns` connections, then the thread ends.
     pub fn serve(&self, addr: SocketAddr, conns: usize) -> thread::JoinHandle<Vec<SocketAddr>> {
         let listener = {
@@ -113,7 +113,8 @@ impl Topology {
                 let mut buf = [0u8; 64];
                 let n = s.read(&mut buf).expect("server read");
                 assert!(n > 0);
-                write!(s, "pong {peer}").unwrap();
+                let local = s.local_addr().unwrap();
+                write!(s, "pong {peer} from {local}").unwrap();
                 peers.push(peer);
             }
             peers

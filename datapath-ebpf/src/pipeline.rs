@@ -52,7 +52,8 @@ pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
         Parsed::Malformed => return done(verdict::MALFORMED, Action::Pass),
         Parsed::Fragment => return done(verdict::FRAGMENT, Action::Pass),
     }
-    let len = hook.len();
+    // Bytes for the counters from the parsed lengths: no helper call.
+    let len = (flow.l4 + flow.l4_len) as u32;
     let mut t = Target::default();
     let mut step = conntrack(&flow, len, &mut t);
     if step == Step::Pass(verdict::PASS) {

@@ -1,1 +1,60 @@
-fn main(){}
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Project workflows: `cargo xtask setup | test | demo | bench`.
+mod bench;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent, quick when done):
+    /// rust-src for nightly, bpf-linker built against nightly's LLVM, Debian
+    /// packages, a mounted bpffs.
+    Setup,
+    /// Setup, then every test: host unit tests, packet tests, netns tests.
+    Test,
+    /// Setup, then a short demo: real TCP connections to a VIP through XDP in
+    /// network namespaces, with the datapath's counters.
+    Demo,
+    /// Setup, then the BPF_PROG_TEST_RUN benchmark (ns/packet per path).
+    Bench(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test => {
+            setup::run()?;
+            cargo(&["test", "--release"]).context("tests failed")
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            cargo(&["run", "--release", "--quiet", "-p", "bpf-tests", "--bin", "xlb-demo"])
+        }
+        Cmd::Bench(args) => {
+            setup::run()?;
+            bench::run(args)
+        }
+    }
+}
+
+/// Runs cargo with `args` from the workspace root, inheriting output.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo).args(args).current_dir(root).status().context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
