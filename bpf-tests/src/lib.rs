@@ -205,16 +205,22 @@ impl Lb {
 
     /// Runs one packet through `prog`; returns the verdict and the output frame.
     pub fn run(&mut self, prog: Prog, input: &[u8]) -> (Verdict, Vec<u8>) {
+        self.try_run(prog, input).unwrap_or_else(|e| panic!("test_run {prog:?}: {e}"))
+    }
+
+    /// As [`Lb::run`], but returns the kernel's refusal (the skb test-run
+    /// path rejects some frames before any program sees them).
+    pub fn try_run(&mut self, prog: Prog, input: &[u8]) -> Result<(Verdict, Vec<u8>), ProgramError> {
         let mut out = vec![0u8; input.len() + 256];
         let (ret, size) = match prog {
             Prog::Xdp => {
                 let p: &mut Xdp = self.dp.program_mut("xlb_xdp").unwrap().try_into().unwrap();
-                let r = run(p, input, &mut out, 1).expect("test_run xdp");
+                let r = run(p, input, &mut out, 1)?;
                 (r.0, r.1)
             }
             Prog::TcIngress => {
                 let p: &mut SchedClassifier = self.dp.program_mut("xlb_tc_ingress").unwrap().try_into().unwrap();
-                let r = run(p, input, &mut out, 1).expect("test_run tc");
+                let r = run(p, input, &mut out, 1)?;
                 (r.0, r.1)
             }
         };
@@ -228,7 +234,7 @@ impl Lb {
             (Prog::TcIngress, TC_ACT_REDIRECT) => Verdict::Redirect,
             other => panic!("unexpected return code {other:?}"),
         };
-        (v, out)
+        Ok((v, out))
     }
 
     /// Verdict counters by name.
