@@ -101,6 +101,11 @@ fn dnatted(p: &Pkt, backend: u32) -> Vec<u8> {
     p.clone().dst(&backend_addr(backend), 8080).macs(OUT_MAC, NEIGH_MAC).build()
 }
 
+/// The CONNTRACK key of a TCP packet src:sport → dst:dport.
+fn tcp_key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
+    CtKey { src: addr16(src), dst: addr16(dst), sport: sport.to_be(), dport: dport.to_be(), proto: PROTO_TCP, _pad: [0; 3] }
+}
+
 fn both_families_both_hooks(f: impl Fn(Prog, bool)) {
     for prog in Prog::ALL {
         for v6 in [false, true] {
@@ -125,24 +130,9 @@ fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {
         assert_eq!(w.lb.verdict("new_flow"), 1);
 
         // Both conntrack entries exist: forward (client → VIP) and reply (backend → client).
-        let fwd = w.lb.dp.conntrack_get(&CtKey {
-            src: addr16(client),
-            dst: addr16(vip),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        });
-        let fwd = fwd.expect("forward entry");
+        let fwd = w.lb.dp.conntrack_get(&tcp_key(client, 40000, vip, 80)).expect("forward entry");
         assert_eq!((fwd.backend_id, fwd.state, fwd.flags), (b, ct::STATE_SYN_SENT, 0));
-        let rep = w.lb.dp.conntrack_get(&CtKey {
-            src: addr16(&backend_addr(b)),
-            dst: addr16(client),
-            sport: 8080u16.to_be(),
-            dport: 40000u16.to_be(),
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        });
+        let rep = w.lb.dp.conntrack_get(&tcp_key(&backend_addr(b), 8080, client, 40000));
         assert_eq!(rep.expect("reply entry").flags, CT_F_REPLY);
 
         // The next packet of the flow hits conntrack and goes to the same backend.
@@ -161,14 +151,7 @@ fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {
         assert_eq!(out, want, "{prog:?} v6={v6}: reverse NAT");
         verify_checksums(&out);
         assert_eq!(w.lb.verdict("reverse_nat"), 1);
-        let fwd_after = w.lb.dp.conntrack_get(&CtKey {
-            src: addr16(client),
-            dst: addr16(vip),
-            sport: 40000u16.to_be(),
-            dport: 80u16.to_be(),
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        });
+        let fwd_after = w.lb.dp.conntrack_get(&tcp_key(client, 40000, vip, 80));
         assert_eq!(fwd_after.unwrap().state, ct::STATE_ESTABLISHED, "ACK established the flow");
     });
 }
