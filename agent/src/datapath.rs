@@ -175,6 +175,35 @@ impl Datapath {
         self.sizes
     }
 
+    /// Loads (verifies) every program of the object. Like libbpf, retries a
+    /// load the verifier abandoned with EAGAIN (it gives up when a signal is
+    /// pending, e.g. a child process exiting during a long verification).
+    pub fn load_programs(&mut self) -> Result<(), aya::programs::ProgramError> {
+        for (name, prog) in self.ebpf.programs_mut() {
+            let mut tries = 0;
+            loop {
+                let r = match prog {
+                    Program::Xdp(p) => p.load(),
+                    Program::SchedClassifier(p) => p.load(),
+                    _ => Ok(()),
+                };
+                match r {
+                    Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                        if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+                    {
+                        tries += 1;
+                    }
+                    Err(e) => {
+                        eprintln!("loading {name} failed");
+                        return Err(e);
+                    }
+                    Ok(()) => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A program of the object by name (`xlb_xdp`, `xlb_tc_ingress`, …).
     pub fn program_mut(&mut self, name: &str) -> Option<&mut Program> {
         self.ebpf.program_mut(name)

@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The `xlb` command.
 use anyhow::Context as _;
-use aya::programs::{SchedClassifier, Xdp};
 use clap::{Parser, Subcommand};
 use xlb::{Datapath, MapSizes};
 
@@ -26,14 +25,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Version => println!("xlb {}", env!("CARGO_PKG_VERSION")),
         Cmd::Check => {
             let mut dp = Datapath::load(MapSizes::default()).context("loading the datapath")?;
-            for name in ["xlb_xdp", "xdp_tx_baseline"] {
-                let p: &mut Xdp = dp.program_mut(name).context(name)?.try_into()?;
-                p.load().with_context(|| format!("verifying {name}"))?;
-                println!("{name}: loaded");
-            }
-            for name in ["xlb_tc_ingress", "xlb_tc_egress"] {
-                let p: &mut SchedClassifier = dp.program_mut(name).context(name)?.try_into()?;
-                p.load().with_context(|| format!("verifying {name}"))?;
+            dp.load_programs().context("verifying the programs")?;
+            for (name, _) in dp.ebpf.programs() {
                 println!("{name}: loaded");
             }
         }

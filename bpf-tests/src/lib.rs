@@ -182,7 +182,7 @@ pub fn test_sizes() -> MapSizes {
     MapSizes { services: 4096, backends: 4096, slots: 1 << 18, conntrack: 16_384, affinity: 4096, source_ranges: 1024 }
 }
 
-/// A loaded datapath with its XDP, TC-ingress and baseline programs loaded (not attached).
+/// A loaded datapath with every program loaded (not attached).
 pub struct Lb {
     pub dp: Datapath,
 }
@@ -194,12 +194,7 @@ impl Lb {
 
     pub fn with_sizes(sizes: MapSizes) -> Self {
         let mut dp = Datapath::load(sizes).expect("load datapath");
-        let xdp: &mut Xdp = dp.program_mut("xlb_xdp").unwrap().try_into().unwrap();
-        xdp.load().expect("verify xlb_xdp");
-        let tc: &mut SchedClassifier = dp.program_mut("xlb_tc_ingress").unwrap().try_into().unwrap();
-        tc.load().expect("verify xlb_tc_ingress");
-        let base: &mut Xdp = dp.program_mut("xdp_tx_baseline").unwrap().try_into().unwrap();
-        base.load().expect("verify xdp_tx_baseline");
+        dp.load_programs().expect("verify the programs");
         Self { dp }
     }
 
