@@ -142,6 +142,14 @@ fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {
         assert_eq!(out, dnatted(&ack, b));
         verify_checksums(&out);
         assert_eq!(w.lb.verdict("ct_hit"), 1);
+        // That lookup's result is cached in the entry; the next packet uses it
+        // (no FIB lookup) and comes out the same.
+        let e = w.lb.dp.conntrack_get(&tcp_key(client, 40000, vip, 80)).unwrap();
+        assert_eq!(e.fib_ifindex, w.env.out_ifindex, "FIB result cached");
+        assert_eq!(&e.fib_macs[..6], &NEIGH_MAC);
+        assert_eq!(&e.fib_macs[6..], &OUT_MAC);
+        let (v, again) = w.lb.run(prog, &ack.build());
+        assert_eq!((v, again), (Verdict::Redirect, out.clone()));
 
         // The reply is reverse-NATed to come from the VIP.
         let reply = Pkt::tcp(&backend_addr(b), 8080, client, 40000, SYN | ACK).macs(NEIGH_MAC, OUT_MAC);
@@ -151,6 +159,7 @@ fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {
         assert_eq!(out, want, "{prog:?} v6={v6}: reverse NAT");
         verify_checksums(&out);
         assert_eq!(w.lb.verdict("reverse_nat"), 1);
+        assert_eq!(w.lb.verdict("ct_hit"), 2);
         let fwd_after = w.lb.dp.conntrack_get(&tcp_key(client, 40000, vip, 80));
         assert_eq!(fwd_after.unwrap().state, ct::STATE_ESTABLISHED, "ACK established the flow");
     });

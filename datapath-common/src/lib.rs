@@ -178,6 +178,12 @@ pub struct CtEntry {
     pub state: u8,
     /// `CT_F_*`.
     pub flags: u8,
+    /// Cached FIB result for this direction: egress ifindex (0: none cached)
+    /// and the MACs to write (destination, then source). The datapath drops
+    /// the cache whenever it refreshes `last_seen_ns`, so it is at most
+    /// `ct::REFRESH_NS` old; route and neighbour changes apply within that.
+    pub fib_ifindex: u32,
+    pub fib_macs: [u8; 12],
     pub _pad: u32,
 }
 
@@ -306,7 +312,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 20);
     assert!(core::mem::size_of::<RevNat>() == 20);
     assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtEntry>() == 40);
+    assert!(core::mem::size_of::<CtEntry>() == 56);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SourceRangeKey>() == 20);

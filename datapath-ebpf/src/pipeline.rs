@@ -8,7 +8,7 @@ use crate::{
         AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REV_NAT, RR_CURSOR, SERVICE_STATS,
         SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
     },
-    nat::{Target, forward, rewrite},
+    nat::{Target, forward, rewrite, set_macs},
     parse::{Flow, Parsed, parse},
     reject::reject,
 };
@@ -28,11 +28,14 @@ use datapath_common::{
 const SNAT_TRIES: u32 = 16;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// What the conntrack / new-flow stages decided; `process` acts on it. Only
-/// `process` calls `forward` and `reject`, so the deepest call chain stays
-/// within the verifier's 512-byte stack budget.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// What the conntrack / new-flow stages decided; `process` acts on it.
+/// Only `process` calls `reject`, and `forward` is called from `process` or
+/// `conntrack`, so the deepest call chain stays within the verifier's
+/// 512-byte stack budget.
+#[derive(Clone, Copy)]
 enum Step {
+    /// Handled completely (verdict counted): return this action.
+    Done(Action),
     /// Rewrite to the `Target` and forward; counted under the reason.
     Nat(u32),
     /// Leave the packet alone; counted under the reason.
@@ -55,17 +58,18 @@ pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
     // Bytes for the counters from the parsed lengths: no helper call.
     let len = (flow.l4 + flow.l4_len) as u32;
     let mut t = Target::default();
-    let mut step = conntrack(&flow, len, &mut t);
-    if step == Step::Pass(verdict::PASS) {
-        step = new_flow(&flow, scope, len, &mut t);
-    }
+    let step = match conntrack(hook, &flow, len, &mut t) {
+        Step::Pass(verdict::PASS) => new_flow(&flow, scope, len, &mut t),
+        step => step,
+    };
     match step {
+        Step::Done(action) => action,
         Step::Nat(reason) => {
             if rewrite(hook, &flow, &t).is_err() {
                 return done(verdict::REWRITE_FAILED, Action::Drop);
             }
             count_verdict(reason);
-            forward(hook, &flow, &t)
+            forward(hook, &flow, &mut t)
         }
         Step::Pass(reason) => done(reason, Action::Pass),
         Step::Drop(reason) => done(reason, Action::Drop),
@@ -88,10 +92,11 @@ fn ct_key(flow: &Flow) -> CtKey {
 }
 
 /// Existing flows: a live forward entry DNATs to its backend (and SNATs if
-/// the flow was SNATed), a live reply entry reverse-NATs. `Pass(PASS)` means
-/// "not a tracked flow".
+/// the flow was SNATed), a live reply entry reverse-NATs; both forward by
+/// the entry's cached FIB result when it has one. `Pass(PASS)` means "not a
+/// tracked flow".
 #[inline(never)]
-fn conntrack(flow: &Flow, len: u32, t: &mut Target) -> Step {
+fn conntrack(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target) -> Step {
     let Some(e) = CONNTRACK.get_ptr_mut(&ct_key(flow)) else {
         return Step::Pass(verdict::PASS);
     };
@@ -111,7 +116,7 @@ fn conntrack(flow: &Flow, len: u32, t: &mut Target) -> Step {
         t.sport = rev.port;
         (t.dst, t.dport) =
             if e.flags & CT_F_SNAT != 0 { (e.nat_addr, e.nat_port) } else { (flow.dst, flow.dport) };
-        return Step::Nat(verdict::REVERSE_NAT);
+        return Step::Done(nat_cached(hook, flow, t, e));
     }
     if ct::starts_new_flow(flow.proto, e.state, e.last_seen_ns, now, flow.tcp_flags) {
         return Step::Pass(verdict::PASS);
@@ -129,7 +134,26 @@ fn conntrack(flow: &Flow, len: u32, t: &mut Target) -> Step {
     (t.src, t.sport) = if e.flags & CT_F_SNAT != 0 { (e.nat_addr, e.nat_port) } else { (flow.src, flow.sport) };
     t.dst = b.addr;
     t.dport = b.port;
-    Step::Nat(verdict::CT_HIT)
+    Step::Done(nat_cached(hook, flow, t, e))
+}
+
+/// Rewrites and forwards a tracked packet, by the entry's cached FIB result
+/// when there is one, else by a FIB lookup whose result is cached.
+#[inline(never)]
+fn nat_cached(hook: &mut impl Hook, flow: &Flow, t: &mut Target, e: &mut CtEntry) -> Action {
+    if rewrite(hook, flow, t).is_err() {
+        return done(verdict::REWRITE_FAILED, Action::Drop);
+    }
+    count_verdict(if e.flags & CT_F_REPLY != 0 { verdict::REVERSE_NAT } else { verdict::CT_HIT });
+    if e.fib_ifindex != 0 && set_macs(hook, &e.fib_macs).is_ok() {
+        return Action::Redirect(e.fib_ifindex);
+    }
+    let action = forward(hook, flow, t);
+    if let Action::Redirect(ifindex) = action {
+        e.fib_macs = t.macs;
+        e.fib_ifindex = ifindex;
+    }
+    action
 }
 
 #[inline(always)]
@@ -154,6 +178,8 @@ fn refresh(e: &mut CtEntry, flow: &Flow, reply: bool, now: u64) {
     if s != e.state || now.wrapping_sub(e.last_seen_ns) > ct::REFRESH_NS {
         e.state = s;
         e.last_seen_ns = now;
+        // Re-resolve the route with this packet: the cache lives at most REFRESH_NS.
+        e.fib_ifindex = 0;
     }
 }
 
@@ -218,6 +244,8 @@ fn track(flow: &Flow, req: &Track, t: &mut Target) -> u32 {
         nat_port: 0,
         state: ct::initial_state(flow.proto, flow.tcp_flags),
         flags: 0,
+        fib_ifindex: 0,
+        fib_macs: [0; 12],
         _pad: 0,
     };
     let mut reason = verdict::NEW_FLOW;
