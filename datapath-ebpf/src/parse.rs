@@ -10,8 +10,8 @@
 //! balanced by its ports like any packet of its flow. Later fragments carry no
 //! ports; they are passed to the kernel unchanged and counted as `fragment`.
 
-use crate::hook::Hook;
-use datapath_common::{PROTO_TCP, PROTO_UDP, v4_mapped};
+use crate::{hook::Hook, nat::load_word};
+use datapath_common::{PROTO_TCP, PROTO_UDP};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -20,27 +20,29 @@ const ETH_P_8021AD: u16 = 0x88a8;
 /// Extension headers walked before giving up on an IPv6 packet.
 pub const MAX_EXT_HEADERS: usize = 4;
 
-/// A parsed TCP or UDP packet.
+/// A parsed TCP or UDP packet. 8-byte aligned with the addresses first, so
+/// copying them into map keys takes two 64-bit moves each.
 #[derive(Clone, Copy, Default)]
+#[repr(C, align(8))]
 pub struct Flow {
+    /// Addresses as 16 bytes (IPv4 mapped), network order.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     /// Offset of the IP header (14, or 18 behind a VLAN tag).
     pub l3: usize,
     /// Offset of the TCP/UDP header.
     pub l4: usize,
-    pub v6: bool,
-    pub proto: u8,
-    /// TCP flags byte (0 for UDP).
-    pub tcp_flags: u8,
-    /// Addresses as 16 bytes (IPv4 mapped), network order.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// Ports, network order.
-    pub sport: u16,
-    pub dport: u16,
     /// IPv4 header length in bytes (0 for IPv6).
     pub ihl: usize,
     /// L4 length (header + payload) from the IP length fields.
     pub l4_len: usize,
+    /// Ports, network order.
+    pub sport: u16,
+    pub dport: u16,
+    pub v6: bool,
+    pub proto: u8,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -53,20 +55,45 @@ pub enum Parsed {
     Flow,
 }
 
+/// A `T` at `off` in the packet (one typed load; see `nat::load_word`).
 #[inline(always)]
 fn load<T: Copy>(hook: &impl Hook, off: usize) -> Option<T> {
-    let start = hook.data();
-    if start + off + core::mem::size_of::<T>() > hook.data_end() {
+    let p = hook.data() + off;
+    if p + core::mem::size_of::<T>() > hook.data_end() {
         return None;
     }
-    // SAFETY: bounds checked above; packet memory is byte-aligned, so read unaligned.
-    Some(unsafe { ((start + off) as *const T).read_unaligned() })
+    // SAFETY: bounds checked above.
+    Some(unsafe { load_word::<T>(p) })
 }
 
 /// Big-endian u16 at `off`.
 #[inline(always)]
 fn be16(hook: &impl Hook, off: usize) -> Option<u16> {
     load::<u16>(hook, off).map(u16::from_be)
+}
+
+/// Stores an IPv4 address (as loaded from the packet) in IPv4-mapped form.
+#[inline(always)]
+fn set_v4_mapped(dst: &mut [u8; 16], addr: u32) {
+    let p = dst.as_mut_ptr();
+    // SAFETY: `dst` is a field of the 8-aligned `Flow`, at an 8-aligned offset.
+    unsafe {
+        (p as *mut u64).write(0);
+        (p.add(8) as *mut u32).write(u32::from_ne_bytes([0, 0, 0xff, 0xff]));
+        (p.add(12) as *mut u32).write(addr);
+    }
+}
+
+/// Copies an IPv6 address from the packet at absolute address `at`.
+#[inline(always)]
+fn set_v6(dst: &mut [u8; 16], at: usize) {
+    let p = dst.as_mut_ptr() as *mut u32;
+    // SAFETY: the caller bounds-checked the 16 bytes at `at`; `dst` is aligned.
+    unsafe {
+        for i in 0..4 {
+            p.add(i).write(load_word::<u32>(at + 4 * i));
+        }
+    }
 }
 
 /// Parses the packet into `f`. Not inlined: it keeps its header copies in
@@ -95,28 +122,39 @@ pub fn parse(hook: &mut impl Hook, f: &mut Flow) -> Parsed {
 
 #[inline(always)]
 fn parse_v4(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
-    let Some(hdr) = load::<[u8; 20]>(hook, l3) else { return Parsed::Malformed };
-    if hdr[0] >> 4 != 4 {
+    let h = hook.data() + l3;
+    if h + 20 > hook.data_end() {
         return Parsed::Malformed;
     }
-    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
-    let total = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
-    // The skb may be non-linear past what was pulled: trust the IP length
-    // against the full packet length there.
+    // SAFETY: the 20-byte fixed header was bounds-checked above.
+    let (vihl, total, frag, proto, saddr, daddr) = unsafe {
+        (
+            load_word::<u8>(h),
+            u16::from_be(load_word::<u16>(h + 2)) as usize,
+            u16::from_be(load_word::<u16>(h + 6)),
+            load_word::<u8>(h + 9),
+            load_word::<u32>(h + 12),
+            load_word::<u32>(h + 16),
+        )
+    };
+    if vihl >> 4 != 4 {
+        return Parsed::Malformed;
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    // The skb may be non-linear past what was pulled: check the IP length
+    // against the full packet length.
     let pkt_len = hook.len() as usize;
-    if ihl < 20 || total < ihl || l3 + total > pkt_len || hook.data() + l3 + ihl > hook.data_end() {
+    if ihl < 20 || total < ihl || l3 + total > pkt_len || h + ihl > hook.data_end() {
         return Parsed::Malformed;
     }
-    let proto = hdr[9];
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Parsed::Other;
     }
-    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
     if frag & 0x1fff != 0 {
         return Parsed::Fragment;
     }
-    f.src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    f.dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    set_v4_mapped(&mut f.src, saddr);
+    set_v4_mapped(&mut f.dst, daddr);
     f.l3 = l3;
     f.l4 = l3 + ihl;
     f.v6 = false;
@@ -128,16 +166,21 @@ fn parse_v4(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
 
 #[inline(always)]
 fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
-    let Some(hdr) = load::<[u8; 40]>(hook, l3) else { return Parsed::Malformed };
-    if hdr[0] >> 4 != 6 {
+    let h = hook.data() + l3;
+    if h + 40 > hook.data_end() {
         return Parsed::Malformed;
     }
-    let payload = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
+    // SAFETY: the 40-byte header was bounds-checked above.
+    let (ver, payload, mut next) = unsafe {
+        (load_word::<u8>(h) >> 4, u16::from_be(load_word::<u16>(h + 4)) as usize, load_word::<u8>(h + 6))
+    };
+    if ver != 6 {
+        return Parsed::Malformed;
+    }
     if payload == 0 || l3 + 40 + payload > hook.len() as usize {
         // Zero is a jumbogram (or a lie): neither is ours to rewrite.
         return Parsed::Malformed;
     }
-    let mut next = hdr[6];
     let mut off = l3 + 40;
     let end = l3 + 40 + payload;
     for _ in 0..MAX_EXT_HEADERS {
@@ -145,23 +188,24 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
             PROTO_TCP | PROTO_UDP => break,
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
-                let Some(h) = load::<[u8; 2]>(hook, off) else { return Parsed::Malformed };
-                next = h[0];
-                off += (h[1] as usize + 1) * 8;
+                let Some(e) = load::<[u8; 2]>(hook, off) else { return Parsed::Malformed };
+                next = e[0];
+                off += (e[1] as usize + 1) * 8;
             }
             // Authentication header: (len + 2) * 4 bytes.
             51 => {
-                let Some(h) = load::<[u8; 2]>(hook, off) else { return Parsed::Malformed };
-                next = h[0];
-                off += (h[1] as usize + 2) * 4;
+                let Some(e) = load::<[u8; 2]>(hook, off) else { return Parsed::Malformed };
+                next = e[0];
+                off += (e[1] as usize + 2) * 4;
             }
             // Fragment header: 8 bytes; offset in the top 13 bits of bytes 2-3.
             44 => {
-                let Some(h) = load::<[u8; 4]>(hook, off) else { return Parsed::Malformed };
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                let Some(e) = load::<u32>(hook, off) else { return Parsed::Malformed };
+                let e = e.to_ne_bytes();
+                if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
                     return Parsed::Fragment;
                 }
-                next = h[0];
+                next = e[0];
                 off += 8;
             }
             _ => return Parsed::Other,
@@ -177,8 +221,8 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
             _ => Parsed::Other,
         };
     }
-    f.src.copy_from_slice(&hdr[8..24]);
-    f.dst.copy_from_slice(&hdr[24..40]);
+    set_v6(&mut f.src, h + 8);
+    set_v6(&mut f.dst, h + 24);
     f.l3 = l3;
     f.l4 = off;
     f.v6 = true;
@@ -190,23 +234,33 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
 
 #[inline(always)]
 fn l4(hook: &impl Hook, f: &mut Flow) -> Parsed {
+    let h = hook.data() + f.l4;
+    let ports;
     f.tcp_flags = 0;
     if f.proto == PROTO_TCP {
-        let Some(h) = load::<[u8; 20]>(hook, f.l4) else { return Parsed::Malformed };
-        let doff = ((h[12] >> 4) as usize) * 4;
+        if h + 20 > hook.data_end() {
+            return Parsed::Malformed;
+        }
+        // SAFETY: the 20-byte TCP header was bounds-checked above.
+        let (p, doff, flags) =
+            unsafe { (load_word::<u32>(h), ((load_word::<u8>(h + 12) >> 4) as usize) * 4, load_word::<u8>(h + 13)) };
         if doff < 20 || doff > f.l4_len {
             return Parsed::Malformed;
         }
-        f.tcp_flags = h[13];
+        ports = p;
+        f.tcp_flags = flags;
     } else {
-        let Some(h) = load::<[u8; 8]>(hook, f.l4) else { return Parsed::Malformed };
-        let ulen = u16::from_be_bytes([h[4], h[5]]) as usize;
+        if h + 8 > hook.data_end() {
+            return Parsed::Malformed;
+        }
+        // SAFETY: the 8-byte UDP header was bounds-checked above.
+        let (p, ulen) = unsafe { (load_word::<u32>(h), u16::from_be(load_word::<u16>(h + 4)) as usize) };
         if ulen < 8 || ulen > f.l4_len {
             return Parsed::Malformed;
         }
+        ports = p;
     }
-    let Some(ports) = load::<[u16; 2]>(hook, f.l4) else { return Parsed::Malformed };
-    f.sport = ports[0];
-    f.dport = ports[1];
+    f.sport = ports as u16;
+    f.dport = (ports >> 16) as u16;
     Parsed::Flow
 }
