@@ -70,7 +70,9 @@ pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
 /// One entry per frontend: a Kubernetes service port exposed on a ClusterIP,
 /// a NodePort on a node address, a LoadBalancer ingress IP and an externalIP
 /// are four keys that may share one backend region.
-#[repr(C)]
+// Keys are over-aligned (here and below) so the datapath builds them with
+// word moves instead of byte copies; the size, and so the map ABI, is unchanged.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
     /// VIP, network order, IPv4 mapped.
@@ -111,7 +113,7 @@ pub struct Service {
 
 /// BACKENDS (array): backend id → [`Backend`]. Id 0 is never used, so a zero
 /// slot in SLOTS or a zeroed conntrack entry can never name a real backend.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     /// Backend (pod) address, network order, IPv4 mapped.
@@ -125,7 +127,7 @@ pub struct Backend {
 }
 
 /// REV_NAT (array): frontend id → the VIP:port replies must appear to come from.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevNat {
     /// VIP, network order, IPv4 mapped.
@@ -139,7 +141,7 @@ pub struct RevNat {
 /// Every balanced flow has two entries: the forward one keyed by
 /// client → VIP, and the reply one keyed by backend → client (or → node
 /// address and SNAT port when the flow was SNATed).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
     /// Source address, network order, IPv4 mapped.
@@ -189,7 +191,7 @@ pub struct CtEntry {
 
 /// AFFINITY (LRU hash): {client address, frontend id} → [`AffinityValue`], for
 /// sessionAffinity ClientIP.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     /// Client address, network order, IPv4 mapped.
