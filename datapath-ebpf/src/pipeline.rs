@@ -48,8 +48,12 @@ enum Step {
 
 #[inline(always)]
 pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
-    let mut flow = Flow::default();
-    match parse(hook, &mut flow) {
+    // Not zero-initialised: `parse` writes every field before `Parsed::Flow`,
+    // and zeroing 88 bytes per packet is measurable.
+    let mut flow = core::mem::MaybeUninit::<Flow>::uninit();
+    // SAFETY: only written until `parse` reports a complete Flow.
+    let flow = unsafe { &mut *flow.as_mut_ptr() };
+    match parse(hook, flow) {
         Parsed::Flow => {}
         Parsed::Other => return done(verdict::PASS, Action::Pass),
         Parsed::Malformed => return done(verdict::MALFORMED, Action::Pass),
@@ -57,23 +61,27 @@ pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
     }
     // Bytes for the counters from the parsed lengths: no helper call.
     let len = (flow.l4 + flow.l4_len) as u32;
-    let mut t = Target::default();
-    let step = match conntrack(hook, &flow, len, &mut t) {
-        Step::Pass(verdict::PASS) => new_flow(&flow, scope, len, &mut t),
+    // Every `Step::Nat` / `Step::Done` path sets src, dst and ports before use;
+    // `macs` is only read after `forward` wrote it.
+    let mut t = core::mem::MaybeUninit::<Target>::uninit();
+    // SAFETY: see above; no field is read before it is written.
+    let t = unsafe { &mut *t.as_mut_ptr() };
+    let step = match conntrack(hook, flow, len, t) {
+        Step::Pass(verdict::PASS) => new_flow(flow, scope, len, t),
         step => step,
     };
     match step {
         Step::Done(action) => action,
         Step::Nat(reason) => {
-            if rewrite(hook, &flow, &t).is_err() {
+            if rewrite(hook, flow, t).is_err() {
                 return done(verdict::REWRITE_FAILED, Action::Drop);
             }
             count_verdict(reason);
-            forward(hook, &flow, &mut t)
+            forward(hook, flow, t)
         }
         Step::Pass(reason) => done(reason, Action::Pass),
         Step::Drop(reason) => done(reason, Action::Drop),
-        Step::Reject => match reject(hook, &flow) {
+        Step::Reject => match reject(hook, flow) {
             Ok(()) => done(verdict::NO_BACKEND_REJECT, Action::Tx),
             Err(()) => done(verdict::REWRITE_FAILED, Action::Drop),
         },
