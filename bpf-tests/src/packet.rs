@@ -105,6 +105,15 @@ impl Pkt {
         self.dport = port;
         self
     }
+    pub fn ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
+    }
+    /// As forwarded by a router: one hop less.
+    pub fn hop(self) -> Self {
+        let t = self.ttl - 1;
+        self.ttl(t)
+    }
     pub fn macs(mut self, smac: [u8; 6], dmac: [u8; 6]) -> Self {
         self.smac = smac;
         self.dmac = dmac;

@@ -96,9 +96,10 @@ fn expected_backend(w: &World, key: &ServiceKey, p: &Pkt) -> u32 {
     }
 }
 
-/// The packet as the datapath must emit it after DNAT to `backend` and FIB redirect.
+/// The packet as the datapath must emit it after DNAT to `backend` and FIB
+/// redirect (routed: TTL / hop limit one less).
 fn dnatted(p: &Pkt, backend: u32) -> Vec<u8> {
-    p.clone().dst(&backend_addr(backend), 8080).macs(OUT_MAC, NEIGH_MAC).build()
+    p.clone().dst(&backend_addr(backend), 8080).macs(OUT_MAC, NEIGH_MAC).hop().build()
 }
 
 /// The CONNTRACK key of a TCP packet src:sport → dst:dport.
@@ -155,7 +156,7 @@ fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {
         let reply = Pkt::tcp(&backend_addr(b), 8080, client, 40000, SYN | ACK).macs(NEIGH_MAC, OUT_MAC);
         let (v, out) = w.lb.run(prog, &reply.build());
         assert_eq!(v, Verdict::Redirect);
-        let want = reply.clone().src(vip, 80).macs(OUT_MAC, NEIGH_MAC).build();
+        let want = reply.clone().src(vip, 80).macs(OUT_MAC, NEIGH_MAC).hop().build();
         assert_eq!(out, want, "{prog:?} v6={v6}: reverse NAT");
         verify_checksums(&out);
         assert_eq!(w.lb.verdict("reverse_nat"), 1);
@@ -191,7 +192,7 @@ fn udp_is_dnatted_and_a_zero_udp_checksum_stays_zero() {
             want.dport = 8080;
             want.smac = OUT_MAC;
             want.dmac = NEIGH_MAC;
-            assert_eq!(out, want.build());
+            assert_eq!(out, want.hop().build());
         }
     });
 }
@@ -351,13 +352,13 @@ fn external_traffic_to_a_remote_backend_is_snatted_and_reply_restored() {
             .expect("SNAT forward entry");
         let port = u16::from_be(fwd.1.nat_port);
         assert!((61000..=61015).contains(&port), "SNAT port {port} in range");
-        let want = syn.clone().src(node, port).dst(&backend_addr(b), 8080).macs(OUT_MAC, NEIGH_MAC).build();
+        let want = syn.clone().src(node, port).dst(&backend_addr(b), 8080).macs(OUT_MAC, NEIGH_MAC).hop().build();
         assert_eq!(out, want, "v6={v6}: DNAT + SNAT");
 
         let reply = Pkt::tcp(&backend_addr(b), 8080, node, port, SYN | ACK);
         let (v, out) = w.lb.run(Prog::Xdp, &reply.build());
         assert_eq!(v, Verdict::Redirect);
-        let want = reply.clone().src(vip, 80).dst(client, 40000).macs(OUT_MAC, NEIGH_MAC).build();
+        let want = reply.clone().src(vip, 80).dst(client, 40000).macs(OUT_MAC, NEIGH_MAC).hop().build();
         assert_eq!(out, want, "v6={v6}: reply restored to VIP → client");
         verify_checksums(&out);
 
@@ -630,5 +631,29 @@ fn malformed_packets_pass_unchanged_and_are_counted() {
         assert_eq!(c["new_flow"] + c["ct_hit"] + c["reverse_nat"] + c["no_backend_reject"], 0, "{c:?}");
         assert_eq!(c["malformed"] + c["pass"], n, "every packet counted: {c:?}");
         assert!(c["malformed"] >= n - 16, "nearly all are malformed rather than foreign: {c:?}");
+    });
+}
+
+/// xlb forwards as a router: one hop less; a packet that would expire is left
+/// to the kernel, whose forwarding path answers ICMP time exceeded.
+#[test]
+fn forwarding_decrements_ttl_and_leaves_expiring_packets_to_the_kernel() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
+        let (vip, client) = family(v6);
+        let p = Pkt::tcp(client, 40000, vip, 80, SYN).ttl(2);
+        let b = expected_backend(&w, &key, &p);
+        let (v, out) = w.lb.run(prog, &p.build());
+        assert_eq!(v, Verdict::Redirect);
+        assert_eq!(out, dnatted(&p, b), "TTL 2 leaves with TTL 1");
+        let last = Pkt::tcp(client, 40001, vip, 80, SYN).ttl(1);
+        let (v, out) = w.lb.run(prog, &last.build());
+        assert_eq!(v, Verdict::Pass, "{prog:?} v6={v6}");
+        let ttl_at = 14 + if v6 { 7 } else { 8 };
+        assert_eq!(out[ttl_at], 1, "not decremented by xlb");
+        verify_checksums(&out);
+        assert_eq!(w.lb.verdict("fib_pass"), 1);
     });
 }

@@ -143,18 +143,62 @@ pub fn forward(hook: &mut impl Hook, flow: &Flow, t: &mut Target) -> Action {
     }
     t.macs[..6].copy_from_slice(&p.dmac);
     t.macs[6..].copy_from_slice(&p.smac);
-    if set_macs(hook, &t.macs).is_err() {
+    route_out(hook, flow, &t.macs, p.ifindex)
+}
+
+/// Sends a rewritten packet out of `ifindex` as a router would: TTL / hop
+/// limit decremented (an expiring packet goes to the kernel, which answers
+/// with ICMP time exceeded), MACs of the next hop written.
+#[inline(always)]
+pub fn route_out(hook: &mut impl Hook, flow: &Flow, macs: &[u8; 12], ifindex: u32) -> Action {
+    if decrement_ttl(hook, flow) != Ok(true) || set_macs(hook, macs).is_err() {
         count_verdict(verdict::FIB_PASS);
         return Action::Pass;
     }
-    Action::Redirect(p.ifindex)
+    Action::Redirect(ifindex)
+}
+
+/// Decrements the IPv4 TTL (updating the header checksum) or the IPv6 hop
+/// limit. `Ok(false)`: it would expire here, nothing was written.
+#[inline(always)]
+fn decrement_ttl(hook: &mut impl Hook, flow: &Flow) -> Result<bool, ()> {
+    if flow.v6 {
+        let p = ptr::<u8>(hook, flow.l3 + 7)? as usize;
+        // SAFETY: bounds-checked by `ptr`.
+        unsafe {
+            let hop = load_word::<u8>(p);
+            if hop <= 1 {
+                return Ok(false);
+            }
+            store_word(p, hop - 1);
+        }
+    } else {
+        let h = ptr::<[u16; 6]>(hook, flow.l3)? as usize;
+        // SAFETY: bounds-checked by `ptr`. Bytes 8-9 are TTL and protocol; as
+        // a native (little-endian) word the TTL is the low byte.
+        unsafe {
+            let old = load_word::<u16>(h + 8);
+            if old.to_le_bytes()[0] <= 1 {
+                return Ok(false);
+            }
+            let new = old - 1;
+            store_word(h + 8, new);
+            let c = load_word::<u16>(h + 10);
+            store_word(h + 10, csum::apply(c, csum::diff16(old, new)));
+        }
+    }
+    Ok(true)
 }
 
 /// Writes destination and source MAC.
 #[inline(always)]
 pub fn set_macs(hook: &mut impl Hook, macs: &[u8; 12]) -> Result<(), ()> {
-    let eth = ptr::<[u8; 12]>(hook, 0)?;
+    let eth = ptr::<[u8; 12]>(hook, 0)? as usize;
     // SAFETY: bounds checked by `ptr`.
-    unsafe { eth.write_unaligned(*macs) };
+    unsafe {
+        for i in 0..3 {
+            store_word(eth + 4 * i, u32::from_ne_bytes([macs[4 * i], macs[4 * i + 1], macs[4 * i + 2], macs[4 * i + 3]]));
+        }
+    }
     Ok(())
 }

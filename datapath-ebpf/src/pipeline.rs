@@ -8,7 +8,7 @@ use crate::{
         AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REV_NAT, RR_CURSOR, SERVICE_STATS,
         SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
     },
-    nat::{Target, forward, rewrite, set_macs},
+    nat::{Target, forward, rewrite, route_out},
     parse::{Flow, Parsed, parse},
     reject::reject,
 };
@@ -153,8 +153,8 @@ fn nat_cached(hook: &mut impl Hook, flow: &Flow, t: &mut Target, e: &mut CtEntry
         return done(verdict::REWRITE_FAILED, Action::Drop);
     }
     count_verdict(if e.flags & CT_F_REPLY != 0 { verdict::REVERSE_NAT } else { verdict::CT_HIT });
-    if e.fib_ifindex != 0 && set_macs(hook, &e.fib_macs).is_ok() {
-        return Action::Redirect(e.fib_ifindex);
+    if e.fib_ifindex != 0 {
+        return route_out(hook, flow, &e.fib_macs, e.fib_ifindex);
     }
     let action = forward(hook, flow, t);
     if let Action::Redirect(ifindex) = action {
