@@ -11,7 +11,7 @@ use bpf_tests::{
     svc_key,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, CFG_F_KEEP_TTL, Config, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT,
     CtKey, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ct,
 };
@@ -655,5 +655,11 @@ fn forwarding_decrements_ttl_and_leaves_expiring_packets_to_the_kernel() {
         assert_eq!(out[ttl_at], 1, "not decremented by xlb");
         verify_checksums(&out);
         assert_eq!(w.lb.verdict("fib_pass"), 1);
+        // Transparent mode keeps the TTL.
+        w.lb.dp.set_config(&Config { flags: CFG_F_KEEP_TTL, ..Config::default() }).unwrap();
+        let kept = Pkt::tcp(client, 40002, vip, 80, SYN).ttl(2);
+        let b = expected_backend(&w, &key, &kept);
+        let (_, out) = w.lb.run(prog, &kept.build());
+        assert_eq!(out, kept.clone().dst(&backend_addr(b), 8080).macs(OUT_MAC, NEIGH_MAC).build());
     });
 }

@@ -241,8 +241,14 @@ pub struct Config {
     /// SNAT source-port range, host order, inclusive.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// `CFG_F_*`.
+    pub flags: u32,
 }
+
+/// [`Config::flags`]: forward without decrementing TTL / hop limit (a
+/// transparent NAT rather than a router hop). Off by default; the
+/// BPF_PROG_TEST_RUN benchmark sets it because the kernel reruns one buffer.
+pub const CFG_F_KEEP_TTL: u32 = 1 << 0;
 
 /// VERDICTS (per-CPU array): reason → packets. Every packet a program sees is
 /// counted under exactly one of the reasons 0..=10; `FIB_PASS` comes on top.

@@ -5,11 +5,11 @@
 
 use crate::{
     hook::{Action, Hook},
-    maps::count_verdict,
+    maps::{CONFIG, count_verdict},
     parse::Flow,
 };
 use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
-use datapath_common::{PROTO_UDP, csum, verdict};
+use datapath_common::{CFG_F_KEEP_TTL, PROTO_UDP, csum, verdict};
 
 /// Pointer to a `T` at `off` in the packet, bounds-checked.
 #[inline(always)]
@@ -151,7 +151,8 @@ pub fn forward(hook: &mut impl Hook, flow: &Flow, t: &mut Target) -> Action {
 /// with ICMP time exceeded), MACs of the next hop written.
 #[inline(always)]
 pub fn route_out(hook: &mut impl Hook, flow: &Flow, macs: &[u8; 12], ifindex: u32) -> Action {
-    if decrement_ttl(hook, flow) != Ok(true) || set_macs(hook, macs).is_err() {
+    let keep_ttl = CONFIG.get(0).is_some_and(|c| c.flags & CFG_F_KEEP_TTL != 0);
+    if (!keep_ttl && decrement_ttl(hook, flow) != Ok(true)) || set_macs(hook, macs).is_err() {
         count_verdict(verdict::FIB_PASS);
         return Action::Pass;
     }

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use aya::programs::Xdp;
 use bpf_tests::{FibEnv, Lb, packet::Pkt, run, svc_key};
-use datapath_common::{BACKEND_ACTIVE, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL};
+use datapath_common::{BACKEND_ACTIVE, CFG_F_KEEP_TTL, Config, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL};
 use xlb::{MapSizes, ServiceSpec};
 
 const REPEAT: u32 = 1_000_000;
@@ -50,6 +50,8 @@ fn spec(id: u32) -> ServiceSpec {
 fn setup(services: u32) -> Lb {
     let sizes = MapSizes { services: 16_384, backends: 1024, slots: 1 << 23, conntrack: 65_536, affinity: 1024, source_ranges: 16 };
     let mut lb = Lb::with_sizes(sizes);
+    let cfg = Config { flags: CFG_F_KEEP_TTL, ..Config::default() };
+    lb.dp.set_config(&cfg).unwrap();
     lb.backend(1, VIP, 80, BACKEND_ACTIVE, 0);
     lb.backend(2, "10.0.5.5", 8080, BACKEND_ACTIVE, 0);
     for i in 1..services {
