@@ -152,10 +152,15 @@ pub fn mac_str(m: &[u8; 6]) -> String {
 pub enum Prog {
     Xdp,
     TcIngress,
+    TcEgress,
 }
 
 impl Prog {
-    pub const ALL: [Prog; 2] = [Prog::Xdp, Prog::TcIngress];
+    pub const ALL: [Prog; 3] = [Prog::Xdp, Prog::TcIngress, Prog::TcEgress];
+
+    pub fn is_tc(self) -> bool {
+        self != Prog::Xdp
+    }
 }
 
 /// Return codes.
@@ -213,20 +218,21 @@ impl Lb {
                 let r = run(p, input, &mut out, 1)?;
                 (r.0, r.1)
             }
-            Prog::TcIngress => {
-                let p: &mut SchedClassifier = self.dp.program_mut("xlb_tc_ingress").unwrap().try_into().unwrap();
+            Prog::TcIngress | Prog::TcEgress => {
+                let name = if prog == Prog::TcIngress { "xlb_tc_ingress" } else { "xlb_tc_egress" };
+                let p: &mut SchedClassifier = self.dp.program_mut(name).unwrap().try_into().unwrap();
                 let r = run(p, input, &mut out, 1)?;
                 (r.0, r.1)
             }
         };
         out.truncate(size as usize);
-        let v = match (prog, ret) {
-            (Prog::Xdp, XDP_PASS) | (Prog::TcIngress, TC_ACT_OK) => Verdict::Pass,
-            (Prog::Xdp, XDP_DROP) | (Prog::TcIngress, TC_ACT_SHOT) => Verdict::Drop,
-            (Prog::Xdp, XDP_TX) => Verdict::Tx,
-            (Prog::Xdp, XDP_REDIRECT) => Verdict::Redirect,
-            // TC's "Tx" is a redirect to the ingress device (loopback in test runs).
-            (Prog::TcIngress, TC_ACT_REDIRECT) => Verdict::Redirect,
+        let v = match (prog.is_tc(), ret) {
+            (false, XDP_PASS) | (true, TC_ACT_OK) => Verdict::Pass,
+            (false, XDP_DROP) | (true, TC_ACT_SHOT) => Verdict::Drop,
+            (false, XDP_TX) => Verdict::Tx,
+            (false, XDP_REDIRECT) => Verdict::Redirect,
+            // TC's "Tx" is a redirect to the packet's own device (loopback in test runs).
+            (true, TC_ACT_REDIRECT) => Verdict::Redirect,
             other => panic!("unexpected return code {other:?}"),
         };
         Ok((v, out))

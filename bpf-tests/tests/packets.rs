@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Packet fixtures through BPF_PROG_TEST_RUN, into both the XDP and the TC
-//! program, for IPv4 and IPv6. Maps are filled through the agent's own
+//! Packet fixtures through BPF_PROG_TEST_RUN, into the XDP, TC-ingress and
+//! TC-egress programs, for IPv4 and IPv6. Maps are filled through the agent's own
 //! writer (`xlb::Datapath`); every rewritten packet is compared byte for
 //! byte with one etherparse builds from scratch, and its checksums are
 //! verified independently.
@@ -40,7 +40,7 @@ fn backend_addr(id: u32) -> String {
 fn scope(prog: Prog) -> u8 {
     match prog {
         Prog::Xdp => SCOPE_EXTERNAL,
-        Prog::TcIngress => SCOPE_INTERNAL,
+        Prog::TcIngress | Prog::TcEgress => SCOPE_INTERNAL,
     }
 }
 
@@ -618,7 +618,7 @@ fn malformed_packets_pass_unchanged_and_are_counted() {
                 Ok(r) => r,
                 // The skb test-run path refuses frames too short for the
                 // protocol their Ethernet header names; XDP runs them all.
-                Err(_) if prog == Prog::TcIngress && what.starts_with("truncated") => continue,
+                Err(_) if prog.is_tc() && what.starts_with("truncated") => continue,
                 Err(e) => panic!("{prog:?} v6={v6}: {what}: {e}"),
             };
             n += 1;
