@@ -189,12 +189,13 @@ impl Datapath {
                 };
                 match r {
                     Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                        if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+                        if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 20 =>
                     {
                         tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(10 * tries));
                     }
                     Err(e) => {
-                        eprintln!("loading {name} failed");
+                        eprintln!("loading {name} failed after {tries} EAGAIN retries");
                         return Err(e);
                     }
                     Ok(()) => break,

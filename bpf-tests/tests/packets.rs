@@ -663,3 +663,33 @@ fn forwarding_decrements_ttl_and_leaves_expiring_packets_to_the_kernel() {
         assert_eq!(out, kept.clone().dst(&backend_addr(b), 8080).macs(OUT_MAC, NEIGH_MAC).build());
     });
 }
+
+/// Hairpin: a backend that reaches its own service and is picked for it is
+/// SNATed to the node address, so its reply comes back through xlb and is
+/// restored to come from the VIP (kube-proxy masquerades hairpin traffic too).
+#[test]
+fn hairpin_traffic_is_snatted_to_the_node_and_restored() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        w.lb.config_snat(NODE4, NODE6, 61000, 61015);
+        let me = if v6 { 11 } else { 1 };
+        vip_service(&mut w, prog, v6, SCHED_MAGLEV, SVC_F_EXT_LOCAL, &[me]);
+        let (vip, _) = family(v6);
+        let node = if v6 { NODE6 } else { NODE4 };
+        let pod = backend_addr(me);
+        let syn = Pkt::tcp(&pod, 40000, vip, 80, SYN);
+        let (v, out) = w.lb.run(prog, &syn.build());
+        assert_eq!(v, Verdict::Redirect, "{prog:?} v6={v6}");
+        verify_checksums(&out);
+        let l4 = 14 + if v6 { 40 } else { 20 };
+        let port = u16::from_be_bytes([out[l4], out[l4 + 1]]);
+        assert!((61000..=61015).contains(&port), "SNAT port {port}");
+        let want = syn.clone().src(node, port).dst(&pod, 8080).macs(OUT_MAC, NEIGH_MAC).hop().build();
+        assert_eq!(out, want, "{prog:?} v6={v6}: hairpin SNAT");
+        let reply = Pkt::tcp(&pod, 8080, node, port, SYN | ACK);
+        let (_, out) = w.lb.run(prog, &reply.build());
+        let want = reply.clone().src(vip, 80).dst(&pod, 40000).macs(OUT_MAC, NEIGH_MAC).hop().build();
+        assert_eq!(out, want, "{prog:?} v6={v6}: reply restored");
+    });
+}

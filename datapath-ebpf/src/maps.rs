@@ -37,6 +37,20 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(verdict::C
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
+/// Per-CPU working memory of the new-flow path (not part of the ABI; nothing
+/// outside the datapath reads it): the conntrack entries and keys being
+/// built, kept off the 512-byte stack.
+#[repr(C)]
+pub struct Scratch {
+    pub fwd: CtEntry,
+    pub rep: CtEntry,
+    pub key: CtKey,
+    pub rkey: CtKey,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 pub fn count_verdict(reason: u32) {
     if let Some(c) = VERDICTS.get_ptr_mut(reason) {

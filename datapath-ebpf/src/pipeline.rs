@@ -6,9 +6,9 @@ use crate::{
     hook::{Action, Hook},
     maps::{
         AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REV_NAT, RR_CURSOR, SERVICE_STATS,
-        SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
+        SCRATCH, SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
     },
-    nat::{Target, forward, rewrite, route_out},
+    nat::{Target, forward, rewrite, route_out, word},
     parse::{Flow, Parsed, parse},
     reject::reject,
 };
@@ -242,47 +242,50 @@ struct Track {
 /// by its consistent hash alone) or SNAT_EXHAUSTED.
 #[inline(never)]
 fn track(flow: &Flow, req: &Track, t: &mut Target) -> u32 {
+    // The two entries and keys are built in a per-CPU scratch buffer, not on
+    // the stack: together they are 192 bytes of the 512 a call chain may use.
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else { return verdict::CT_FULL };
+    // SAFETY: per-CPU memory, used by nothing else while this program runs.
+    let sc = unsafe { &mut *sc };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let mut fwd = CtEntry {
-        last_seen_ns: now,
-        backend_id: req.backend_id,
-        rev_nat_id: req.rev_nat_id,
-        nat_addr: [0; 16],
-        nat_port: 0,
-        state: ct::initial_state(flow.proto, flow.tcp_flags),
-        flags: 0,
-        fib_ifindex: 0,
-        fib_macs: [0; 12],
-        _pad: 0,
-    };
+    let fwd = &mut sc.fwd;
+    fwd.last_seen_ns = now;
+    fwd.backend_id = req.backend_id;
+    fwd.rev_nat_id = req.rev_nat_id;
+    fwd.nat_addr = [0; 16];
+    fwd.nat_port = 0;
+    fwd.state = ct::initial_state(flow.proto, flow.tcp_flags);
+    fwd.flags = 0;
+    fwd.fib_ifindex = 0;
+    fwd.fib_macs = [0; 12];
+    fwd._pad = 0;
+    sc.rep = sc.fwd;
+    sc.rep.flags = CT_F_REPLY;
+    sc.rkey = CtKey { src: t.dst, dst: flow.src, sport: t.dport, dport: flow.sport, proto: flow.proto, _pad: [0; 3] };
+    sc.key = ct_key(flow);
     let mut reason = verdict::NEW_FLOW;
-    let mut rkey = CtKey { src: t.dst, dst: flow.src, sport: t.dport, dport: flow.sport, proto: flow.proto, _pad: [0; 3] };
-    let mut rep = CtEntry { flags: CT_F_REPLY, ..fwd };
     if req.snat_node != [0; 16] {
-        let (node, min, max) = (req.snat_node, req.snat_min, req.snat_max);
-        {
-            rep.flags |= CT_F_SNAT;
-            rep.nat_addr = flow.src;
-            rep.nat_port = flow.sport;
-            rkey.dst = node;
-            let Some(port) = snat_claim(&mut rkey, &rep, min, max, req.hash, now) else {
-                return verdict::SNAT_EXHAUSTED;
-            };
-            fwd.flags = CT_F_SNAT;
-            fwd.nat_addr = node;
-            fwd.nat_port = port;
-            t.src = node;
-            t.sport = port;
-        }
+        sc.rep.flags |= CT_F_SNAT;
+        sc.rep.nat_addr = flow.src;
+        sc.rep.nat_port = flow.sport;
+        sc.rkey.dst = req.snat_node;
+        let Some(port) = snat_claim(&mut sc.rkey, &sc.rep, req.snat_min, req.snat_max, req.hash, now) else {
+            return verdict::SNAT_EXHAUSTED;
+        };
+        sc.fwd.flags = CT_F_SNAT;
+        sc.fwd.nat_addr = req.snat_node;
+        sc.fwd.nat_port = port;
+        t.src = req.snat_node;
+        t.sport = port;
     } else {
-        if CONNTRACK.insert(&rkey, &rep, 0).is_err() {
+        if CONNTRACK.insert(&sc.rkey, &sc.rep, 0).is_err() {
             reason = verdict::CT_FULL;
         }
         t.src = flow.src;
         t.sport = flow.sport;
     }
-    if CONNTRACK.insert(&ct_key(flow), &fwd, 0).is_err() {
+    if CONNTRACK.insert(&sc.key, &sc.fwd, 0).is_err() {
         // Maglev picks the same backend for the next packet as long as the
         // service's table is unchanged.
         reason = verdict::CT_FULL;
@@ -359,11 +362,17 @@ fn select(svc: &Service, flow: &Flow, hash: u32) -> u32 {
 }
 
 /// The node address and port range to SNAT to, when this flow needs SNAT:
-/// external traffic under externalTrafficPolicy Cluster to a backend on
-/// another node (its reply must come back through us).
+/// - external traffic under externalTrafficPolicy Cluster to a backend on
+///   another node (its reply must come back through us);
+/// - hairpin: a backend reaching its own service and landing on itself.
+///   Without SNAT it would answer itself from its own address, locally, and
+///   the client socket (expecting the VIP) would never see the reply.
 #[inline(always)]
 fn snat_source(svc: &Service, b: &Backend, flow: &Flow, scope: u8, req: &mut Track) {
-    if scope != SCOPE_EXTERNAL || svc.flags & SVC_F_EXT_LOCAL != 0 || b.flags & BACKEND_F_NODE_LOCAL != 0 {
+    let hairpin = (0..4).all(|i| word(&flow.src, i) == word(&b.addr, i));
+    let external_remote =
+        scope == SCOPE_EXTERNAL && svc.flags & SVC_F_EXT_LOCAL == 0 && b.flags & BACKEND_F_NODE_LOCAL == 0;
+    if !hairpin && !external_remote {
         return;
     }
     let Some(cfg) = CONFIG.get(0) else { return };
