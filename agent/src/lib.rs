@@ -7,5 +7,7 @@ pub mod datapath;
 pub mod maglev;
 pub mod region;
 pub mod select;
+pub mod source;
+pub mod translate;
 
 pub use datapath::{Datapath, Error, MapSizes, ServiceSpec};

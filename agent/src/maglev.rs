@@ -40,6 +40,11 @@ pub fn next_prime(n: u32) -> u32 {
     p
 }
 
+/// The largest prime ≤ `n` (2 when there is none).
+pub fn prev_prime(n: u32) -> u32 {
+    (2..=n).rev().find(|p| is_prime(*p)).unwrap_or(2)
+}
+
 /// The table size for `backends` backends: the smallest prime ≥ 100·N,
 /// clamped to [`MIN_SIZE`, `MAX_SIZE`] (≤ 1 % imbalance up to 1,310 backends).
 pub fn size_for(backends: usize) -> u32 {

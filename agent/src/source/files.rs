@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The file source: a directory of multi-document YAML (or JSON) holding
+//! Services, EndpointSlices and Nodes as `kubectl get -o yaml` prints them
+//! (a `kind: List` is unpacked too). The directory is re-read whenever
+//! anything in it changes.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::watch;
+
+use super::Snapshot;
+
+/// Parses one file's documents into `snap`; a bad document is reported in
+/// `snap.errors` and the others are kept.
+pub fn parse_into(snap: &mut Snapshot, origin: &str, text: &str) {
+    let docs: Vec<serde_json::Value> = match serde_saphyr::from_multiple(text) {
+        Ok(d) => d,
+        Err(e) => {
+            snap.errors.push(format!("{origin}: not YAML: {e}"));
+            return;
+        }
+    };
+    for (i, doc) in docs.into_iter().enumerate() {
+        add_object(snap, &format!("{origin} document {}", i + 1), doc);
+    }
+}
+
+fn add_object(snap: &mut Snapshot, origin: &str, doc: serde_json::Value) {
+    if doc.is_null() {
+        return; // an empty document (e.g. a trailing `---`)
+    }
+    let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    let res = match kind.as_str() {
+        "Service" => serde_json::from_value::<Service>(doc).map(|s| snap.services.push(s)),
+        "EndpointSlice" => serde_json::from_value::<EndpointSlice>(doc).map(|s| snap.slices.push(s)),
+        "Node" => serde_json::from_value::<Node>(doc).map(|s| snap.nodes.push(s)),
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+            if let Some(items) = doc.get("items").and_then(|i| i.as_array()) {
+                for (j, item) in items.iter().enumerate() {
+                    add_object(snap, &format!("{origin} item {}", j + 1), item.clone());
+                }
+            }
+            Ok(())
+        }
+        // Anything else (Deployments, ConfigMaps …) may share the files.
+        _ => Ok(()),
+    };
+    if let Err(e) = res {
+        snap.errors.push(format!("{origin}: bad {kind}: {e}"));
+    }
+}
+
+fn is_manifest(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` file under `dir` (recursively,
+/// in path order).
+pub fn read_dir(dir: &Path) -> Snapshot {
+    let mut snap = Snapshot { synced: true, ..Snapshot::default() };
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        match std::fs::read_dir(&d) {
+            Ok(rd) => {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if is_manifest(&p) {
+                        files.push(p);
+                    }
+                }
+            }
+            Err(e) => snap.errors.push(format!("{}: {e}", d.display())),
+        }
+    }
+    files.sort();
+    for f in files {
+        match std::fs::read_to_string(&f) {
+            Ok(text) => parse_into(&mut snap, &f.display().to_string(), &text),
+            Err(e) => snap.errors.push(format!("{}: {e}", f.display())),
+        }
+    }
+    snap
+}
+
+/// Watches `dir` and publishes a fresh [`Snapshot`] after every burst of
+/// changes (debounced by `settle`). Runs until the receiver is dropped.
+pub async fn watch_dir(dir: PathBuf, settle: Duration, tx: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.map(|e| !e.kind.is_access()).unwrap_or(true) {
+            let _ = ev_tx.send(Instant::now());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::Recursive)?;
+    let mut first = read_dir(&dir);
+    first.changed_at = Some(Instant::now());
+    tx.send_replace(first);
+    while let Some(at) = ev_rx.recv().await {
+        // Let an editor or `cp` finish, then take everything that queued up.
+        tokio::time::sleep(settle).await;
+        while ev_rx.try_recv().is_ok() {}
+        let mut snap = tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || read_dir(&dir)
+        })
+        .await?;
+        snap.changed_at = Some(at);
+        if tx.send(snap).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,638 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Translation: Kubernetes objects + this node + options → the desired
+//! datapath state. A pure function ([`translate`]) with no I/O, so every
+//! Service feature is tested here against fixtures, and `xlb agent
+//! --dry-run` prints exactly what the map writer would program.
+//!
+//! The rules follow kube-proxy where Kubernetes defines the behaviour:
+//! - one frontend per (address, port, protocol): the ClusterIPs (internal
+//!   scope), the NodePort on every node address, each LoadBalancer ingress
+//!   IP and each externalIP (external scope);
+//! - endpoints come from the EndpointSlices labelled
+//!   `kubernetes.io/service-name`, matched to a service port by port *name*
+//!   and protocol (which is how a named `targetPort` is resolved: the
+//!   EndpointSlice controller writes the number each pod exposes);
+//! - an endpoint is used when `ready`; when none of the candidates is ready,
+//!   the `serving` + `terminating` ones are used (kube-proxy's fallback);
+//!   every other endpoint of the slices is kept as a draining backend so its
+//!   established connections finish;
+//! - `externalTrafficPolicy: Local` limits the external frontends, and
+//!   `internalTrafficPolicy: Local` the ClusterIP frontends, to endpoints on
+//!   this node.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use k8s_openapi::api::{
+    core::v1::{Node, Service, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+use serde::Serialize;
+
+use crate::maglev;
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Annotation choosing the scheduler: `maglev` (default), `round-robin`, `random`.
+pub const SCHEDULER_ANNOTATION: &str = "xlb.io/scheduler";
+/// Annotation overriding the Maglev table size (a prime within the configured bounds).
+pub const MAGLEV_SIZE_ANNOTATION: &str = "xlb.io/maglev-table-size";
+/// Kubernetes' default sessionAffinity ClientIP timeout.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// This node, as translation needs it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NodeInfo {
+    /// `metadata.name`, compared with an endpoint's `nodeName` for locality.
+    pub name: String,
+    /// Addresses NodePorts are exposed on.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeInfo {
+    /// The InternalIP and ExternalIP addresses of a Node object.
+    pub fn from_node(node: &Node) -> Self {
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        Self { name: node.metadata.name.clone().unwrap_or_default(), addresses }
+    }
+}
+
+/// Node-wide translation settings (agent flags).
+#[derive(Clone, Debug, Serialize)]
+pub struct Options {
+    /// Valid NodePort values (kube-apiserver's `--service-node-port-range`).
+    pub node_port_range: (u16, u16),
+    /// Only node addresses inside these CIDRs carry NodePorts; empty: all
+    /// (kube-proxy's `--nodeport-addresses`).
+    pub nodeport_cidrs: Vec<IpNet>,
+    /// externalIPs allowed; empty: any. Restricting them is the node-side
+    /// mitigation of CVE-2020-8554 (a user claiming someone else's IP).
+    pub external_ip_cidrs: Vec<IpNet>,
+    /// Bounds of the adaptive Maglev table size.
+    pub maglev_min: u32,
+    pub maglev_max: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            node_port_range: (30000, 32767),
+            nodeport_cidrs: Vec::new(),
+            external_ip_cidrs: Vec::new(),
+            maglev_min: maglev::MIN_SIZE,
+            maglev_max: maglev::MAX_SIZE,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => datapath_common::PROTO_TCP,
+            Self::Udp => datapath_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            datapath_common::PROTO_TCP => Some(Self::Tcp),
+            datapath_common::PROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// Which hook matches a frontend (see `datapath_common::SCOPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    External,
+    Internal,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::External => datapath_common::SCOPE_EXTERNAL,
+            Self::Internal => datapath_common::SCOPE_INTERNAL,
+        }
+    }
+}
+
+/// Where a frontend address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl Kind {
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        [Self::ClusterIp, Self::NodePort, Self::LoadBalancer, Self::ExternalIp].get(n as usize).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "externalIP",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    Maglev,
+    RoundRobin,
+    Random,
+}
+
+impl Scheduler {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Maglev => datapath_common::SCHED_MAGLEV,
+            Self::RoundRobin => datapath_common::SCHED_ROUND_ROBIN,
+            Self::Random => datapath_common::SCHED_RANDOM,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            datapath_common::SCHED_MAGLEV => Some(Self::Maglev),
+            datapath_common::SCHED_ROUND_ROBIN => Some(Self::RoundRobin),
+            datapath_common::SCHED_RANDOM => Some(Self::Random),
+            _ => None,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "maglev" => Some(Self::Maglev),
+            "round-robin" | "rr" => Some(Self::RoundRobin),
+            "random" => Some(Self::Random),
+            _ => None,
+        }
+    }
+}
+
+/// The (address, port, protocol, scope) a frontend is matched on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct FrontendKey {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Active,
+    Terminating,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    pub port: u16,
+    /// `active`: eligible for new flows; `terminating`: keeps its flows only.
+    pub state: BackendState,
+    /// The endpoint runs on this node.
+    pub node_local: bool,
+}
+
+/// One frontend of the desired state.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Frontend {
+    /// `namespace/name:port`, the port's name (or number when unnamed).
+    pub name: String,
+    pub kind: Kind,
+    #[serde(flatten)]
+    pub key: FrontendKey,
+    pub scheduler: Scheduler,
+    /// sessionAffinity ClientIP timeout; `None` without affinity.
+    pub affinity_timeout_s: Option<u32>,
+    /// externalTrafficPolicy (external frontends) or internalTrafficPolicy
+    /// (ClusterIP) is `Local`: only node-local endpoints, never SNAT.
+    pub local_only: bool,
+    /// Maglev table size (prime), 0 for other schedulers or no backends.
+    pub maglev_size: u32,
+    /// loadBalancerSourceRanges of a LoadBalancer frontend; empty: any source.
+    pub source_ranges: Vec<IpNet>,
+    /// Eligible (`active`) backends first, then draining ones; sorted within each.
+    pub backends: Vec<BackendSpec>,
+}
+
+impl Frontend {
+    pub fn active(&self) -> impl Iterator<Item = &BackendSpec> {
+        self.backends.iter().filter(|b| b.state == BackendState::Active)
+    }
+}
+
+/// Something in the input xlb did not (fully) program, with the object it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Problem {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    pub message: String,
+}
+
+/// kube-proxy's health check for an externalTrafficPolicy Local service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub service: String,
+    pub port: u16,
+    /// Ready endpoints of the service on this node.
+    pub local_endpoints: usize,
+}
+
+/// The desired datapath state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Desired {
+    /// Sorted by key; keys are unique.
+    pub frontends: Vec<Frontend>,
+    pub health_checks: Vec<HealthCheck>,
+    /// Services or ports skipped (ExternalName, headless, SCTP, bad values …).
+    pub problems: Vec<Problem>,
+}
+
+/// An endpoint of a slice, with kube-proxy's condition defaults applied.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    address: IpAddr,
+    port: u16,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+}
+
+fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+}
+
+/// Computes the desired state. `services` and `slices` may come in any
+/// order; the result is deterministic.
+pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo, opts: &Options) -> Desired {
+    // EndpointSlices by (namespace, service name).
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+        let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        by_service.entry((ns, svc.clone())).or_default().push(s);
+    }
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by_key(|s| ns_name(&s.metadata));
+
+    let mut out = Desired::default();
+    let mut taken: BTreeMap<FrontendKey, String> = BTreeMap::new();
+    for svc in sorted {
+        let id = ns_name(&svc.metadata);
+        let key = (
+            svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            svc.metadata.name.clone().unwrap_or_default(),
+        );
+        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let mut problems = Vec::new();
+        let frontends = service_frontends(svc, &id, slices, node, opts, &mut problems, &mut out.health_checks);
+        for f in frontends {
+            match taken.get(&f.key) {
+                Some(owner) => problems.push(format!(
+                    "{} {}:{}/{:?} is already used by {owner}; skipped",
+                    f.kind.name(),
+                    f.key.address,
+                    f.key.port,
+                    f.key.protocol
+                )),
+                None => {
+                    taken.insert(f.key, f.name.clone());
+                    out.frontends.push(f);
+                }
+            }
+        }
+        out.problems.extend(problems.into_iter().map(|message| Problem { service: id.clone(), message }));
+    }
+    out.frontends.sort_by_key(|f| f.key);
+    out
+}
+
+fn family_matches(a: &IpAddr, b: &IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+}
+
+fn in_any(cidrs: &[IpNet], a: &IpAddr) -> bool {
+    cidrs.iter().any(|c| c.contains(a))
+}
+
+/// The frontends of one Service; problems are pushed as messages.
+fn service_frontends(
+    svc: &Service,
+    id: &str,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    opts: &Options,
+    problems: &mut Vec<String>,
+    health_checks: &mut Vec<HealthCheck>,
+) -> Vec<Frontend> {
+    let Some(spec) = &svc.spec else {
+        problems.push("no spec; skipped".into());
+        return Vec::new();
+    };
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if ty == "ExternalName" {
+        problems.push("type ExternalName is resolved by DNS, not load-balanced; skipped".into());
+        return Vec::new();
+    }
+    if !matches!(ty, "ClusterIP" | "NodePort" | "LoadBalancer") {
+        problems.push(format!("unknown type {ty:?}; skipped"));
+        return Vec::new();
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        problems.push("headless (clusterIP: None): DNS returns the endpoints, nothing to load-balance; skipped".into());
+        return Vec::new();
+    }
+    // Cluster IPs, and the families the service has.
+    let mut cluster_ips: Vec<IpAddr> = Vec::new();
+    let raw_ips = spec.cluster_ips.clone().unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect());
+    for s in raw_ips.iter().filter(|s| !s.is_empty()) {
+        match s.parse() {
+            Ok(a) => cluster_ips.push(a),
+            Err(_) => problems.push(format!("bad clusterIP {s:?}; ignored")),
+        }
+    }
+    let mut families: BTreeSet<bool> = cluster_ips.iter().map(IpAddr::is_ipv4).collect(); // true = IPv4
+    for f in spec.ip_families.iter().flatten() {
+        match f.as_str() {
+            "IPv4" => families.insert(true),
+            "IPv6" => families.insert(false),
+            other => {
+                problems.push(format!("unknown ipFamily {other:?}; ignored"));
+                false
+            }
+        };
+    }
+    if families.is_empty() {
+        families.insert(true);
+    }
+
+    let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+    let scheduler = match annotations.get(SCHEDULER_ANNOTATION) {
+        None => Scheduler::Maglev,
+        Some(s) => Scheduler::parse(s).unwrap_or_else(|| {
+            problems.push(format!("{SCHEDULER_ANNOTATION}: {s:?} is not maglev, round-robin or random; using maglev"));
+            Scheduler::Maglev
+        }),
+    };
+    let maglev_override = annotations.get(MAGLEV_SIZE_ANNOTATION).and_then(|s| match s.parse::<u32>() {
+        Ok(m) if m >= opts.maglev_min && m <= opts.maglev_max && maglev::next_prime(m) == m => Some(m),
+        _ => {
+            problems.push(format!(
+                "{MAGLEV_SIZE_ANNOTATION}: {s:?} is not a prime in {}..={}; using the adaptive size",
+                opts.maglev_min, opts.maglev_max
+            ));
+            None
+        }
+    });
+    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map(|t| t.clamp(1, 86_400) as u32)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    });
+    let ext_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let int_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+
+    let mut source_ranges = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match r.trim().parse::<IpNet>() {
+            Ok(n) => source_ranges.push(n.trunc()),
+            Err(_) => problems.push(format!("loadBalancerSourceRanges: bad CIDR {r:?}; ignored")),
+        }
+    }
+    let lb_ips: Vec<IpAddr> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            let ip = i.ip.as_deref()?;
+            if i.ip_mode.as_deref() == Some("Proxy") {
+                problems.push(format!("LoadBalancer ingress {ip} has ipMode Proxy: the load balancer proxies, not bound here"));
+                return None;
+            }
+            ip.parse().map_err(|_| problems.push(format!("bad LoadBalancer ingress IP {ip:?}; ignored"))).ok()
+        })
+        .collect();
+    let mut external_ips = Vec::new();
+    for s in spec.external_ips.iter().flatten() {
+        match s.parse::<IpAddr>() {
+            Ok(a) if !opts.external_ip_cidrs.is_empty() && !in_any(&opts.external_ip_cidrs, &a) => {
+                problems.push(format!("externalIP {a} is outside the allowed CIDRs (CVE-2020-8554); skipped"))
+            }
+            Ok(a) => external_ips.push(a),
+            Err(_) => problems.push(format!("bad externalIP {s:?}; ignored")),
+        }
+    }
+    let is_nodeport = matches!(ty, "NodePort" | "LoadBalancer");
+    let node_addrs: Vec<IpAddr> = node
+        .addresses
+        .iter()
+        .filter(|a| opts.nodeport_cidrs.is_empty() || in_any(&opts.nodeport_cidrs, a))
+        .copied()
+        .collect();
+
+    let mut out = Vec::new();
+    let mut local_ready = 0usize;
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let pname = port.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| port.port.to_string());
+        let name = format!("{id}:{pname}");
+        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                problems.push(format!("port {pname}: protocol {other} is not supported by xlb; skipped"));
+                continue;
+            }
+        };
+        let Some(svc_port) = u16::try_from(port.port).ok().filter(|p| *p > 0) else {
+            problems.push(format!("port {pname}: bad port {}; skipped", port.port));
+            continue;
+        };
+        let endpoints = endpoints_for(port, proto, slices, node);
+        let make = |kind: Kind, address: IpAddr, port: u16, scope: Scope, local_only: bool| {
+            let v4 = address.is_ipv4();
+            let candidates: Vec<&Endpoint> =
+                endpoints.iter().filter(|e| e.address.is_ipv4() == v4 && (!local_only || e.local)).collect();
+            let backends = select_backends(&candidates);
+            let active = backends.iter().filter(|b| b.state == BackendState::Active).count();
+            let maglev_size = match (scheduler, active) {
+                (Scheduler::Maglev, n) if n > 0 => maglev_override.unwrap_or_else(|| {
+                    let want = (n as u64 * 100).clamp(opts.maglev_min as u64, opts.maglev_max as u64) as u32;
+                    let p = maglev::next_prime(want);
+                    if p > opts.maglev_max { maglev::prev_prime(opts.maglev_max) } else { p }
+                }),
+                _ => 0,
+            };
+            Frontend {
+                name: name.clone(),
+                kind,
+                key: FrontendKey { address, port, protocol: proto, scope },
+                scheduler,
+                affinity_timeout_s,
+                local_only,
+                maglev_size,
+                source_ranges: if kind == Kind::LoadBalancer {
+                    source_ranges.iter().filter(|n| family_matches(&n.addr(), &address)).copied().collect()
+                } else {
+                    Vec::new()
+                },
+                backends,
+            }
+        };
+        for a in &cluster_ips {
+            out.push(make(Kind::ClusterIp, *a, svc_port, Scope::Internal, int_local));
+        }
+        if is_nodeport {
+            match port.node_port {
+                None | Some(0) => {
+                    if ty == "NodePort" {
+                        problems.push(format!("port {pname}: type NodePort without a nodePort; NodePort skipped"));
+                    }
+                }
+                Some(np) if np < opts.node_port_range.0 as i32 || np > opts.node_port_range.1 as i32 => {
+                    problems.push(format!(
+                        "port {pname}: nodePort {np} is outside {}-{}; NodePort skipped",
+                        opts.node_port_range.0, opts.node_port_range.1
+                    ));
+                }
+                Some(np) => {
+                    for a in node_addrs.iter().filter(|a| families.contains(&a.is_ipv4())) {
+                        let mut f = make(Kind::NodePort, *a, np as u16, Scope::External, ext_local);
+                        f.name = name.clone();
+                        out.push(f);
+                    }
+                }
+            }
+        }
+        for (kind, addrs) in [(Kind::LoadBalancer, &lb_ips), (Kind::ExternalIp, &external_ips)] {
+            if kind == Kind::LoadBalancer && ty != "LoadBalancer" {
+                continue;
+            }
+            for a in addrs.iter() {
+                if !families.contains(&a.is_ipv4()) {
+                    problems.push(format!("{} {a}: the service has no such IP family; skipped", kind.name()));
+                    continue;
+                }
+                out.push(make(kind, *a, svc_port, Scope::External, ext_local));
+            }
+        }
+        if i == 0 {
+            local_ready = endpoints.iter().filter(|e| e.local && e.ready).count();
+        }
+    }
+    if ext_local && (is_nodeport || !external_ips.is_empty()) {
+        if let Some(port) = spec.health_check_node_port.filter(|p| *p > 0 && *p <= 65535) {
+            health_checks.push(HealthCheck { service: id.to_string(), port: port as u16, local_endpoints: local_ready });
+        }
+    }
+    out
+}
+
+/// The endpoints of `slices` serving service port `port` (by name and
+/// protocol), deduplicated by address.
+fn endpoints_for(port: &ServicePort, proto: Protocol, slices: &[&EndpointSlice], node: &NodeInfo) -> Vec<Endpoint> {
+    let want_name = port.name.clone().unwrap_or_default();
+    let mut seen: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
+    for s in slices {
+        if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
+            continue; // FQDN slices are not load-balanced by kube-proxy either
+        }
+        let Some(p) = s.ports.iter().flatten().find(|p| {
+            p.name.clone().unwrap_or_default() == want_name
+                && p.protocol.as_deref().unwrap_or("TCP").eq_ignore_ascii_case(match proto {
+                    Protocol::Tcp => "TCP",
+                    Protocol::Udp => "UDP",
+                })
+        }) else {
+            continue;
+        };
+        let Some(tp) = p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0) else { continue };
+        for e in s.endpoints.iter().flatten() {
+            let c = e.conditions.clone().unwrap_or_default();
+            let ready = c.ready.unwrap_or(true);
+            let serving = c.serving.unwrap_or(ready);
+            let terminating = c.terminating.unwrap_or(false);
+            let local = !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str());
+            for a in &e.addresses {
+                let Ok(address) = a.parse::<IpAddr>() else { continue };
+                if (s.address_type == "IPv4") != address.is_ipv4() {
+                    continue;
+                }
+                let ep = Endpoint { address, port: tp, ready, serving, terminating, local };
+                // A duplicate (e.g. during a slice migration): prefer the ready copy.
+                match seen.get(&address) {
+                    Some(old) if old.ready || !ready => {}
+                    _ => {
+                        seen.insert(address, ep);
+                    }
+                }
+            }
+        }
+    }
+    seen.into_values().collect()
+}
+
+/// kube-proxy's choice among `candidates` (ready, else serving+terminating);
+/// the other candidates are kept as draining backends.
+fn select_backends(candidates: &[&Endpoint]) -> Vec<BackendSpec> {
+    let ready: Vec<&&Endpoint> = candidates.iter().filter(|e| e.ready).collect();
+    let eligible: Vec<&&Endpoint> = if ready.is_empty() {
+        candidates.iter().filter(|e| e.serving && e.terminating).collect()
+    } else {
+        ready
+    };
+    let mut out: Vec<BackendSpec> = eligible
+        .iter()
+        .map(|e| BackendSpec { address: e.address, port: e.port, state: BackendState::Active, node_local: e.local })
+        .collect();
+    let mut draining: Vec<BackendSpec> = candidates
+        .iter()
+        .filter(|e| !eligible.iter().any(|x| x.address == e.address))
+        .map(|e| BackendSpec { address: e.address, port: e.port, state: BackendState::Terminating, node_local: e.local })
+        .collect();
+    out.sort();
+    draining.sort();
+    out.extend(draining);
+    out
+}

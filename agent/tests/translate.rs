@@ -1,0 +1,385 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Translation fixtures: YAML as `kubectl get -o yaml` prints it → the
+//! desired datapath state, one test per Service feature.
+
+use std::net::IpAddr;
+
+use xlb::{
+    source::{Snapshot, files::parse_into},
+    translate::{BackendState, Desired, Frontend, Kind, NodeInfo, Options, Protocol, Scheduler, Scope, translate},
+};
+
+fn node() -> NodeInfo {
+    NodeInfo { name: "node-a".into(), addresses: vec!["192.168.1.10".parse().unwrap(), "fd00::10".parse().unwrap()] }
+}
+
+fn run_with(yaml: &str, opts: &Options) -> Desired {
+    let mut snap = Snapshot::default();
+    parse_into(&mut snap, "fixture", yaml);
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    translate(&snap.services, &snap.slices, &node(), opts)
+}
+
+fn run(yaml: &str) -> Desired {
+    run_with(yaml, &Options::default())
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn find<'a>(d: &'a Desired, kind: Kind, addr: &str, port: u16) -> &'a Frontend {
+    d.frontends
+        .iter()
+        .find(|f| f.kind == kind && f.key.address == ip(addr) && f.key.port == port)
+        .unwrap_or_else(|| panic!("no {kind:?} {addr}:{port} in {:#?}", d.frontends))
+}
+
+fn active(f: &Frontend) -> Vec<String> {
+    f.active().map(|b| format!("{}:{}", b.address, b.port)).collect()
+}
+
+fn draining(f: &Frontend) -> Vec<String> {
+    f.backends.iter().filter(|b| b.state == BackendState::Terminating).map(|b| format!("{}:{}", b.address, b.port)).collect()
+}
+
+/// A Service with one TCP port 80 → named target `http`, and its slice.
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports: [{name: http, port: 80, protocol: TCP, targetPort: http}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.0.1.5]
+  conditions: {ready: true}
+  nodeName: node-a
+- addresses: [10.0.2.5]
+  conditions: {ready: true}
+  nodeName: node-b
+"#;
+
+#[test]
+fn cluster_ip_with_named_target_port() {
+    let d = run(WEB);
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    assert_eq!(d.frontends.len(), 1);
+    let f = find(&d, Kind::ClusterIp, "10.96.0.10", 80);
+    assert_eq!(f.name, "shop/web:http");
+    assert_eq!(f.key.scope, Scope::Internal);
+    assert_eq!(f.key.protocol, Protocol::Tcp);
+    assert_eq!(f.scheduler, Scheduler::Maglev);
+    // The named targetPort resolves to the number in the slice.
+    assert_eq!(active(f), ["10.0.1.5:8080", "10.0.2.5:8080"]);
+    assert_eq!(f.backends.iter().filter(|b| b.node_local).count(), 1);
+    // Adaptive Maglev size: the smallest prime ≥ 100 × 2.
+    assert_eq!(f.maglev_size, 251);
+}
+
+#[test]
+fn slices_of_other_services_and_namespaces_are_ignored() {
+    let other = WEB.replace("namespace: shop\n  labels", "namespace: other\n  labels");
+    let d = run(&other);
+    assert!(find(&d, Kind::ClusterIp, "10.96.0.10", 80).backends.is_empty());
+}
+
+#[test]
+fn node_port_on_every_node_address_of_the_family_and_range_checked() {
+    let y = WEB.replace("type: ClusterIP", "type: NodePort").replace("targetPort: http}", "targetPort: http, nodePort: 30036}");
+    let d = run(&y);
+    let np = find(&d, Kind::NodePort, "192.168.1.10", 30036);
+    assert_eq!(np.key.scope, Scope::External);
+    assert_eq!(active(np), ["10.0.1.5:8080", "10.0.2.5:8080"]);
+    // IPv4-only service: no NodePort on the node's IPv6 address.
+    assert!(!d.frontends.iter().any(|f| f.key.address == ip("fd00::10")));
+    assert_eq!(d.frontends.len(), 2);
+
+    let narrow = Options { node_port_range: (31000, 31999), ..Options::default() };
+    let d = run_with(&y, &narrow);
+    assert_eq!(d.frontends.len(), 1, "the out-of-range NodePort is skipped");
+    assert!(d.problems[0].message.contains("outside 31000-31999"), "{:?}", d.problems);
+    assert_eq!(d.problems[0].service, "shop/web");
+
+    let only = Options { nodeport_cidrs: vec!["10.0.0.0/8".parse().unwrap()], ..Options::default() };
+    assert_eq!(run_with(&y, &only).frontends.len(), 1, "--nodeport-addresses filters node addresses");
+}
+
+#[test]
+fn load_balancer_ingress_source_ranges_and_proxy_mode() {
+    let y = WEB.replace("type: ClusterIP", "type: LoadBalancer\n  loadBalancerSourceRanges: [203.0.113.0/24, 2001:db8::/32, bogus]")
+        .replace("targetPort: http}", "targetPort: http, nodePort: 30100}")
+        + r#"
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.7}, {ip: 198.51.100.8, ipMode: Proxy}, {hostname: lb.example.com}]
+"#;
+    // `status` must belong to the Service document, not the slice: put it first.
+    let y = {
+        let (svc, rest) = y.split_once("---").unwrap();
+        let status = rest.split_once("status:").map(|(_, s)| format!("status:{s}")).unwrap();
+        let rest = rest.split_once("status:").unwrap().0;
+        format!("{svc}{status}\n---{rest}")
+    };
+    let d = run(&y);
+    let lb = find(&d, Kind::LoadBalancer, "198.51.100.7", 80);
+    assert_eq!(lb.key.scope, Scope::External);
+    assert_eq!(lb.source_ranges, vec!["203.0.113.0/24".parse().unwrap()], "only the frontend's family");
+    assert_eq!(active(lb).len(), 2);
+    // LoadBalancer services get NodePorts too, without source ranges.
+    assert!(find(&d, Kind::NodePort, "192.168.1.10", 30100).source_ranges.is_empty());
+    assert!(!d.frontends.iter().any(|f| f.key.address == ip("198.51.100.8")));
+    let msgs: Vec<&str> = d.problems.iter().map(|p| p.message.as_str()).collect();
+    assert!(msgs.iter().any(|m| m.contains("ipMode Proxy")), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.contains("bad CIDR \"bogus\"")), "{msgs:?}");
+}
+
+#[test]
+fn external_ips_with_allow_list() {
+    let y = WEB.replace("type: ClusterIP", "type: ClusterIP\n  externalIPs: [198.51.100.20, 203.0.113.9]");
+    let d = run(&y);
+    assert_eq!(find(&d, Kind::ExternalIp, "198.51.100.20", 80).key.scope, Scope::External);
+    find(&d, Kind::ExternalIp, "203.0.113.9", 80);
+
+    let opts = Options { external_ip_cidrs: vec!["198.51.100.0/24".parse().unwrap()], ..Options::default() };
+    let d = run_with(&y, &opts);
+    find(&d, Kind::ExternalIp, "198.51.100.20", 80);
+    assert!(!d.frontends.iter().any(|f| f.key.address == ip("203.0.113.9")));
+    assert!(d.problems[0].message.contains("CVE-2020-8554"));
+}
+
+#[test]
+fn external_name_and_headless_are_reported_and_skipped() {
+    let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: a}
+spec: {type: ExternalName, externalName: db.example.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hl, namespace: a}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+---
+"#
+    .to_string()
+        + WEB;
+    let d = run(&y);
+    assert_eq!(d.frontends.len(), 1, "the good service is still programmed");
+    let p: Vec<(&str, &str)> = d.problems.iter().map(|p| (p.service.as_str(), p.message.as_str())).collect();
+    assert!(p.iter().any(|(s, m)| *s == "a/ext" && m.contains("ExternalName")), "{p:?}");
+    assert!(p.iter().any(|(s, m)| *s == "a/hl" && m.contains("headless")), "{p:?}");
+}
+
+#[test]
+fn multi_port_udp_and_sctp() {
+    let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.53
+  ports:
+  - {name: dns, port: 53, protocol: UDP, targetPort: 53}
+  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}
+  - {name: metrics, port: 9153, protocol: TCP, targetPort: metrics}
+  - {name: sig, port: 9, protocol: SCTP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports:
+- {name: dns, port: 53, protocol: UDP}
+- {name: dns-tcp, port: 53, protocol: TCP}
+- {name: metrics, port: 9153, protocol: TCP}
+endpoints:
+- addresses: [10.0.1.53]
+"#;
+    let d = run(y);
+    assert_eq!(d.frontends.len(), 3);
+    let udp = d.frontends.iter().find(|f| f.key.protocol == Protocol::Udp).unwrap();
+    assert_eq!((udp.name.as_str(), udp.key.port), ("kube-system/dns:dns", 53));
+    assert_eq!(active(udp), ["10.0.1.53:53"], "conditions absent: ready");
+    assert_eq!(active(find(&d, Kind::ClusterIp, "10.96.0.53", 9153)), ["10.0.1.53:9153"]);
+    assert!(d.problems.iter().any(|p| p.message.contains("SCTP is not supported")), "{:?}", d.problems);
+}
+
+#[test]
+fn a_port_without_a_matching_slice_port_has_no_backends() {
+    let y = WEB.replace("[{name: http, port: 8080", "[{name: web, port: 8080");
+    assert!(run(&y).frontends[0].backends.is_empty());
+}
+
+#[test]
+fn dual_stack_pairs_each_family_with_its_slices() {
+    let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ds, namespace: default}
+spec:
+  type: NodePort
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIP: fd00:96::10
+  clusterIPs: [fd00:96::10, 10.96.0.20]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v4, namespace: default, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.1.7], nodeName: node-a}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v6, namespace: default, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00:1::7"], nodeName: node-a}]
+"#;
+    let d = run(y);
+    assert_eq!(d.frontends.len(), 4, "{:#?}", d.frontends);
+    assert_eq!(active(find(&d, Kind::ClusterIp, "10.96.0.20", 80)), ["10.0.1.7:8080"]);
+    assert_eq!(active(find(&d, Kind::ClusterIp, "fd00:96::10", 80)), ["fd00:1::7:8080"]);
+    assert_eq!(active(find(&d, Kind::NodePort, "fd00::10", 30080)), ["fd00:1::7:8080"]);
+    assert_eq!(active(find(&d, Kind::NodePort, "192.168.1.10", 30080)), ["10.0.1.7:8080"]);
+    assert_eq!(d.frontends[0].name, "default/ds:80", "unnamed ports are named by number");
+}
+
+#[test]
+fn session_affinity_client_ip() {
+    let y = WEB.replace("type: ClusterIP", "type: ClusterIP\n  sessionAffinity: ClientIP");
+    assert_eq!(run(&y).frontends[0].affinity_timeout_s, Some(10_800));
+    let y = WEB.replace(
+        "type: ClusterIP",
+        "type: ClusterIP\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+    );
+    assert_eq!(run(&y).frontends[0].affinity_timeout_s, Some(60));
+    assert_eq!(run(WEB).frontends[0].affinity_timeout_s, None);
+}
+
+#[test]
+fn traffic_policies_local() {
+    let y = WEB
+        .replace("type: ClusterIP", "type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000")
+        .replace("targetPort: http}", "targetPort: http, nodePort: 30036}");
+    let d = run(&y);
+    let np = find(&d, Kind::NodePort, "192.168.1.10", 30036);
+    assert!(np.local_only);
+    assert_eq!(active(np), ["10.0.1.5:8080"], "only this node's endpoint");
+    let cip = find(&d, Kind::ClusterIp, "10.96.0.10", 80);
+    assert!(!cip.local_only);
+    assert_eq!(active(cip).len(), 2, "externalTrafficPolicy does not limit ClusterIP");
+    assert_eq!(d.health_checks.len(), 1);
+    assert_eq!((d.health_checks[0].port, d.health_checks[0].local_endpoints), (32000, 1));
+
+    // No local endpoint: the health check reports 0 (→ 503) and the NodePort rejects.
+    let none = y.replace("nodeName: node-a", "nodeName: node-c");
+    let d = run(&none);
+    assert_eq!(d.health_checks[0].local_endpoints, 0);
+    assert!(find(&d, Kind::NodePort, "192.168.1.10", 30036).backends.is_empty());
+
+    let itp = WEB.replace("type: ClusterIP", "type: ClusterIP\n  internalTrafficPolicy: Local");
+    let d = run(&itp);
+    assert_eq!(active(&d.frontends[0]), ["10.0.1.5:8080"]);
+    assert!(d.health_checks.is_empty());
+}
+
+fn with_conditions(a: &str, b: &str) -> String {
+    WEB.replacen("conditions: {ready: true}", "conditions: A", 1)
+        .replacen("conditions: {ready: true}", "conditions: B", 1)
+        .replace("conditions: A", &format!("conditions: {a}"))
+        .replace("conditions: B", &format!("conditions: {b}"))
+}
+
+#[test]
+fn endpoint_conditions_like_kube_proxy() {
+    // One ready, one terminating: the terminating one drains.
+    let d = run(&with_conditions("{ready: true}", "{ready: false, serving: true, terminating: true}"));
+    assert_eq!(active(&d.frontends[0]), ["10.0.1.5:8080"]);
+    assert_eq!(draining(&d.frontends[0]), ["10.0.2.5:8080"]);
+    // None ready: fall back to serving + terminating endpoints.
+    let d = run(&with_conditions(
+        "{ready: false, serving: true, terminating: true}",
+        "{ready: false, serving: false, terminating: true}",
+    ));
+    assert_eq!(active(&d.frontends[0]), ["10.0.1.5:8080"]);
+    assert_eq!(draining(&d.frontends[0]), ["10.0.2.5:8080"]);
+    // Not ready and not terminating (failing readiness): never used, flows drain.
+    let d = run(&with_conditions("{ready: false}", "{ready: false}"));
+    assert!(active(&d.frontends[0]).is_empty());
+    assert_eq!(draining(&d.frontends[0]).len(), 2);
+    assert_eq!(d.frontends[0].maglev_size, 0);
+}
+
+#[test]
+fn scheduler_and_maglev_size_annotations() {
+    let ann = |a: &str| WEB.replace("metadata: {name: web, namespace: shop}", &format!("metadata: {{name: web, namespace: shop, annotations: {{{a}}}}}"));
+    let d = run(&ann("xlb.io/scheduler: round-robin"));
+    assert_eq!((d.frontends[0].scheduler, d.frontends[0].maglev_size), (Scheduler::RoundRobin, 0));
+    assert_eq!(run(&ann("xlb.io/scheduler: random")).frontends[0].scheduler, Scheduler::Random);
+    let d = run(&ann("xlb.io/scheduler: fastest"));
+    assert_eq!(d.frontends[0].scheduler, Scheduler::Maglev);
+    assert!(d.problems[0].message.contains("fastest"));
+
+    assert_eq!(run(&ann("xlb.io/maglev-table-size: '65537'")).frontends[0].maglev_size, 65537);
+    let d = run(&ann("xlb.io/maglev-table-size: '1000'"));
+    assert_eq!(d.frontends[0].maglev_size, 251, "not a prime: adaptive size");
+    assert!(d.problems[0].message.contains("not a prime"));
+}
+
+#[test]
+fn maglev_size_adapts_to_backends_within_bounds() {
+    let mut y = WEB.to_string();
+    for i in 0..10 {
+        y.push_str(&format!("- addresses: [10.0.3.{i}]\n"));
+    }
+    let d = run(&y);
+    assert_eq!(d.frontends[0].active().count(), 12);
+    assert_eq!(d.frontends[0].maglev_size, 1201, "smallest prime ≥ 1200");
+    let small = Options { maglev_max: 1000, ..Options::default() };
+    assert_eq!(run_with(&y, &small).frontends[0].maglev_size, 997, "largest prime ≤ the bound");
+    let big = Options { maglev_min: 16381, ..Options::default() };
+    assert_eq!(run_with(&y, &big).frontends[0].maglev_size, 16381);
+}
+
+#[test]
+fn a_frontend_claimed_twice_goes_to_the_first_service() {
+    let y = WEB.to_string() + "---\n" + &WEB.replace("name: web, namespace: shop", "name: web2, namespace: shop").split("---").next().unwrap().to_string();
+    let d = run(&y);
+    assert_eq!(d.frontends.len(), 1);
+    assert_eq!(d.frontends[0].name, "shop/web:http");
+    assert_eq!(d.problems.len(), 1);
+    assert_eq!(d.problems[0].service, "shop/web2");
+    assert!(d.problems[0].message.contains("already used by shop/web:http"));
+}
+
+#[test]
+fn bad_documents_are_reported_and_the_rest_kept() {
+    let mut snap = Snapshot::default();
+    parse_into(&mut snap, "f.yaml", &format!("{WEB}\n---\nkind: Service\nspec: {{ports: 7}}\n"));
+    assert_eq!(snap.services.len(), 1);
+    assert_eq!(snap.slices.len(), 1);
+    assert_eq!(snap.errors.len(), 1);
+    assert!(snap.errors[0].starts_with("f.yaml document 3: bad Service"), "{:?}", snap.errors);
+}
+
+#[test]
+fn duplicate_endpoints_across_slices_count_once() {
+    let slice = WEB.split("---").nth(1).unwrap().replace("name: web-abc", "name: web-def");
+    let y = format!("{WEB}---{slice}");
+    assert_eq!(active(&run(&y).frontends[0]).len(), 2);
+}
