@@ -7,7 +7,12 @@
 //! only then the old region is released. A reader in the kernel therefore
 //! never sees a count or a table that points at unwritten entries.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    ops::Deref,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -19,8 +24,8 @@ use aya::{
     util::nr_cpus,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, RevNat, SCHED_MAGLEV,
-    Service, ServiceKey, SourceRangeKey, maps, v4_mapped, verdict,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat,
+    SCHED_MAGLEV, Service, ServiceKey, SourceRangeKey, maps, v4_mapped, verdict,
 };
 
 use crate::{
@@ -51,6 +56,13 @@ pub enum Error {
     MaglevSize(u32),
     #[error("bad source range {0}")]
     SourceRange(String),
+    #[error(
+        "pinned map {path} has key/value size {found:?}, this xlb expects {expected:?}: it was left by an \
+         incompatible version; remove it with `xlb agent --cleanup` (this breaks open connections)"
+    )]
+    Incompatible { path: PathBuf, found: (u32, u32), expected: (u32, u32) },
+    #[error("opening pinned map {path}: {source}")]
+    Pin { path: PathBuf, source: MapError },
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -83,7 +95,7 @@ impl Default for MapSizes {
 }
 
 /// What a frontend should look like; see [`Datapath::set_service`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     /// Frontend id, unique per SERVICES key.
     pub id: u32,
@@ -102,7 +114,9 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
-struct Maps {
+/// Typed handles on every map of the datapath, from a loaded object or
+/// from the pins (the read-only side `xlb dump` uses).
+pub struct Maps {
     services: BpfHashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, Backend>,
     slots: Array<MapData, u32>,
@@ -114,6 +128,227 @@ struct Maps {
     backend_stats: PerCpuArray<MapData, Counter>,
     verdicts: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
+    frontends: BpfHashMap<MapData, u32, FrontendInfo>,
+}
+
+/// Key and value sizes of each pinned map, checked before a pin is reused.
+const LAYOUT: [(&str, usize, usize); 13] = {
+    use std::mem::size_of;
+    [
+        (maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>()),
+        (maps::BACKENDS, 4, size_of::<Backend>()),
+        (maps::SLOTS, 4, 4),
+        (maps::REV_NAT, 4, size_of::<RevNat>()),
+        (maps::CONNTRACK, size_of::<CtKey>(), size_of::<CtEntry>()),
+        (maps::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+        (maps::SOURCE_RANGES, 4 + size_of::<SourceRangeKey>(), 1),
+        (maps::RR_CURSOR, 4, 4),
+        (maps::SERVICE_STATS, 4, size_of::<Counter>()),
+        (maps::BACKEND_STATS, 4, size_of::<Counter>()),
+        (maps::VERDICTS, 4, 8),
+        (maps::CONFIG, 4, size_of::<Config>()),
+        (maps::FRONTENDS, 4, size_of::<FrontendInfo>()),
+    ]
+};
+
+fn open_pin(dir: &Path, name: &'static str) -> Result<MapData> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| Error::Pin { path: path.clone(), source })?;
+    let info = data.info().map_err(map_err(name))?;
+    let (_, k, v) = LAYOUT.iter().find(|(n, ..)| *n == name).copied().ok_or(Error::MissingMap(name))?;
+    if (info.key_size(), info.value_size()) != (k as u32, v as u32) {
+        return Err(Error::Incompatible { path, found: (info.key_size(), info.value_size()), expected: (k as u32, v as u32) });
+    }
+    Ok(data)
+}
+
+fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(data: MapData, name: &'static str) -> Result<T> {
+    T::try_from(aya::maps::Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
+}
+
+impl Maps {
+    pub fn service(&self, key: &ServiceKey) -> Option<Service> {
+        self.services.get(key, 0).ok()
+    }
+
+    /// The SLOTS entries of `svc`'s region (list, then Maglev table).
+    pub fn region_slots(&self, svc: &Service) -> Result<Vec<u32>> {
+        let start = svc.list_off.min(svc.maglev_off);
+        (start..svc.maglev_off + svc.maglev_len)
+            .map(|i| self.slots.get(&i, 0).map_err(map_err(maps::SLOTS)))
+            .collect()
+    }
+
+    pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
+        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn conntrack_get(&self, key: &CtKey) -> Option<CtEntry> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    pub fn affinity_get(&self, key: &AffinityKey) -> Option<AffinityValue> {
+        self.affinity.get(key, 0).ok()
+    }
+
+    /// Packets per verdict reason, summed over CPUs, in `verdict::NAMES` order.
+    pub fn verdicts(&self) -> Result<Vec<u64>> {
+        (0..verdict::COUNT)
+            .map(|i| {
+                let v: PerCpuValues<u64> = self.verdicts.get(&i, 0).map_err(map_err(maps::VERDICTS))?;
+                Ok(v.iter().sum())
+            })
+            .collect()
+    }
+
+    fn sum(map: &PerCpuArray<MapData, Counter>, name: &'static str, i: u32) -> Result<Counter> {
+        let v = map.get(&i, 0).map_err(map_err(name))?;
+        Ok(v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+    }
+
+    pub fn service_stats(&self, id: u32) -> Result<Counter> {
+        Self::sum(&self.service_stats, maps::SERVICE_STATS, id)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<Counter> {
+        Self::sum(&self.backend_stats, maps::BACKEND_STATS, id)
+    }
+
+
+    /// Number of conntrack entries (both directions).
+    pub fn conntrack_len(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Every SERVICES entry.
+    pub fn services(&self) -> Vec<(ServiceKey, Service)> {
+        self.services.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Every used BACKENDS entry (state not `BACKEND_EMPTY`), by id.
+    pub fn backends(&self) -> Vec<(u32, Backend)> {
+        (1..self.backends.len())
+            .filter_map(|i| self.backends.get(&i, 0).ok().map(|b| (i, b)))
+            .filter(|(_, b)| b.state != datapath_common::BACKEND_EMPTY)
+            .collect()
+    }
+
+    pub fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends.get(&id, 0).ok().filter(|b| b.state != datapath_common::BACKEND_EMPTY)
+    }
+
+    /// Every FRONTENDS entry, by frontend id.
+    pub fn frontends(&self) -> Vec<(u32, FrontendInfo)> {
+        self.frontends.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn frontend(&self, id: u32) -> Option<FrontendInfo> {
+        self.frontends.get(&id, 0).ok()
+    }
+
+    pub fn affinity(&self) -> Vec<(AffinityKey, AffinityValue)> {
+        self.affinity.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        self.config.get(&0, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    /// The allowed source prefixes of frontend `id` (loadBalancerSourceRanges).
+    pub fn source_ranges(&self, id: u32) -> Vec<(IpAddr, u8)> {
+        self.source_ranges
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| u32::from_be(k.data().service_id_be) == id)
+            .map(|k| {
+                let a = k.data().addr;
+                let bits = k.prefix_len() - 32;
+                if datapath_common::is_v4_mapped(&a) {
+                    (IpAddr::from([a[12], a[13], a[14], a[15]]), (bits - 96) as u8)
+                } else {
+                    (IpAddr::from(a), bits as u8)
+                }
+            })
+            .collect()
+    }
+
+    /// The kernel's description (type, sizes, id) of every map, by name.
+    pub fn infos(&self) -> Vec<(&'static str, aya::maps::MapInfo)> {
+        use aya::maps::IterableMap as _;
+        let mut out = Vec::new();
+        let mut add = |name, d: &MapData| {
+            if let Ok(i) = d.info() {
+                out.push((name, i));
+            }
+        };
+        add(maps::SERVICES, self.services.map());
+        add(maps::BACKENDS, self.backends.map());
+        add(maps::SLOTS, self.slots.map());
+        add(maps::REV_NAT, self.rev_nat.map());
+        add(maps::CONNTRACK, self.conntrack.map());
+        add(maps::AFFINITY, self.affinity.map());
+        add(maps::SOURCE_RANGES, self.source_ranges.map());
+        add(maps::SERVICE_STATS, self.service_stats.map());
+        add(maps::BACKEND_STATS, self.backend_stats.map());
+        add(maps::VERDICTS, self.verdicts.map());
+        add(maps::CONFIG, self.config.map());
+        add(maps::FRONTENDS, self.frontends.map());
+        out
+    }
+
+    fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            services: take(ebpf, maps::SERVICES)?,
+            backends: take(ebpf, maps::BACKENDS)?,
+            slots: take(ebpf, maps::SLOTS)?,
+            rev_nat: take(ebpf, maps::REV_NAT)?,
+            conntrack: take(ebpf, maps::CONNTRACK)?,
+            affinity: take(ebpf, maps::AFFINITY)?,
+            source_ranges: take(ebpf, maps::SOURCE_RANGES)?,
+            service_stats: take(ebpf, maps::SERVICE_STATS)?,
+            backend_stats: take(ebpf, maps::BACKEND_STATS)?,
+            verdicts: take(ebpf, maps::VERDICTS)?,
+            config: take(ebpf, maps::CONFIG)?,
+            frontends: take(ebpf, maps::FRONTENDS)?,
+        })
+    }
+
+    /// Opens the maps pinned under `dir` (by a running or exited agent)
+    /// without loading any program.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let o = |name| open_pin(dir, name);
+        Ok(Self {
+            services: typed(o(maps::SERVICES)?, maps::SERVICES)?,
+            backends: typed(o(maps::BACKENDS)?, maps::BACKENDS)?,
+            slots: typed(o(maps::SLOTS)?, maps::SLOTS)?,
+            rev_nat: typed(o(maps::REV_NAT)?, maps::REV_NAT)?,
+            conntrack: typed(o(maps::CONNTRACK)?, maps::CONNTRACK)?,
+            affinity: typed(o(maps::AFFINITY)?, maps::AFFINITY)?,
+            source_ranges: typed(o(maps::SOURCE_RANGES)?, maps::SOURCE_RANGES)?,
+            service_stats: typed(o(maps::SERVICE_STATS)?, maps::SERVICE_STATS)?,
+            backend_stats: typed(o(maps::BACKEND_STATS)?, maps::BACKEND_STATS)?,
+            verdicts: typed(o(maps::VERDICTS)?, maps::VERDICTS)?,
+            config: typed(o(maps::CONFIG)?, maps::CONFIG)?,
+            frontends: typed(o(maps::FRONTENDS)?, maps::FRONTENDS)?,
+        })
+    }
+}
+
+impl Deref for Datapath {
+    type Target = Maps;
+
+    fn deref(&self) -> &Maps {
+        &self.maps
+    }
+}
+
+fn source_range_key(id: u32, addr: IpAddr, prefix: u8) -> Result<Key<SourceRangeKey>> {
+    let (a, bits) = match addr {
+        IpAddr::V4(v4) if prefix <= 32 => (v4_mapped(v4.octets()), 96 + prefix as u32),
+        IpAddr::V6(v6) if prefix <= 128 => (v6.octets(), prefix as u32),
+        _ => return Err(Error::SourceRange(format!("{addr}/{prefix}"))),
+    };
+    Ok(Key::new(32 + bits, SourceRangeKey { service_id_be: id.to_be(), addr: a }))
 }
 
 /// A loaded datapath: the programs (not attached) and typed handles on every map.
@@ -136,7 +371,39 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'s
 impl Datapath {
     /// Loads the embedded object with the given map sizes (nothing is attached).
     pub fn load(sizes: MapSizes) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_pinned(sizes, None)
+    }
+
+    /// Loads the embedded object, with its maps pinned under `pin_dir`.
+    /// Maps already pinned there (by an earlier agent) are reused, state
+    /// and size included, after their key and value sizes are checked; the
+    /// others are created and pinned. Call [`Datapath::recover`] next to
+    /// pick up the services and backends they hold.
+    pub fn load_pinned(mut sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        let mut paths = Vec::new();
+        if let Some(dir) = pin_dir {
+            for name in maps::PINNED {
+                let path = dir.join(name);
+                if path.exists() {
+                    let max = open_pin(dir, name)?.info().map_err(map_err(name))?.max_entries();
+                    match name {
+                        maps::SERVICES => sizes.services = max,
+                        maps::BACKENDS => sizes.backends = max,
+                        maps::SLOTS => sizes.slots = max,
+                        maps::CONNTRACK => sizes.conntrack = max,
+                        maps::AFFINITY => sizes.affinity = max,
+                        maps::SOURCE_RANGES => sizes.source_ranges = max,
+                        _ => {}
+                    }
+                }
+                paths.push((name, path));
+            }
+        }
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .map_max_entries(maps::SERVICES, sizes.services)
             .map_max_entries(maps::REV_NAT, sizes.services)
             .map_max_entries(maps::RR_CURSOR, sizes.services)
@@ -147,20 +414,9 @@ impl Datapath {
             .map_max_entries(maps::CONNTRACK, sizes.conntrack)
             .map_max_entries(maps::AFFINITY, sizes.affinity)
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
+            .map_max_entries(maps::FRONTENDS, sizes.services)
             .load(OBJECT)?;
-        let maps = Maps {
-            services: take(&mut ebpf, maps::SERVICES)?,
-            backends: take(&mut ebpf, maps::BACKENDS)?,
-            slots: take(&mut ebpf, maps::SLOTS)?,
-            rev_nat: take(&mut ebpf, maps::REV_NAT)?,
-            conntrack: take(&mut ebpf, maps::CONNTRACK)?,
-            affinity: take(&mut ebpf, maps::AFFINITY)?,
-            source_ranges: take(&mut ebpf, maps::SOURCE_RANGES)?,
-            service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
-            backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
-            verdicts: take(&mut ebpf, maps::VERDICTS)?,
-            config: take(&mut ebpf, maps::CONFIG)?,
-        };
+        let maps = Maps::from_ebpf(&mut ebpf)?;
         Ok(Self {
             ebpf,
             maps,
@@ -303,66 +559,61 @@ impl Datapath {
         Ok(())
     }
 
-    pub fn service(&self, key: &ServiceKey) -> Option<Service> {
-        self.maps.services.get(key, 0).ok()
+    /// Marks backend `id` unused (`BACKEND_EMPTY`): flows still pinned to
+    /// it pick a new backend. Remove it from every service first.
+    pub fn remove_backend(&mut self, id: u32) -> Result<()> {
+        if id == 0 || id >= self.sizes.backends {
+            return Err(Error::BackendId(id, self.sizes.backends));
+        }
+        self.maps.backends.set(id, Backend::default(), 0).map_err(map_err(maps::BACKENDS))?;
+        self.backends.remove(&id);
+        Ok(())
     }
 
-    /// The SLOTS entries of `svc`'s region (list, then Maglev table).
-    pub fn region_slots(&self, svc: &Service) -> Result<Vec<u32>> {
-        let start = svc.list_off.min(svc.maglev_off);
-        (start..svc.maglev_off + svc.maglev_len)
-            .map(|i| self.maps.slots.get(&i, 0).map_err(map_err(maps::SLOTS)))
-            .collect()
+    pub fn set_frontend_info(&mut self, id: u32, info: &FrontendInfo) -> Result<()> {
+        self.maps.frontends.insert(id, info, 0).map_err(map_err(maps::FRONTENDS))
+    }
+
+    pub fn remove_frontend_info(&mut self, id: u32) -> Result<()> {
+        match self.maps.frontends.remove(&id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::FRONTENDS)(e)),
+        }
+    }
+
+    /// Rebuilds the writer's bookkeeping (SLOTS regions, written backends)
+    /// from the maps, after [`Datapath::load_pinned`] reused pinned maps.
+    /// Returns the number of services and backends found.
+    pub fn recover(&mut self) -> Result<(usize, usize)> {
+        let services = self.maps.services();
+        for (key, svc) in &services {
+            let region = Region { off: svc.list_off, len: svc.count + svc.maglev_len };
+            if self.alloc.reserve(region) {
+                self.regions.insert(*key, region);
+            }
+        }
+        let backends = self.maps.backends();
+        self.backends = backends.iter().copied().collect();
+        Ok((services.len(), backends.len()))
+    }
+
+    /// Disallows a source prefix added by [`Datapath::add_source_range`].
+    pub fn remove_source_range(&mut self, id: u32, addr: IpAddr, prefix: u8) -> Result<()> {
+        let key = source_range_key(id, addr, prefix)?;
+        match self.maps.source_ranges.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::SOURCE_RANGES)(e)),
+        }
     }
 
     /// Allows `addr/prefix` as a source for frontend `id` (loadBalancerSourceRanges).
     pub fn add_source_range(&mut self, id: u32, addr: IpAddr, prefix: u8) -> Result<()> {
-        let (a, bits) = match addr {
-            IpAddr::V4(v4) if prefix <= 32 => (v4_mapped(v4.octets()), 96 + prefix as u32),
-            IpAddr::V6(v6) if prefix <= 128 => (v6.octets(), prefix as u32),
-            _ => return Err(Error::SourceRange(format!("{addr}/{prefix}"))),
-        };
-        let key = Key::new(32 + bits, SourceRangeKey { service_id_be: id.to_be(), addr: a });
+        let key = source_range_key(id, addr, prefix)?;
         self.maps.source_ranges.insert(&key, 1, 0).map_err(map_err(maps::SOURCE_RANGES))
-    }
-
-    pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
-        self.maps.conntrack.iter().filter_map(|r| r.ok()).collect()
-    }
-
-    pub fn conntrack_get(&self, key: &CtKey) -> Option<CtEntry> {
-        self.maps.conntrack.get(key, 0).ok()
-    }
-
-    pub fn affinity_get(&self, key: &AffinityKey) -> Option<AffinityValue> {
-        self.maps.affinity.get(key, 0).ok()
     }
 
     pub fn affinity_set(&mut self, key: &AffinityKey, v: &AffinityValue) -> Result<()> {
         self.maps.affinity.insert(key, v, 0).map_err(map_err(maps::AFFINITY))
-    }
-
-    /// Packets per verdict reason, summed over CPUs, in `verdict::NAMES` order.
-    pub fn verdicts(&self) -> Result<Vec<u64>> {
-        (0..verdict::COUNT)
-            .map(|i| {
-                let v: PerCpuValues<u64> = self.maps.verdicts.get(&i, 0).map_err(map_err(maps::VERDICTS))?;
-                Ok(v.iter().sum())
-            })
-            .collect()
-    }
-
-    fn sum(map: &PerCpuArray<MapData, Counter>, name: &'static str, i: u32) -> Result<Counter> {
-        let v = map.get(&i, 0).map_err(map_err(name))?;
-        Ok(v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
-    }
-
-    pub fn service_stats(&self, id: u32) -> Result<Counter> {
-        Self::sum(&self.maps.service_stats, maps::SERVICE_STATS, id)
-    }
-
-    pub fn backend_stats(&self, id: u32) -> Result<Counter> {
-        Self::sum(&self.maps.backend_stats, maps::BACKEND_STATS, id)
     }
 
     /// Number of possible CPUs (per-CPU map width).

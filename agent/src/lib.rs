@@ -3,11 +3,16 @@
 //! the pure decision logic (Maglev, backend selection) the agent and the
 //! tests share with the kernel programs.
 
+pub mod agent;
+pub mod attach;
 pub mod datapath;
+pub mod dump;
 pub mod maglev;
+pub mod metrics;
 pub mod region;
 pub mod select;
 pub mod source;
 pub mod translate;
+pub mod writer;
 
 pub use datapath::{Datapath, Error, MapSizes, ServiceSpec};

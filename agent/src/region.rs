@@ -43,6 +43,25 @@ impl Allocator {
         Some(out)
     }
 
+    /// Marks `region` as used (recovering the layout of a pinned SLOTS map).
+    /// False when part of it is not free (overlapping or out of range).
+    pub fn reserve(&mut self, region: Region) -> bool {
+        let len = region.len.max(1);
+        let Some(i) = self.free.iter().position(|r| r.off <= region.off && region.off + len <= r.off + r.len) else {
+            return false;
+        };
+        let r = self.free[i];
+        let before = Region { off: r.off, len: region.off - r.off };
+        let after = Region { off: region.off + len, len: r.off + r.len - region.off - len };
+        self.free.remove(i);
+        for part in [after, before] {
+            if part.len > 0 {
+                self.free.insert(i, part);
+            }
+        }
+        true
+    }
+
     /// Returns a region obtained from [`Allocator::alloc`].
     pub fn release(&mut self, region: Region) {
         let i = self.free.partition_point(|r| r.off < region.off);
@@ -78,5 +97,19 @@ mod tests {
         a.release(z);
         assert_eq!(a.available(), 100);
         assert_eq!(a.alloc(100), Some(Region { off: 0, len: 100 }));
+    }
+
+    #[test]
+    fn reserve_splits_free_runs() {
+        let mut a = Allocator::new(100);
+        assert!(a.reserve(Region { off: 10, len: 20 }));
+        assert!(a.reserve(Region { off: 50, len: 50 }));
+        assert!(!a.reserve(Region { off: 20, len: 5 }), "overlaps");
+        assert!(!a.reserve(Region { off: 95, len: 10 }), "out of range");
+        assert_eq!(a.available(), 30);
+        assert_eq!(a.alloc(10), Some(Region { off: 0, len: 10 }));
+        assert_eq!(a.alloc(20), Some(Region { off: 30, len: 20 }));
+        a.release(Region { off: 10, len: 20 });
+        assert_eq!(a.alloc(20), Some(Region { off: 10, len: 20 }));
     }
 }

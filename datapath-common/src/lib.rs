@@ -230,6 +230,29 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// FRONTENDS (hash, not preallocated): frontend id → what it is, for `xlb
+/// dump` and for an agent restarting from the pinned maps. The programs
+/// never read it; only the agent writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendInfo {
+    /// The SERVICES key of the frontend.
+    pub key: ServiceKey,
+    /// Where the address comes from: 0 ClusterIP, 1 NodePort, 2 LoadBalancer, 3 externalIP.
+    pub kind: u8,
+    /// Bytes of `name` used.
+    pub name_len: u8,
+    pub _pad: u16,
+    /// `namespace/name:port` (UTF-8, truncated to 100 bytes).
+    pub name: [u8; 100],
+}
+
+impl Default for FrontendInfo {
+    fn default() -> Self {
+        Self { key: ServiceKey::default(), kind: 0, name_len: 0, _pad: 0, name: [0; 100] }
+    }
+}
+
 /// CONFIG (array, one entry): node-wide settings written by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -312,6 +335,12 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const VERDICTS: &str = "VERDICTS";
     pub const CONFIG: &str = "CONFIG";
+    pub const FRONTENDS: &str = "FRONTENDS";
+    /// Every map the loader pins, in load order.
+    pub const PINNED: [&str; 13] = [
+        SERVICES, BACKENDS, SLOTS, REV_NAT, CONNTRACK, AFFINITY, SOURCE_RANGES, RR_CURSOR, SERVICE_STATS,
+        BACKEND_STATS, VERDICTS, CONFIG, FRONTENDS,
+    ];
 }
 
 const _: () = {
@@ -326,6 +355,7 @@ const _: () = {
     assert!(core::mem::size_of::<SourceRangeKey>() == 20);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<FrontendInfo>() == 124);
 };
 
 #[cfg(feature = "user")]
@@ -344,4 +374,5 @@ mod pod {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FrontendInfo {}
 }

@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, RevNat, Service,
-    ServiceKey, SourceRangeKey, verdict,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat,
+    Service, ServiceKey, SourceRangeKey, verdict,
 };
 
 #[map]
@@ -36,6 +36,12 @@ pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(verdict::COUNT, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// Written and read by the agent only; declared here so the loader creates
+/// and pins it with the others.
+#[map]
+pub static FRONTENDS: HashMap<u32, FrontendInfo> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Per-CPU working memory of the new-flow path (not part of the ABI; nothing
 /// outside the datapath reads it): the conntrack entries and keys being

@@ -1,0 +1,296 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `xlb agent`: source → translate → map writer, forever.
+//!
+//! One task owns the [`Datapath`]; everything else talks to it through
+//! channels: the source publishes whole snapshots (a `watch` channel keeps
+//! only the newest, so a burst of changes costs one sync), the link watcher
+//! announces interfaces. The programs stay attached and the maps pinned
+//! when the agent exits, for any reason: the datapath keeps forwarding, and
+//! the next agent takes over from the pins.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use datapath_common::{Config, v4_mapped};
+use futures::StreamExt as _;
+use ipnet::IpNet;
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    Datapath, MapSizes, attach,
+    datapath::Maps,
+    metrics::{HealthChecks, Http},
+    source::{self, Snapshot},
+    translate::{self, Desired, NodeInfo, Options},
+    writer::Writer,
+};
+
+/// Settings of `xlb agent` (see `main.rs` for the flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub manifests: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub node_addresses: Vec<IpAddr>,
+    pub options: Options,
+    pub xdp_interfaces: Vec<String>,
+    pub xdp_mode: attach::XdpAttachMode,
+    pub tc_interfaces: Vec<String>,
+    pub tc_patterns: Vec<glob::Pattern>,
+    pub pin_dir: PathBuf,
+    pub sizes: MapSizes,
+    pub snat_v4: Option<IpAddr>,
+    pub snat_v6: Option<IpAddr>,
+    pub snat_ports: (u16, u16),
+    pub http_address: Option<SocketAddr>,
+}
+
+/// Starts the source that publishes snapshots on `tx`.
+pub fn spawn_source(s: &Settings, tx: watch::Sender<Snapshot>) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    match &s.manifests {
+        Some(dir) => tokio::spawn(source::files::watch_dir(dir.clone(), Duration::from_millis(100), tx)),
+        None => {
+            let kubeconfig = s.kubeconfig.clone();
+            let node = s.node_name.clone();
+            tokio::spawn(async move {
+                let client = source::kube::client(kubeconfig.as_deref()).await.context("Kubernetes client")?;
+                source::kube::run(client, node, tx).await
+            })
+        }
+    }
+}
+
+/// This node: its Node object from the source, plus `--node-address`.
+pub fn node_info(s: &Settings, snap: &Snapshot) -> NodeInfo {
+    let mut info = snap
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(s.node_name.as_str()))
+        .map(NodeInfo::from_node)
+        .unwrap_or_else(|| NodeInfo { name: s.node_name.clone(), addresses: Vec::new() });
+    for a in &s.node_addresses {
+        if !info.addresses.contains(a) {
+            info.addresses.push(*a);
+        }
+    }
+    info
+}
+
+/// Translates a snapshot; problems with the files are reported as problems too.
+pub fn desired(s: &Settings, snap: &Snapshot) -> Desired {
+    let node = node_info(s, snap);
+    let mut d = translate::translate(&snap.services, &snap.slices, &node, &s.options);
+    d.problems.extend(snap.errors.iter().map(|e| translate::Problem { service: String::new(), message: e.clone() }));
+    d
+}
+
+fn config(s: &Settings, node: &NodeInfo) -> Config {
+    let pick = |want: Option<IpAddr>, v4: bool| {
+        want.or_else(|| node.addresses.iter().copied().find(|a| a.is_ipv4() == v4 && !a.is_loopback()))
+    };
+    let a16 = |a: Option<IpAddr>| match a {
+        Some(IpAddr::V4(x)) => v4_mapped(x.octets()),
+        Some(IpAddr::V6(x)) => x.octets(),
+        None => [0; 16],
+    };
+    Config {
+        snat_v4: a16(pick(s.snat_v4, true)),
+        snat_v6: a16(pick(s.snat_v6, false)),
+        snat_port_min: s.snat_ports.0,
+        snat_port_max: s.snat_ports.1,
+        flags: 0,
+    }
+}
+
+/// An interface appeared or went away.
+#[derive(Debug)]
+enum LinkEvent {
+    Up(String),
+    Gone(String),
+}
+
+/// Watches rtnetlink link notifications (and lists the links there are).
+fn spawn_link_watcher(tx: mpsc::UnboundedSender<LinkEvent>) -> anyhow::Result<()> {
+    use rtnetlink::{
+        MulticastGroup,
+        packet_core::NetlinkPayload,
+        packet_route::{
+            RouteNetlinkMessage,
+            link::{LinkAttribute, LinkMessage},
+        },
+    };
+    fn name(m: &LinkMessage) -> Option<String> {
+        m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+    }
+    let (conn, handle, mut messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
+    tokio::spawn(conn);
+    let tx2 = tx.clone();
+    tokio::spawn(async move {
+        let mut links = handle.link().get().execute();
+        while let Some(Ok(m)) = links.next().await {
+            if let Some(n) = name(&m) {
+                let _ = tx2.send(LinkEvent::Up(n));
+            }
+        }
+        // Keep the handle (and so the connection) alive.
+        std::future::pending::<()>().await;
+        drop(handle);
+    });
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            let ev = match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => name(&m).map(LinkEvent::Up),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => name(&m).map(LinkEvent::Gone),
+                _ => None,
+            };
+            if let Some(ev) = ev {
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Runs the agent until SIGINT / SIGTERM.
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    attach::prepare_pin_dir(&s.pin_dir)?;
+    let mut dp = Datapath::load_pinned(s.sizes, Some(&s.pin_dir)).context("loading the datapath")?;
+    dp.load_programs().context("verifying the programs")?;
+    attach::pin_programs(&mut dp, &s.pin_dir)?;
+    let (services, backends) = dp.recover()?;
+    if services + backends > 0 {
+        tracing::info!(services, backends, "continuing from the pinned maps");
+    }
+    let mut writer = Writer::recover(&dp);
+
+    for ifname in &s.xdp_interfaces {
+        let how = attach::xdp(&mut dp, &s.pin_dir, ifname, s.xdp_mode).with_context(|| format!("XDP on {ifname}"))?;
+        tracing::info!(ifname, ?how, "XDP attached");
+    }
+    for ifname in &s.tc_interfaces {
+        let how = attach::tc_ingress(&mut dp, &s.pin_dir, ifname).with_context(|| format!("TC on {ifname}"))?;
+        tracing::info!(ifname, ?how, "TC attached");
+    }
+    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    if !s.tc_patterns.is_empty() {
+        spawn_link_watcher(link_tx).context("watching links")?;
+    }
+
+    let http = Http::new(Maps::open_pinned(&s.pin_dir).ok());
+    if let Some(addr) = s.http_address {
+        let h = http.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, h).await {
+                tracing::error!(%addr, error = %e, "HTTP server failed");
+            }
+        });
+    }
+    let mut health = HealthChecks::default();
+
+    let (tx, mut rx) = watch::channel(Snapshot::default());
+    let mut source = spawn_source(&s, tx);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut last_config = None;
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snap = rx.borrow_and_update().clone();
+                if !snap.synced {
+                    continue;
+                }
+                let started = Instant::now();
+                let node = node_info(&s, &snap);
+                let cfg = config(&s, &node);
+                if last_config != Some(cfg) {
+                    dp.set_config(&cfg)?;
+                    last_config = Some(cfg);
+                }
+                let d = desired(&s, &snap);
+                let report = writer.apply(&mut dp, &d);
+                let took = started.elapsed();
+                let m = &http.metrics;
+                m.syncs.inc();
+                m.sync_duration.observe(took.as_secs_f64());
+                if let Some(at) = snap.changed_at {
+                    m.programming_latency.observe(at.elapsed().as_secs_f64());
+                }
+                m.frontends.set(writer.len() as i64);
+                m.problems.set((d.problems.len() + report.failed.len()) as i64);
+                for p in &d.problems {
+                    tracing::warn!(service = %p.service, "{}", p.message);
+                }
+                for p in &report.failed {
+                    tracing::error!(service = %p.service, "{}", p.message);
+                }
+                if !report.failed.is_empty() {
+                    m.sync_failures.inc();
+                }
+                tracing::info!(
+                    frontends = writer.len(), changed = report.changed, removed = report.removed,
+                    backends_written = report.backends_written, backends_removed = report.backends_removed,
+                    failed = report.failed.len(), micros = took.as_micros() as u64, "synced"
+                );
+                health.sync(&d.health_checks).await;
+                http.ready.store(true, Ordering::Relaxed);
+                http.beat();
+            }
+            Some(ev) = link_rx.recv() => match ev {
+                LinkEvent::Up(ifname) if attach::matches(&s.tc_patterns, &ifname) && !s.tc_interfaces.contains(&ifname) => {
+                    match attach::tc_ingress(&mut dp, &s.pin_dir, &ifname) {
+                        Ok(how) => tracing::info!(ifname, ?how, "TC attached (pattern match)"),
+                        Err(e) => tracing::warn!(ifname, error = %e, "attaching TC failed"),
+                    }
+                }
+                LinkEvent::Gone(ifname) => {
+                    attach::forget_interface(&s.pin_dir, &ifname);
+                    tracing::info!(ifname, "interface gone");
+                }
+                LinkEvent::Up(_) => {}
+            },
+            res = &mut source => {
+                // The source ended: keep the datapath as it is and stop.
+                match res {
+                    Ok(Ok(())) => tracing::warn!("source ended"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "source failed"),
+                    Err(e) => tracing::error!(error = %e, "source panicked"),
+                }
+                anyhow::bail!("the source stopped; the datapath keeps its last state");
+            }
+            _ = tick.tick() => http.beat(),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    tracing::info!("exiting; programs stay attached and maps pinned under {}", s.pin_dir.display());
+    Ok(())
+}
+
+/// Parses `a-b` into a port range.
+pub fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: need 1 ≤ FIRST ≤ LAST"));
+    }
+    Ok((a, b))
+}
+
+/// Parses a CIDR (a bare address is a /32 or /128).
+pub fn cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>().or_else(|_| s.parse::<IpAddr>().map(IpNet::from)).map_err(|e| format!("{s:?}: {e}"))
+}

@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! `/metrics` (Prometheus text format), `/healthz`, `/readyz`, and
+//! kube-proxy's per-service health check for externalTrafficPolicy Local.
+//!
+//! Datapath counters are read from the pinned maps at scrape time (a
+//! [`Collector`]), so a scrape always shows the kernel's current numbers.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use datapath_common::verdict;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, text::encode},
+    metrics::{counter::ConstCounter, counter::Counter, gauge::ConstGauge, gauge::Gauge, histogram::Histogram, MetricType},
+    registry::Registry,
+};
+
+use crate::{datapath::Maps, translate::HealthCheck};
+
+/// The agent's own metrics, updated by the reconcile loop.
+#[derive(Debug)]
+pub struct Metrics {
+    pub syncs: Counter,
+    pub sync_failures: Counter,
+    pub sync_duration: Histogram,
+    pub programming_latency: Histogram,
+    pub frontends: Gauge,
+    pub problems: Gauge,
+}
+
+fn buckets() -> impl Iterator<Item = f64> {
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter()
+}
+
+impl Metrics {
+    fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            syncs: Counter::default(),
+            sync_failures: Counter::default(),
+            sync_duration: Histogram::new(buckets()),
+            programming_latency: Histogram::new(buckets()),
+            frontends: Gauge::default(),
+            problems: Gauge::default(),
+        };
+        registry.register("xlb_syncs", "Reconciliations of the datapath with the source", m.syncs.clone());
+        registry.register(
+            "xlb_sync_failures",
+            "Reconciliations in which at least one frontend could not be programmed",
+            m.sync_failures.clone(),
+        );
+        registry.register("xlb_sync_duration_seconds", "Time to translate and write the maps", m.sync_duration.clone());
+        registry.register(
+            "xlb_programming_latency_seconds",
+            "Time from seeing a change in the source to the maps holding it",
+            m.programming_latency.clone(),
+        );
+        registry.register("xlb_frontends", "Frontends programmed", m.frontends.clone());
+        registry.register("xlb_problems", "Services or ports skipped or failed in the last sync", m.problems.clone());
+        m
+    }
+}
+
+/// Reads the datapath counters from the maps on every scrape.
+#[derive(Debug)]
+struct MapCollector {
+    maps: Mutex<Maps>,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Maps")
+    }
+}
+
+impl Collector for MapCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(v) = maps.verdicts() {
+            let mut m = encoder.encode_descriptor(
+                "xlb_packets_by_verdict",
+                "Packets seen by the programs, by verdict reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for (i, n) in v.iter().enumerate() {
+                let labels = [("reason", verdict::NAMES[i])];
+                ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let names: HashMap<u32, (String, String, &str)> = maps
+            .frontends()
+            .into_iter()
+            .map(|(id, i)| {
+                let name = String::from_utf8_lossy(&i.name[..i.name_len as usize]).into_owned();
+                let kind = crate::translate::Kind::from_number(i.kind).map(|k| k.name()).unwrap_or("?");
+                (id, (name, crate::dump::frontend_addr(&i.key), kind))
+            })
+            .collect();
+        let mut stats = Vec::new();
+        for (id, (name, addr, kind)) in &names {
+            if let Ok(c) = maps.service_stats(*id) {
+                stats.push(([("service", name.clone()), ("frontend", addr.clone()), ("kind", kind.to_string())], c));
+            }
+        }
+        for (metric, help, bytes) in [
+            ("xlb_service_packets", "Packets load-balanced per frontend", false),
+            ("xlb_service_bytes", "Bytes load-balanced per frontend", true),
+        ] {
+            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (labels, c) in &stats {
+                ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(labels)?)?;
+            }
+        }
+        let mut bstats = Vec::new();
+        for (id, b) in maps.backends() {
+            if let Ok(c) = maps.backend_stats(id) {
+                bstats.push(([("backend", crate::dump::addr_port(&b.addr, b.port))], c));
+            }
+        }
+        for (metric, help, bytes) in [
+            ("xlb_backend_packets", "Packets sent to each backend", false),
+            ("xlb_backend_bytes", "Bytes sent to each backend", true),
+        ] {
+            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (labels, c) in &bstats {
+                ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(labels)?)?;
+            }
+        }
+        let ct = maps.conntrack_len() as i64;
+        let m = encoder.encode_descriptor(
+            "xlb_conntrack_entries",
+            "Entries in the conntrack map (two per flow)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(ct).encode(m)?;
+        Ok(())
+    }
+}
+
+/// Shared state of the HTTP endpoints.
+#[derive(Debug)]
+pub struct Http {
+    registry: Registry,
+    pub metrics: Metrics,
+    /// Set after the first complete sync.
+    pub ready: AtomicBool,
+    /// Last time the reconcile loop was alive.
+    pub heartbeat: Mutex<Instant>,
+}
+
+impl Http {
+    /// Metrics on the agent and on the maps pinned under `pin_dir`.
+    pub fn new(maps: Option<Maps>) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        if let Some(maps) = maps {
+            registry.register_collector(Box::new(MapCollector { maps: Mutex::new(maps) }));
+        }
+        Arc::new(Self { registry, metrics, ready: AtomicBool::new(false), heartbeat: Mutex::new(Instant::now()) })
+    }
+
+    pub fn beat(&self) {
+        *self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+async fn metrics(State(s): State<Arc<Http>>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], s.render())
+}
+
+async fn healthz(State(s): State<Arc<Http>>) -> impl IntoResponse {
+    let age = s.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+    if age < Duration::from_secs(60) {
+        (StatusCode::OK, "ok\n".to_string())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("reconcile loop stuck for {}s\n", age.as_secs()))
+    }
+}
+
+async fn readyz(State(s): State<Arc<Http>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`.
+pub async fn serve(addr: SocketAddr, state: Arc<Http>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// One kube-proxy style health-check server.
+struct HealthServer {
+    service: Arc<Mutex<String>>,
+    local: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The healthCheckNodePort servers of the externalTrafficPolicy Local
+/// services: `GET /` answers 200 when the node has a ready local endpoint
+/// and 503 when it has none, with kube-proxy's JSON body, so cloud load
+/// balancers only send traffic to nodes that can serve it locally.
+#[derive(Default)]
+pub struct HealthChecks {
+    servers: HashMap<u16, HealthServer>,
+}
+
+async fn health_check(
+    State((service, local)): State<(Arc<Mutex<String>>, Arc<AtomicUsize>)>,
+) -> impl IntoResponse {
+    let n = local.load(Ordering::Relaxed);
+    let svc = service.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (ns, name) = svc.split_once('/').unwrap_or(("", &svc));
+    let body = serde_json::json!({
+        "service": {"namespace": ns, "name": name},
+        "localEndpoints": n,
+        "serviceProxyHealthy": true,
+    });
+    let code = if n > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [("content-type", "application/json"), ("x-content-type-options", "nosniff")], body.to_string())
+}
+
+impl HealthChecks {
+    /// Starts, updates and stops servers to match `wanted`.
+    pub async fn sync(&mut self, wanted: &[HealthCheck]) {
+        let ports: HashMap<u16, &HealthCheck> = wanted.iter().map(|h| (h.port, h)).collect();
+        self.servers.retain(|port, s| {
+            let keep = ports.contains_key(port);
+            if !keep {
+                s.task.abort();
+            }
+            keep
+        });
+        for (port, h) in ports {
+            if let Some(s) = self.servers.get(&port) {
+                s.local.store(h.local_endpoints, Ordering::Relaxed);
+                *s.service.lock().unwrap_or_else(|e| e.into_inner()) = h.service.clone();
+                continue;
+            }
+            // Dual-stack where the host has IPv6, else IPv4 only.
+            let listener = match tokio::net::TcpListener::bind(("::", port)).await {
+                Ok(l) => l,
+                Err(_) => match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(service = %h.service, port, error = %e, "cannot serve the health check");
+                        continue;
+                    }
+                },
+            };
+            let service = Arc::new(Mutex::new(h.service.clone()));
+            let local = Arc::new(AtomicUsize::new(h.local_endpoints));
+            let app = Router::new().fallback(health_check).with_state((service.clone(), local.clone()));
+            let task = tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            tracing::info!(service = %h.service, port, "serving the health check");
+            self.servers.insert(port, HealthServer { service, local, task });
+        }
+    }
+}
