@@ -6,6 +6,7 @@
 //! Every namespace has a unique name (pid + counter) and is removed on drop,
 //! also when a test panics, so tests run in parallel and CI can run twice.
 
+pub mod agent;
 pub mod packet;
 pub mod topo;
 

@@ -1,0 +1,227 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The real `xlb agent` process, from a directory of YAML, in the node
+//! namespace of a client / node / server topology: an established TCP
+//! connection survives the agent stopping and a new agent taking over from
+//! the pins; live edits of the files reach the maps; TC follows interfaces
+//! matching a pattern as they come and go.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use bpf_tests::{
+    agent::{Agent, PinDir, TempDir, xlb},
+    topo::{CLIENT4, SERVER4, Topology},
+};
+
+const NODE_ADDR: &str = "172.31.1.1";
+
+fn manifests(endpoints: &[&str]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|a| format!("- addresses: [{a}]\n  conditions: {{ready: true}}\n  nodeName: node-t\n"))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: test}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.7.7
+  ports: [{{name: tcp, port: 7, targetPort: 8080, nodePort: 30007}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-1, namespace: test, labels: {{kubernetes.io/service-name: echo}}}}
+addressType: IPv4
+ports: [{{name: tcp, port: 8080}}]
+endpoints:
+{eps}"#
+    )
+}
+
+/// Echoes lines back, prefixed with the peer address the server saw.
+fn echo_server(topo: &Topology, addr: SocketAddr) {
+    let listener = {
+        let _in = topo.server.enter();
+        TcpListener::bind(addr).expect("bind")
+    };
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { break };
+            thread::spawn(move || {
+                let peer = s.peer_addr().unwrap();
+                let mut w = s.try_clone().unwrap();
+                for line in BufReader::new(s).lines() {
+                    let Ok(line) = line else { break };
+                    if writeln!(w, "{peer} {line}").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+struct Conn {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn open(topo: &Topology, to: SocketAddr) -> Self {
+        let s = {
+            let _in = topo.client.enter();
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect through xlb")
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Self { w: s.try_clone().unwrap(), r: BufReader::new(s) }
+    }
+
+    /// Sends a line and returns the echo (peer the server saw, and the line).
+    fn say(&mut self, msg: &str) -> String {
+        writeln!(self.w, "{msg}").expect("send");
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap_or_else(|e| panic!("no echo of {msg:?}: {e}"));
+        line.trim_end().to_string()
+    }
+}
+
+fn agent_args(pins: &PinDir, dir: &TempDir, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--manifests",
+        &dir.path.display().to_string(),
+        "--node-name",
+        "node-t",
+        "--node-address",
+        NODE_ADDR,
+        "--xdp-interfaces",
+        "n0,n1",
+        "--pin-dir",
+        &pins.arg(),
+        "--http-address",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[test]
+fn established_connection_survives_agent_restart() {
+    let topo = Topology::new();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
+    echo_server(&topo, SocketAddr::new(SERVER4.parse().unwrap(), 8080));
+    let vip: SocketAddr = format!("{NODE_ADDR}:30007").parse().unwrap();
+
+    let mut first = Agent::start(&topo.node, dir.path.join("agent1.log"), &agent_args(&pins, &dir, &[]));
+    let mut conn = Conn::open(&topo, vip);
+    let client_port = conn.w.local_addr().unwrap().port();
+    let echo = conn.say("before");
+    assert_eq!(echo, format!("{CLIENT4}:{client_port} before"), "the backend sees the real client");
+
+    // No agent at all: the pinned datapath keeps forwarding.
+    first.stop();
+    assert!(first.log_text().contains("programs stay attached"), "{}", first.log_text());
+    assert!(conn.say("between").ends_with(" between"));
+
+    // A new agent takes over from the pins without touching the flow.
+    let second = Agent::start(&topo.node, dir.path.join("agent2.log"), &agent_args(&pins, &dir, &[]));
+    let log = second.log_text();
+    assert!(log.contains("continuing from the pinned maps services=2 backends=1"), "{log}");
+    assert!(log.contains("how=Updated"), "the pinned XDP links were swapped to the new programs: {log}");
+    assert!(log.contains("changed=0"), "nothing to re-program: {log}");
+    for i in 0..20 {
+        assert!(conn.say(&format!("after {i}")).ends_with(&format!(" after {i}")));
+    }
+    // Its conntrack entry is the one from before the restart.
+    let ct = xlb(&topo.node, &["dump", "--pin-dir", &pins.arg(), "-o", "json", "conntrack"]);
+    let ct: serde_json::Value = serde_json::from_str(&ct).unwrap();
+    let mine = format!("{CLIENT4}:{client_port}");
+    let fwd = ct.as_array().unwrap().iter().find(|e| e["source"] == mine.as_str() && e["direction"] == "forward");
+    let fwd = fwd.unwrap_or_else(|| panic!("no conntrack entry for {mine}: {ct:#}"));
+    assert_eq!(fwd["backend"], format!("{SERVER4}:8080").as_str());
+    assert_eq!(fwd["state"], "established");
+    assert_eq!(fwd["service"], "test/echo:tcp");
+
+    // And new connections are balanced as before.
+    assert!(Conn::open(&topo, vip).say("new").ends_with(" new"));
+    drop(second);
+}
+
+#[test]
+fn file_edits_reach_the_maps_and_bad_services_are_isolated() {
+    let topo = Topology::new();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let file = dir.path.join("echo.yaml");
+    std::fs::write(&file, manifests(&[SERVER4])).unwrap();
+    let mut agent = Agent::start(&topo.node, dir.path.join("agent.log"), &agent_args(&pins, &dir, &[]));
+    let backends = |pins: &PinDir| -> Vec<String> {
+        let out = xlb(&topo.node, &["dump", "--pin-dir", &pins.arg(), "-o", "json", "backends"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array().unwrap().iter().map(|b| b["backend"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(backends(&pins), [format!("{SERVER4}:8080")]);
+
+    // An edit adds a backend; a bad document and an SCTP-only service in a
+    // second file are reported without disturbing the good service.
+    let started = Instant::now();
+    std::fs::write(&file, manifests(&[SERVER4, "172.31.2.3"])).unwrap();
+    std::fs::write(
+        dir.path.join("bad.yaml"),
+        "kind: Service\nmetadata: {name: s, namespace: test}\nspec: {clusterIP: 10.96.7.8, ports: [{port: 9, protocol: SCTP}]}\n---\nkind: Service\nspec: {ports: 7}\n",
+    )
+    .unwrap();
+    agent.wait_log("synced", 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backends(&pins).len() != 2 {
+        assert!(Instant::now() < deadline, "the edit never reached the maps:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("edit → maps in {:?}", started.elapsed());
+    let log = agent.log_text();
+    assert!(log.contains("SCTP is not supported"), "{log}");
+    assert!(log.contains("bad Service"), "{log}");
+    let svcs = xlb(&topo.node, &["dump", "--pin-dir", &pins.arg(), "-o", "json", "services"]);
+    let svcs: serde_json::Value = serde_json::from_str(&svcs).unwrap();
+    assert_eq!(svcs.as_array().unwrap().len(), 2, "ClusterIP + NodePort of test/echo: {svcs:#}");
+
+    // Removing the files removes the service and its backends.
+    std::fs::remove_file(&file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !backends(&pins).is_empty() {
+        assert!(Instant::now() < deadline, "removal never reached the maps:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn tc_follows_interfaces_matching_the_pattern() {
+    let topo = Topology::new();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
+    let mut agent =
+        Agent::start(&topo.node, dir.path.join("agent.log"), &agent_args(&pins, &dir, &["--tc-interface-pattern", "pod*"]));
+    let pin = pins.path.join("links/tc-ingress@podA");
+    topo.node.exec(&["ip", "link", "add", "podA", "type", "veth", "peer", "name", "podB"]);
+    agent.wait_log("ifname=\"podA\"", 1);
+    assert!(pin.exists(), "{}", agent.log_text());
+    assert!(pins.path.join("links/tc-ingress@podB").exists(), "both ends match the pattern");
+    assert!(!pins.path.join("links/tc-ingress@n0").exists(), "n0 does not match");
+    topo.node.exec(&["ip", "link", "del", "podA"]);
+    agent.wait_log("interface gone", 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pin.exists() {
+        assert!(Instant::now() < deadline, "the pin of a deleted interface stayed:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
