@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The Kubernetes source over real HTTP against the API-server emulator in
+//! `apiserver/`: initial lists, watch events, bookmarks, a dropped
+//! connection, 410 Gone and a re-list, and an outage during which the last
+//! state is kept (never an empty view).
+
+mod apiserver;
+
+use std::time::Duration;
+
+use apiserver::{ApiServer, Kind};
+use tokio::sync::watch;
+use xlb::{
+    source::{Snapshot, kube},
+    translate::{NodeInfo, Options, translate},
+};
+
+const SERVICE: &str = r#"
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+"#;
+
+fn slice(addrs: &[&str]) -> String {
+    let eps: String = addrs.iter().map(|a| format!("- addresses: [{a}]\n  nodeName: node-1\n")).collect();
+    format!(
+        "metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}"
+    )
+}
+
+const NODE: &str = r#"
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 192.168.7.1}, {type: Hostname, address: node-1}]}
+"#;
+
+/// Backends of the ClusterIP frontend, and the NodePort addresses, of a snapshot.
+fn view(s: &Snapshot) -> (Vec<String>, Vec<String>) {
+    let node = s.nodes.first().map(NodeInfo::from_node).unwrap_or_default();
+    let d = translate(&s.services, &s.slices, &node, &Options::default());
+    let backends = d
+        .frontends
+        .iter()
+        .find(|f| f.key.address.to_string() == "10.96.0.10")
+        .map(|f| f.backends.iter().map(|b| b.address.to_string()).collect())
+        .unwrap_or_default();
+    let nodeports = d.frontends.iter().filter(|f| f.key.port == 30080).map(|f| f.key.address.to_string()).collect();
+    (backends, nodeports)
+}
+
+/// Waits for a published snapshot satisfying `want`, checking every
+/// snapshot on the way with `each`.
+async fn until(
+    rx: &mut watch::Receiver<Snapshot>,
+    what: &str,
+    mut each: impl FnMut(&Snapshot),
+    want: impl Fn(&Snapshot) -> bool,
+) -> Snapshot {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        {
+            let s = rx.borrow_and_update();
+            each(&s);
+            if s.synced && want(&s) {
+                return s.clone();
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => r.expect("source alive"),
+            _ = tokio::time::sleep_until(deadline) => panic!("timed out waiting for {what}; last: {:?}", view(&rx.borrow())),
+        }
+    }
+}
+
+fn backends_are(want: &'static [&'static str]) -> impl Fn(&Snapshot) -> bool {
+    move |s| view(s).0 == want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_watches_survives_drops_gone_and_outages() {
+    let api = ApiServer::start().await;
+    api.apply(Kind::Service, SERVICE);
+    api.apply(Kind::EndpointSlice, &slice(&["10.0.0.1"]));
+    api.apply(Kind::Node, NODE);
+    api.apply(Kind::Node, "metadata: {name: node-2}\nstatus: {addresses: [{type: InternalIP, address: 192.168.7.2}]}");
+
+    let dir = std::env::temp_dir().join(format!("xlb-kubeconfig-{}", std::process::id()));
+    std::fs::write(&dir, api.kubeconfig()).unwrap();
+    let client = kube::client(Some(&dir)).await.expect("client");
+    std::fs::remove_file(&dir).unwrap();
+    let (tx, mut rx) = watch::channel(Snapshot::default());
+    let task = tokio::spawn(kube::run(client, "node-1".into(), tx));
+    // Never an empty view once synced: the datapath must not be flushed.
+    let never_empty = |s: &Snapshot| {
+        if s.synced {
+            assert!(!s.services.is_empty() && !s.slices.is_empty(), "a synced snapshot lost objects: {:?}", view(s));
+        }
+    };
+
+    // 1. Initial lists: this node only (field selector), its InternalIP gets the NodePort.
+    let s = until(&mut rx, "the initial lists", never_empty, backends_are(&["10.0.0.1"])).await;
+    assert_eq!(s.nodes.len(), 1, "only this node is watched");
+    assert_eq!(view(&s).1, ["192.168.7.1"]);
+
+    // 2. A watch event.
+    api.apply(Kind::EndpointSlice, &slice(&["10.0.0.1", "10.0.0.2"]));
+    until(&mut rx, "a watched change", never_empty, backends_are(&["10.0.0.1", "10.0.0.2"])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(api.inner.bookmarks.load(std::sync::atomic::Ordering::Relaxed) > 0, "bookmarks were requested and sent");
+
+    // 3. Dropped connections: the watchers resume from their resourceVersion.
+    let lists = api.inner.lists.load(std::sync::atomic::Ordering::Relaxed);
+    api.drop_watches();
+    api.apply(Kind::EndpointSlice, &slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    until(&mut rx, "a change after a dropped watch", never_empty, backends_are(&["10.0.0.1", "10.0.0.2", "10.0.0.3"])).await;
+    assert_eq!(api.inner.lists.load(std::sync::atomic::Ordering::Relaxed), lists, "resumed without re-listing");
+
+    // 4. 410 Gone: history compacted while disconnected → re-list.
+    api.compact();
+    api.drop_watches();
+    api.apply(Kind::EndpointSlice, &slice(&["10.0.0.4"]));
+    api.compact();
+    until(&mut rx, "the state after 410 Gone and a re-list", never_empty, backends_are(&["10.0.0.4"])).await;
+    assert!(api.inner.gone.load(std::sync::atomic::Ordering::Relaxed) > 0, "a watch was answered 410");
+    assert!(api.inner.lists.load(std::sync::atomic::Ordering::Relaxed) > lists, "the source re-listed");
+
+    // 5. Outage: the last state stays; afterwards changes flow again.
+    api.set_down(true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    {
+        let s = rx.borrow();
+        never_empty(&s);
+        assert_eq!(view(&s).0, ["10.0.0.4"], "the last state is kept while the API server is down");
+    }
+    api.set_down(false);
+    api.apply(Kind::EndpointSlice, &slice(&["10.0.0.4", "10.0.0.5"]));
+    until(&mut rx, "a change after the outage", never_empty, backends_are(&["10.0.0.4", "10.0.0.5"])).await;
+
+    // 6. Deletion is seen too.
+    api.delete(Kind::Service, "shop", "web");
+    until(&mut rx, "a deleted service", |_| {}, |s| s.services.is_empty()).await;
+    task.abort();
+}
