@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod cli;
 pub mod datapath;
 pub mod dump;
 pub mod maglev;

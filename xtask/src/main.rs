@@ -20,7 +20,12 @@ enum Cmd {
     /// Install what building and testing need (idempotent, quick when done):
     /// rust-src for nightly, bpf-linker built against nightly's LLVM, Debian
     /// packages, a mounted bpffs.
-    Setup,
+    Setup {
+        /// Only the build toolchain (nightly, rust-src, bpf-linker): no
+        /// Debian packages, no bpffs. For container image builds.
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Setup, then every test: host unit tests, packet tests, netns tests.
     Test,
     /// Setup, then a short demo: real TCP connections to a VIP through XDP in
@@ -32,9 +37,12 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup { toolchain_only: true } => setup::toolchain(),
+        Cmd::Setup { toolchain_only: false } => setup::run(),
         Cmd::Test => {
             setup::run()?;
+            // The agent binary first: the netns tests run it as a process.
+            cargo(&["build", "--release", "-p", "agent", "--bin", "xlb"]).context("building xlb")?;
             cargo(&["test", "--release"]).context("tests failed")
         }
         Cmd::Demo => {

@@ -22,11 +22,16 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 pub fn run() -> anyhow::Result<()> {
-    nightly_rust_src()?;
-    bpf_linker()?;
+    toolchain()?;
     packages()?;
     bpffs()?;
     Ok(())
+}
+
+/// Only what building needs (nightly, rust-src, bpf-linker): for image builds.
+pub fn toolchain() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()
 }
 
 fn output(cmd: &str, args: &[&str]) -> anyhow::Result<String> {

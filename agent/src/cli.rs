@@ -1,0 +1,199 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The `xlb` command line (clap, derive + environment variables). In the
+//! library so tests can check that the DaemonSet's arguments parse.
+use std::{net::{IpAddr, SocketAddr}, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+use crate::{
+    MapSizes,
+    agent::{self, Settings},
+    attach::XdpAttachMode,
+    dump, maglev,
+    translate::Options,
+};
+
+#[derive(Parser)]
+#[command(name = "xlb", version, about = "Kubernetes service load balancer with an eBPF datapath")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the node agent: watch Services and EndpointSlices (from the API
+    /// server, or from --manifests), program the datapath, serve metrics.
+    Agent(Box<AgentArgs>),
+    /// Show what the datapath holds, from the pinned maps (read-only).
+    Dump {
+        /// Where the agent pinned its maps.
+        #[arg(long, env = "XLB_PIN_DIR", default_value = "/sys/fs/bpf/xlb")]
+        pin_dir: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: dump::Format,
+        #[command(subcommand)]
+        what: dump::What,
+    },
+    /// Print the version.
+    Version,
+    /// Load every datapath program into the kernel (through the verifier)
+    /// and report it, without attaching anything.
+    Check,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// Read Services, EndpointSlices and Nodes from the YAML files in this
+    /// directory (re-read on every change) instead of the API server.
+    #[arg(long, env = "XLB_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server; default: in-cluster configuration.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (matched against endpoints' nodeName and the Node object).
+    #[arg(long, env = "NODE_NAME", default_value_t = default_node_name())]
+    pub node_name: String,
+    /// Node addresses for NodePorts and SNAT, added to the Node object's
+    /// InternalIP/ExternalIP addresses (comma-separated).
+    #[arg(long, env = "XLB_NODE_ADDRESSES", value_delimiter = ',')]
+    pub node_address: Vec<IpAddr>,
+    /// Interfaces that get the XDP program (north-south traffic), comma-separated.
+    #[arg(long, env = "XLB_XDP_INTERFACES", value_delimiter = ',')]
+    pub xdp_interfaces: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value = "auto")]
+    pub xdp_mode: XdpAttachMode,
+    /// Interfaces that get the TC ingress program (pod-facing), comma-separated.
+    #[arg(long, env = "XLB_TC_INTERFACES", value_delimiter = ',')]
+    pub tc_interfaces: Vec<String>,
+    /// Glob patterns of pod-facing interfaces (e.g. `veth*,cali*,lxc*`): TC
+    /// is attached to every matching interface as it appears.
+    #[arg(long, env = "XLB_TC_INTERFACE_PATTERN", value_delimiter = ',')]
+    pub tc_interface_pattern: Vec<String>,
+    /// bpffs directory for the pinned maps, programs and links.
+    #[arg(long, env = "XLB_PIN_DIR", default_value = "/sys/fs/bpf/xlb")]
+    pub pin_dir: PathBuf,
+    /// Detach the programs, remove every pin and exit (breaks open connections).
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Print the desired datapath state computed from the source and exit,
+    /// without touching the kernel.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Format of --dry-run.
+    #[arg(short, long, value_enum, default_value = "json")]
+    pub output: DryRunFormat,
+    /// Valid NodePort range.
+    #[arg(long, env = "XLB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = agent::port_range)]
+    pub node_port_range: (u16, u16),
+    /// Only node addresses in these CIDRs carry NodePorts (default: all).
+    #[arg(long, env = "XLB_NODEPORT_ADDRESSES", value_delimiter = ',', value_parser = agent::cidr)]
+    pub nodeport_addresses: Vec<IpNet>,
+    /// Allowed externalIPs (default: any). Set it to mitigate CVE-2020-8554.
+    #[arg(long, env = "XLB_EXTERNAL_IP_CIDRS", value_delimiter = ',', value_parser = agent::cidr)]
+    pub external_ip_cidrs: Vec<IpNet>,
+    /// Smallest Maglev table size (the smallest prime ≥ 100 × backends is used within the bounds).
+    #[arg(long, env = "XLB_MAGLEV_MIN", default_value_t = maglev::MIN_SIZE)]
+    pub maglev_min: u32,
+    /// Largest Maglev table size.
+    #[arg(long, env = "XLB_MAGLEV_MAX", default_value_t = maglev::MAX_SIZE)]
+    pub maglev_max: u32,
+    /// IPv4 SNAT source (default: the node's first IPv4 address).
+    #[arg(long, env = "XLB_SNAT_IPV4")]
+    snat_ipv4: Option<IpAddr>,
+    /// IPv6 SNAT source (default: the node's first IPv6 address).
+    #[arg(long, env = "XLB_SNAT_IPV6")]
+    snat_ipv6: Option<IpAddr>,
+    /// Source ports for SNAT (keep them out of net.ipv4.ip_local_port_range).
+    #[arg(long, env = "XLB_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = agent::port_range)]
+    pub snat_port_range: (u16, u16),
+    /// Frontends (SERVICES entries and frontend ids).
+    #[arg(long, env = "XLB_MAX_SERVICES", default_value_t = MapSizes::default().services)]
+    pub max_services: u32,
+    /// Backend ids.
+    #[arg(long, env = "XLB_MAX_BACKENDS", default_value_t = MapSizes::default().backends)]
+    pub max_backends: u32,
+    /// SLOTS entries shared by all backend lists and Maglev tables.
+    #[arg(long, env = "XLB_SLOTS", default_value_t = MapSizes::default().slots)]
+    pub slots: u32,
+    /// Conntrack entries (two per flow).
+    #[arg(long, env = "XLB_CONNTRACK_SIZE", default_value_t = MapSizes::default().conntrack)]
+    pub conntrack_size: u32,
+    /// sessionAffinity entries.
+    #[arg(long, env = "XLB_AFFINITY_SIZE", default_value_t = MapSizes::default().affinity)]
+    pub affinity_size: u32,
+    /// Address for /metrics, /healthz and /readyz; `none` disables.
+    #[arg(long, env = "XLB_HTTP_ADDRESS", default_value = "0.0.0.0:10249")]
+    pub http_address: String,
+    /// Log format.
+    #[arg(long, env = "XLB_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "XLB_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DryRunFormat {
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
+    let tc_patterns = a
+        .tc_interface_pattern
+        .iter()
+        .map(|p| glob::Pattern::new(p).with_context(|| format!("--tc-interface-pattern {p:?}")))
+        .collect::<anyhow::Result<_>>()?;
+    let http_address = match a.http_address.as_str() {
+        "none" | "" => None,
+        s => Some(s.parse::<SocketAddr>().with_context(|| format!("--http-address {s:?}"))?),
+    };
+    if a.maglev_min > a.maglev_max || a.maglev_min < 2 {
+        anyhow::bail!("--maglev-min {} / --maglev-max {}: need 2 ≤ min ≤ max", a.maglev_min, a.maglev_max);
+    }
+    Ok(Settings {
+        manifests: a.manifests.clone(),
+        kubeconfig: a.kubeconfig.clone(),
+        node_name: a.node_name.clone(),
+        node_addresses: a.node_address.clone(),
+        options: Options {
+            node_port_range: a.node_port_range,
+            nodeport_cidrs: a.nodeport_addresses.clone(),
+            external_ip_cidrs: a.external_ip_cidrs.clone(),
+            maglev_min: a.maglev_min,
+            maglev_max: a.maglev_max,
+        },
+        xdp_interfaces: a.xdp_interfaces.clone(),
+        xdp_mode: a.xdp_mode,
+        tc_interfaces: a.tc_interfaces.clone(),
+        tc_patterns,
+        pin_dir: a.pin_dir.clone(),
+        sizes: MapSizes {
+            services: a.max_services,
+            backends: a.max_backends,
+            slots: a.slots,
+            conntrack: a.conntrack_size,
+            affinity: a.affinity_size,
+            ..MapSizes::default()
+        },
+        snat_v4: a.snat_ipv4,
+        snat_v6: a.snat_ipv6,
+        snat_ports: a.snat_port_range,
+        http_address,
+    })
+}
+
