@@ -10,8 +10,5 @@ fn main() -> anyhow::Result<()> {
     // aya-build only watches the crate root; its sources and the shared ABI matter too.
     println!("cargo:rerun-if-changed={root}/src");
     println!("cargo:rerun-if-changed={root}/../datapath-common/src");
-    aya_build::build_ebpf(
-        [Package { name: "datapath-ebpf", root_dir: root, ..Default::default() }],
-        Toolchain::Nightly,
-    )
+    aya_build::build_ebpf([Package { name: "datapath-ebpf", root_dir: root, ..Default::default() }], Toolchain::Nightly)
 }

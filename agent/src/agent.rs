@@ -239,14 +239,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 if !report.failed.is_empty() {
                     m.sync_failures.inc();
                 }
-                tracing::info!(
-                    frontends = writer.len(), changed = report.changed, removed = report.removed,
-                    backends_written = report.backends_written, backends_removed = report.backends_removed,
-                    failed = report.failed.len(), micros = took.as_micros() as u64, "synced"
-                );
                 health.sync(&d.health_checks).await;
                 http.ready.store(true, Ordering::Relaxed);
                 http.beat();
+                let quiet = report.changed + report.removed + report.failed.len() == 0 && http.metrics.syncs.get() > 1;
+                if !quiet { tracing::info!(
+                    services = snap.services.len(), frontends = writer.len(), changed = report.changed, removed = report.removed,
+                    backends_written = report.backends_written, backends_removed = report.backends_removed,
+                    failed = report.failed.len(), micros = took.as_micros() as u64, "synced"
+                ); }
             }
             Some(ev) = link_rx.recv() => match ev {
                 LinkEvent::Up(ifname) if attach::matches(&s.tc_patterns, &ifname) && !s.tc_interfaces.contains(&ifname) => {

@@ -93,11 +93,7 @@ pub enum Attached {
 
 /// Attaches the XDP program to `ifname` (or swaps the pinned link to it).
 pub fn xdp(dp: &mut Datapath, dir: &Path, ifname: &str, mode: XdpAttachMode) -> anyhow::Result<Attached> {
-    let prog: &mut Xdp = dp
-        .program_mut(XDP_PROGRAM)
-        .context("no XDP program")?
-        .try_into()
-        .context("program type")?;
+    let prog: &mut Xdp = dp.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into().context("program type")?;
     let path = link_path(dir, "xdp", ifname);
     if let Some(link) = pinned(&path) {
         let res = XdpLink::try_from(link).map_err(anyhow::Error::from).and_then(|l| Ok(prog.attach_to_link(l)?));
@@ -129,7 +125,9 @@ pub fn xdp(dp: &mut Datapath, dir: &Path, ifname: &str, mode: XdpAttachMode) -> 
         Ok(fd) => {
             fd.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
         }
-        Err(_) => bail!("{ifname}: XDP attached through netlink (no bpf_link); it cannot be pinned"),
+        Err(_) => {
+            bail!("{ifname}: XDP attached through netlink (no bpf_link); it cannot be pinned")
+        }
     }
     Ok(how)
 }
@@ -137,11 +135,8 @@ pub fn xdp(dp: &mut Datapath, dir: &Path, ifname: &str, mode: XdpAttachMode) -> 
 /// Attaches the TC ingress program to `ifname` (TCX where the kernel has
 /// it, else a clsact filter), or swaps the pinned link to it.
 pub fn tc_ingress(dp: &mut Datapath, dir: &Path, ifname: &str) -> anyhow::Result<Attached> {
-    let prog: &mut SchedClassifier = dp
-        .program_mut(TC_INGRESS_PROGRAM)
-        .context("no TC program")?
-        .try_into()
-        .context("program type")?;
+    let prog: &mut SchedClassifier =
+        dp.program_mut(TC_INGRESS_PROGRAM).context("no TC program")?.try_into().context("program type")?;
     let path = link_path(dir, "tc-ingress", ifname);
     if let Some(link) = pinned(&path) {
         let res =

@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The `xlb` command line (clap, derive + environment variables). In the
 //! library so tests can check that the DaemonSet's arguments parse.
-use std::{net::{IpAddr, SocketAddr}, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -196,4 +199,3 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         http_address,
     })
 }
-

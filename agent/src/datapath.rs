@@ -16,16 +16,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues,
-        lpm_trie::Key,
-    },
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
     programs::Program,
     util::nr_cpus,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat,
-    SCHED_MAGLEV, Service, ServiceKey, SourceRangeKey, maps, v4_mapped, verdict,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat, SCHED_MAGLEV, Service,
+    ServiceKey, SourceRangeKey, maps, v4_mapped, verdict,
 };
 
 use crate::{
@@ -157,7 +154,11 @@ fn open_pin(dir: &Path, name: &'static str) -> Result<MapData> {
     let info = data.info().map_err(map_err(name))?;
     let (_, k, v) = LAYOUT.iter().find(|(n, ..)| *n == name).copied().ok_or(Error::MissingMap(name))?;
     if (info.key_size(), info.value_size()) != (k as u32, v as u32) {
-        return Err(Error::Incompatible { path, found: (info.key_size(), info.value_size()), expected: (k as u32, v as u32) });
+        return Err(Error::Incompatible {
+            path,
+            found: (info.key_size(), info.value_size()),
+            expected: (k as u32, v as u32),
+        });
     }
     Ok(data)
 }
@@ -174,9 +175,7 @@ impl Maps {
     /// The SLOTS entries of `svc`'s region (list, then Maglev table).
     pub fn region_slots(&self, svc: &Service) -> Result<Vec<u32>> {
         let start = svc.list_off.min(svc.maglev_off);
-        (start..svc.maglev_off + svc.maglev_len)
-            .map(|i| self.slots.get(&i, 0).map_err(map_err(maps::SLOTS)))
-            .collect()
+        (start..svc.maglev_off + svc.maglev_len).map(|i| self.slots.get(&i, 0).map_err(map_err(maps::SLOTS))).collect()
     }
 
     pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
@@ -203,7 +202,8 @@ impl Maps {
 
     fn sum(map: &PerCpuArray<MapData, Counter>, name: &'static str, i: u32) -> Result<Counter> {
         let v = map.get(&i, 0).map_err(map_err(name))?;
-        Ok(v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+        Ok(v.iter()
+            .fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
     }
 
     pub fn service_stats(&self, id: u32) -> Result<Counter> {
@@ -213,7 +213,6 @@ impl Maps {
     pub fn backend_stats(&self, id: u32) -> Result<Counter> {
         Self::sum(&self.backend_stats, maps::BACKEND_STATS, id)
     }
-
 
     /// Number of conntrack entries (both directions).
     pub fn conntrack_len(&self) -> usize {

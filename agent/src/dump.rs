@@ -12,9 +12,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use datapath_common::{
-    AffinityKey, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT, CtKey,
-    FrontendInfo, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, Service,
-    ServiceKey, ct, is_v4_mapped, v4_mapped, verdict,
+    AffinityKey, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT, CtKey, FrontendInfo,
+    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, Service, ServiceKey, ct,
+    is_v4_mapped, v4_mapped, verdict,
 };
 use serde_json::{Value, json};
 
@@ -154,8 +154,9 @@ fn table(header: &[&str]) -> Table {
 
 /// Runs one dump against the maps pinned under `pin_dir`.
 pub fn run(pin_dir: &std::path::Path, what: &What, format: Format) -> anyhow::Result<String> {
-    let maps = Maps::open_pinned(pin_dir)
-        .with_context(|| format!("opening the maps pinned under {} (is the agent running, or did it run?)", pin_dir.display()))?;
+    let maps = Maps::open_pinned(pin_dir).with_context(|| {
+        format!("opening the maps pinned under {} (is the agent running, or did it run?)", pin_dir.display())
+    })?;
     let names = maps.frontends().into_iter().collect();
     let v = View { maps, names };
     let (json, table) = match what {
@@ -180,7 +181,19 @@ fn sorted_services(v: &View) -> Vec<(ServiceKey, Service)> {
 }
 
 fn services(v: &View) -> anyhow::Result<(Value, Table)> {
-    let mut t = table(&["ID", "FRONTEND", "KIND", "SCOPE", "SERVICE", "SCHEDULER", "FLAGS", "BACKENDS", "MAGLEV", "PACKETS", "BYTES"]);
+    let mut t = table(&[
+        "ID",
+        "FRONTEND",
+        "KIND",
+        "SCOPE",
+        "SERVICE",
+        "SCHEDULER",
+        "FLAGS",
+        "BACKENDS",
+        "MAGLEV",
+        "PACKETS",
+        "BYTES",
+    ]);
     let mut out = Vec::new();
     for (k, s) in sorted_services(v) {
         let kind = v.names.get(&s.id).and_then(|i| Kind::from_number(i.kind)).map(Kind::name).unwrap_or("?");
@@ -270,7 +283,13 @@ fn maglev(v: &View, service: &str, all_slots: bool) -> anyhow::Result<(Value, Ta
         }
         for (b, n) in &per {
             let share = if s.maglev_len > 0 { *n as f64 * 100.0 / s.maglev_len as f64 } else { 0.0 };
-            t.add_row(vec![frontend_addr(&k), s.maglev_len.to_string(), b.clone(), n.to_string(), format!("{share:.2}%")]);
+            t.add_row(vec![
+                frontend_addr(&k),
+                s.maglev_len.to_string(),
+                b.clone(),
+                n.to_string(),
+                format!("{share:.2}%"),
+            ]);
         }
         if s.maglev_len == 0 {
             t.add_row(vec![frontend_addr(&k), "0".into(), "(not Maglev, or no backends)".into(), "".into(), "".into()]);
@@ -294,7 +313,11 @@ fn conntrack(v: &View) -> (Value, Table) {
     let mut out = Vec::new();
     for (k, e) in entries {
         let dir = if e.flags & CT_F_REPLY != 0 { "reply" } else { "forward" };
-        let nat = if e.flags & CT_F_SNAT != 0 { format!("snat {}", addr_port(&e.nat_addr, e.nat_port)) } else { String::new() };
+        let nat = if e.flags & CT_F_SNAT != 0 {
+            format!("snat {}", addr_port(&e.nat_addr, e.nat_port))
+        } else {
+            String::new()
+        };
         let idle = secs_since(e.last_seen_ns, now);
         t.add_row(vec![
             addr_port(&k.src, k.sport),
@@ -320,7 +343,12 @@ fn affinity(v: &View) -> (Value, Table) {
     let mut out = Vec::new();
     for (k, a) in v.maps.affinity() {
         let idle = secs_since(a.last_used_ns, now);
-        t.add_row(vec![ip(&k.client).to_string(), v.service_name(k.service_id), v.backend_name(a.backend_id), format!("{idle:.0}s")]);
+        t.add_row(vec![
+            ip(&k.client).to_string(),
+            v.service_name(k.service_id),
+            v.backend_name(a.backend_id),
+            format!("{idle:.0}s"),
+        ]);
         out.push(json!({"client": ip(&k.client).to_string(), "service": v.service_name(k.service_id),
             "backend": v.backend_name(a.backend_id), "idle_s": idle}));
     }
@@ -356,14 +384,21 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
     let mut answer = json!(null);
     for scope in [SCOPE_INTERNAL, datapath_common::SCOPE_EXTERNAL] {
         let key = ServiceKey { addr: vaddr, port: dport, proto, scope };
-        let Some(svc) = v.maps.service(&key) else { continue };
-        let hook = if scope == SCOPE_INTERNAL { "TC (internal scope)" } else { "XDP, and TC as a fallback (external scope)" };
+        let Some(svc) = v.maps.service(&key) else {
+            continue;
+        };
+        let hook =
+            if scope == SCOPE_INTERNAL { "TC (internal scope)" } else { "XDP, and TC as a fallback (external scope)" };
         let name = v.service_name(svc.id);
         lines.push(format!("{frontend}/{protocol} is frontend #{} of {name}, matched by {hook}", svc.id));
         let ct_key = CtKey { src: caddr, dst: vaddr, sport, dport, proto, _pad: [0; 3] };
         if let Some(e) = v.maps.conntrack_get(&ct_key).filter(|e| !ct::expired(e.state, e.last_seen_ns, now_ns())) {
             let b = v.backend_name(e.backend_id);
-            lines.push(format!("→ backend {b}: existing conntrack entry ({}, idle {:.0}s)", state_name(e.state), secs_since(e.last_seen_ns, now_ns())));
+            lines.push(format!(
+                "→ backend {b}: existing conntrack entry ({}, idle {:.0}s)",
+                state_name(e.state),
+                secs_since(e.last_seen_ns, now_ns())
+            ));
             answer = json!({"service": name, "backend": b, "reason": "conntrack"});
             break;
         }
@@ -371,9 +406,14 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
             let ak = AffinityKey { client: caddr, service_id: svc.id };
             if let Some(a) = v.maps.affinity_get(&ak) {
                 let idle = secs_since(a.last_used_ns, now_ns());
-                if idle < svc.affinity_timeout_s as f64 && v.maps.backend(a.backend_id).is_some_and(|b| b.state == BACKEND_ACTIVE) {
+                if idle < svc.affinity_timeout_s as f64
+                    && v.maps.backend(a.backend_id).is_some_and(|b| b.state == BACKEND_ACTIVE)
+                {
                     let b = v.backend_name(a.backend_id);
-                    lines.push(format!("→ backend {b}: sessionAffinity ClientIP entry (used {idle:.0}s ago, timeout {}s)", svc.affinity_timeout_s));
+                    lines.push(format!(
+                        "→ backend {b}: sessionAffinity ClientIP entry (used {idle:.0}s ago, timeout {}s)",
+                        svc.affinity_timeout_s
+                    ));
                     answer = json!({"service": name, "backend": b, "reason": "affinity"});
                     break;
                 }
@@ -392,7 +432,8 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
             }
             Pick::List { .. } => {
                 let all: Vec<String> = slots.iter().take(svc.count as usize).map(|id| v.backend_name(*id)).collect();
-                let how = if svc.scheduler == datapath_common::SCHED_RANDOM { "random" } else { "round-robin (per CPU)" };
+                let how =
+                    if svc.scheduler == datapath_common::SCHED_RANDOM { "random" } else { "round-robin (per CPU)" };
                 lines.push(format!("→ new flow: {how} over {}", all.join(", ")));
                 answer = json!({"service": name, "backend": null, "reason": how, "candidates": all});
             }

@@ -128,7 +128,10 @@ mod tests {
 
     fn entries(n: u32) -> Vec<Entry> {
         (1..=n)
-            .map(|i| Entry { key: backend_key(&datapath_common::v4_mapped([10, 0, (i >> 8) as u8, i as u8]), 8080u16.to_be()), id: i })
+            .map(|i| Entry {
+                key: backend_key(&datapath_common::v4_mapped([10, 0, (i >> 8) as u8, i as u8]), 8080u16.to_be()),
+                id: i,
+            })
             .collect()
     }
 

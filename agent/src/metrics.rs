@@ -20,7 +20,9 @@ use datapath_common::verdict;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _, text::encode},
-    metrics::{counter::ConstCounter, counter::Counter, gauge::ConstGauge, gauge::Gauge, histogram::Histogram, MetricType},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, gauge::ConstGauge, gauge::Gauge, histogram::Histogram,
+    },
     registry::Registry,
 };
 
@@ -229,9 +231,7 @@ pub struct HealthChecks {
     servers: HashMap<u16, HealthServer>,
 }
 
-async fn health_check(
-    State((service, local)): State<(Arc<Mutex<String>>, Arc<AtomicUsize>)>,
-) -> impl IntoResponse {
+async fn health_check(State((service, local)): State<(Arc<Mutex<String>>, Arc<AtomicUsize>)>) -> impl IntoResponse {
     let n = local.load(Ordering::Relaxed);
     let svc = service.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (ns, name) = svc.split_once('/').unwrap_or(("", &svc));

@@ -20,7 +20,15 @@ pub enum Pick {
 /// The backend a new flow gets, given the service entry, its SLOTS region
 /// as `slots` (indexed from 0 = the region's start) and, for round-robin, the
 /// CPU's cursor value, or for random, the random draw.
-pub fn pick(svc: &Service, slots: &[u32], saddr: &[u8; 16], sport: u16, dport: u16, proto: u8, cursor_or_rand: u32) -> Pick {
+pub fn pick(
+    svc: &Service,
+    slots: &[u32],
+    saddr: &[u8; 16],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    cursor_or_rand: u32,
+) -> Pick {
     if svc.count == 0 {
         return Pick::Reject;
     }

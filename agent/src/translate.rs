@@ -304,7 +304,9 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo
     // EndpointSlices by (namespace, service name).
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
-        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            continue;
+        };
         let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         by_service.entry((ns, svc.clone())).or_default().push(s);
     }
@@ -448,7 +450,9 @@ fn service_frontends(
         .filter_map(|i| {
             let ip = i.ip.as_deref()?;
             if i.ip_mode.as_deref() == Some("Proxy") {
-                problems.push(format!("LoadBalancer ingress {ip} has ipMode Proxy: the load balancer proxies, not bound here"));
+                problems.push(format!(
+                    "LoadBalancer ingress {ip} has ipMode Proxy: the load balancer proxies, not bound here"
+                ));
                 return None;
             }
             ip.parse().map_err(|_| problems.push(format!("bad LoadBalancer ingress IP {ip:?}; ignored"))).ok()
@@ -563,7 +567,11 @@ fn service_frontends(
     }
     if ext_local && (is_nodeport || !external_ips.is_empty()) {
         if let Some(port) = spec.health_check_node_port.filter(|p| *p > 0 && *p <= 65535) {
-            health_checks.push(HealthCheck { service: id.to_string(), port: port as u16, local_endpoints: local_ready });
+            health_checks.push(HealthCheck {
+                service: id.to_string(),
+                port: port as u16,
+                local_endpoints: local_ready,
+            });
         }
     }
     out
@@ -587,7 +595,9 @@ fn endpoints_for(port: &ServicePort, proto: Protocol, slices: &[&EndpointSlice],
         }) else {
             continue;
         };
-        let Some(tp) = p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0) else { continue };
+        let Some(tp) = p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0) else {
+            continue;
+        };
         for e in s.endpoints.iter().flatten() {
             let c = e.conditions.clone().unwrap_or_default();
             let ready = c.ready.unwrap_or(true);
@@ -595,7 +605,9 @@ fn endpoints_for(port: &ServicePort, proto: Protocol, slices: &[&EndpointSlice],
             let terminating = c.terminating.unwrap_or(false);
             let local = !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str());
             for a in &e.addresses {
-                let Ok(address) = a.parse::<IpAddr>() else { continue };
+                let Ok(address) = a.parse::<IpAddr>() else {
+                    continue;
+                };
                 if (s.address_type == "IPv4") != address.is_ipv4() {
                     continue;
                 }
@@ -617,11 +629,8 @@ fn endpoints_for(port: &ServicePort, proto: Protocol, slices: &[&EndpointSlice],
 /// the other candidates are kept as draining backends.
 fn select_backends(candidates: &[&Endpoint]) -> Vec<BackendSpec> {
     let ready: Vec<&&Endpoint> = candidates.iter().filter(|e| e.ready).collect();
-    let eligible: Vec<&&Endpoint> = if ready.is_empty() {
-        candidates.iter().filter(|e| e.serving && e.terminating).collect()
-    } else {
-        ready
-    };
+    let eligible: Vec<&&Endpoint> =
+        if ready.is_empty() { candidates.iter().filter(|e| e.serving && e.terminating).collect() } else { ready };
     let mut out: Vec<BackendSpec> = eligible
         .iter()
         .map(|e| BackendSpec { address: e.address, port: e.port, state: BackendState::Active, node_local: e.local })
@@ -629,7 +638,12 @@ fn select_backends(candidates: &[&Endpoint]) -> Vec<BackendSpec> {
     let mut draining: Vec<BackendSpec> = candidates
         .iter()
         .filter(|e| !eligible.iter().any(|x| x.address == e.address))
-        .map(|e| BackendSpec { address: e.address, port: e.port, state: BackendState::Terminating, node_local: e.local })
+        .map(|e| BackendSpec {
+            address: e.address,
+            port: e.port,
+            state: BackendState::Terminating,
+            node_local: e.local,
+        })
         .collect();
     out.sort();
     draining.sort();

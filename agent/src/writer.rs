@@ -23,8 +23,8 @@ use std::{
 };
 
 use datapath_common::{
-    BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, Backend, FrontendInfo, SVC_F_AFFINITY,
-    SVC_F_EXT_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, v4_mapped,
+    BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, Backend, FrontendInfo, SVC_F_AFFINITY, SVC_F_EXT_LOCAL,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, v4_mapped,
 };
 use serde::Serialize;
 
@@ -83,7 +83,12 @@ fn addr16(a: IpAddr) -> [u8; 16] {
 
 /// The SERVICES key of a frontend.
 pub fn service_key(f: &Frontend) -> ServiceKey {
-    ServiceKey { addr: addr16(f.key.address), port: f.key.port.to_be(), proto: f.key.protocol.number(), scope: f.key.scope.number() }
+    ServiceKey {
+        addr: addr16(f.key.address),
+        port: f.key.port.to_be(),
+        proto: f.key.protocol.number(),
+        scope: f.key.scope.number(),
+    }
 }
 
 fn info(key: ServiceKey, f: &Frontend) -> FrontendInfo {
@@ -219,7 +224,8 @@ impl Writer {
                 None => match self.backend_ids.alloc() {
                     Some(id) => id,
                     None => {
-                        unavailable.insert(*key, format!("no free backend id (--max-backends {})", dp.sizes().backends));
+                        unavailable
+                            .insert(*key, format!("no free backend id (--max-backends {})", dp.sizes().backends));
                         continue;
                     }
                 },
@@ -248,7 +254,9 @@ impl Writer {
                 Ok(false) => report.unchanged += 1,
                 Err(message) => {
                     let service = f.name.rsplit_once(':').map(|(s, _)| s.to_string()).unwrap_or_default();
-                    report.failed.push(Problem { service, message: format!("{} {}: {message}", f.kind.name(), f.name) });
+                    report
+                        .failed
+                        .push(Problem { service, message: format!("{} {}: {message}", f.kind.name(), f.name) });
                 }
             }
         }
@@ -280,8 +288,12 @@ impl Writer {
 
         // 4. Backends nothing references.
         let referenced: HashSet<u32> = self.frontends.values().flat_map(|a| a.backends.iter().copied()).collect();
-        let unused: Vec<(BackendKey, u32)> =
-            self.backends.iter().filter(|(_, (id, _))| !referenced.contains(id)).map(|(k, (id, _))| (*k, *id)).collect();
+        let unused: Vec<(BackendKey, u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, (id, _))| !referenced.contains(id))
+            .map(|(k, (id, _))| (*k, *id))
+            .collect();
         for (key, id) in unused {
             if dp.remove_backend(id).is_ok() {
                 self.backends.remove(&key);
@@ -316,7 +328,10 @@ impl Writer {
         let existing = self.frontends.get(&key);
         let id = match existing {
             Some(a) => a.spec.id,
-            None => self.frontend_ids.alloc().ok_or_else(|| format!("no free frontend id (--max-services {})", dp.sizes().services))?,
+            None => self
+                .frontend_ids
+                .alloc()
+                .ok_or_else(|| format!("no free frontend id (--max-services {})", dp.sizes().services))?,
         };
         let mut flags = 0;
         if f.affinity_timeout_s.is_some() {

@@ -115,7 +115,8 @@ async fn lists_watches_survives_drops_gone_and_outages() {
     let lists = api.inner.lists.load(std::sync::atomic::Ordering::Relaxed);
     api.drop_watches();
     api.apply(Kind::EndpointSlice, &slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
-    until(&mut rx, "a change after a dropped watch", never_empty, backends_are(&["10.0.0.1", "10.0.0.2", "10.0.0.3"])).await;
+    until(&mut rx, "a change after a dropped watch", never_empty, backends_are(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]))
+        .await;
     assert_eq!(api.inner.lists.load(std::sync::atomic::Ordering::Relaxed), lists, "resumed without re-listing");
 
     // 4. 410 Gone: history compacted while disconnected → re-list.

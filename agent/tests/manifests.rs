@@ -95,7 +95,10 @@ fn the_daemonset_runs_real_agent_flags() {
     let ds = &o.daemonsets[0];
     let pod = ds.spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true));
-    assert!(pod.tolerations.as_ref().unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists")), "runs on every node");
+    assert!(
+        pod.tolerations.as_ref().unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists")),
+        "runs on every node"
+    );
     assert_eq!(ds.spec.update_strategy.as_ref().unwrap().type_.as_deref(), Some("RollingUpdate"));
     let c = &pod.containers[0];
     let sc = c.security_context.as_ref().unwrap();

@@ -40,7 +40,11 @@ fn active(f: &Frontend) -> Vec<String> {
 }
 
 fn draining(f: &Frontend) -> Vec<String> {
-    f.backends.iter().filter(|b| b.state == BackendState::Terminating).map(|b| format!("{}:{}", b.address, b.port)).collect()
+    f.backends
+        .iter()
+        .filter(|b| b.state == BackendState::Terminating)
+        .map(|b| format!("{}:{}", b.address, b.port))
+        .collect()
 }
 
 /// A Service with one TCP port 80 → named target `http`, and its slice.
@@ -97,7 +101,9 @@ fn slices_of_other_services_and_namespaces_are_ignored() {
 
 #[test]
 fn node_port_on_every_node_address_of_the_family_and_range_checked() {
-    let y = WEB.replace("type: ClusterIP", "type: NodePort").replace("targetPort: http}", "targetPort: http, nodePort: 30036}");
+    let y = WEB
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace("targetPort: http}", "targetPort: http, nodePort: 30036}");
     let d = run(&y);
     let np = find(&d, Kind::NodePort, "192.168.1.10", 30036);
     assert_eq!(np.key.scope, Scope::External);
@@ -118,7 +124,11 @@ fn node_port_on_every_node_address_of_the_family_and_range_checked() {
 
 #[test]
 fn load_balancer_ingress_source_ranges_and_proxy_mode() {
-    let y = WEB.replace("type: ClusterIP", "type: LoadBalancer\n  loadBalancerSourceRanges: [203.0.113.0/24, 2001:db8::/32, bogus]")
+    let y = WEB
+        .replace(
+            "type: ClusterIP",
+            "type: LoadBalancer\n  loadBalancerSourceRanges: [203.0.113.0/24, 2001:db8::/32, bogus]",
+        )
         .replace("targetPort: http}", "targetPort: http, nodePort: 30100}")
         + r#"
 status:
@@ -327,7 +337,12 @@ fn endpoint_conditions_like_kube_proxy() {
 
 #[test]
 fn scheduler_and_maglev_size_annotations() {
-    let ann = |a: &str| WEB.replace("metadata: {name: web, namespace: shop}", &format!("metadata: {{name: web, namespace: shop, annotations: {{{a}}}}}"));
+    let ann = |a: &str| {
+        WEB.replace(
+            "metadata: {name: web, namespace: shop}",
+            &format!("metadata: {{name: web, namespace: shop, annotations: {{{a}}}}}"),
+        )
+    };
     let d = run(&ann("xlb.io/scheduler: round-robin"));
     assert_eq!((d.frontends[0].scheduler, d.frontends[0].maglev_size), (Scheduler::RoundRobin, 0));
     assert_eq!(run(&ann("xlb.io/scheduler: random")).frontends[0].scheduler, Scheduler::Random);
@@ -358,7 +373,14 @@ fn maglev_size_adapts_to_backends_within_bounds() {
 
 #[test]
 fn a_frontend_claimed_twice_goes_to_the_first_service() {
-    let y = WEB.to_string() + "---\n" + &WEB.replace("name: web, namespace: shop", "name: web2, namespace: shop").split("---").next().unwrap().to_string();
+    let y = WEB.to_string()
+        + "---\n"
+        + &WEB
+            .replace("name: web, namespace: shop", "name: web2, namespace: shop")
+            .split("---")
+            .next()
+            .unwrap()
+            .to_string();
     let d = run(&y);
     assert_eq!(d.frontends.len(), 1);
     assert_eq!(d.frontends[0].name, "shop/web:http");

@@ -32,7 +32,12 @@ pub fn xlb(ns: &NetNs, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run xlb");
-    assert!(out.status.success(), "xlb {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "xlb {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
@@ -161,5 +166,8 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            eprintln!("--- xlb agent log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
     }
 }

@@ -267,7 +267,12 @@ impl Default for Lb {
 }
 
 /// One BPF_PROG_TEST_RUN: (return value, output size, duration per repeat).
-pub fn run<P>(prog: &P, input: &[u8], out: &mut [u8], repeat: u32) -> Result<(u32, u32, std::time::Duration), ProgramError>
+pub fn run<P>(
+    prog: &P,
+    input: &[u8],
+    out: &mut [u8],
+    repeat: u32,
+) -> Result<(u32, u32, std::time::Duration), ProgramError>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
 {

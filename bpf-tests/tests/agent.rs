@@ -209,8 +209,11 @@ fn tc_follows_interfaces_matching_the_pattern() {
     let pins = PinDir::new();
     let dir = TempDir::new();
     std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
-    let mut agent =
-        Agent::start(&topo.node, dir.path.join("agent.log"), &agent_args(&pins, &dir, &["--tc-interface-pattern", "pod*"]));
+    let mut agent = Agent::start(
+        &topo.node,
+        dir.path.join("agent.log"),
+        &agent_args(&pins, &dir, &["--tc-interface-pattern", "pod*"]),
+    );
     let pin = pins.path.join("links/tc-ingress@podA");
     topo.node.exec(&["ip", "link", "add", "podA", "type", "veth", "peer", "name", "podB"]);
     agent.wait_log("ifname=\"podA\"", 1);
@@ -224,4 +227,76 @@ fn tc_follows_interfaces_matching_the_pattern() {
         assert!(Instant::now() < deadline, "the pin of a deleted interface stayed:\n{}", agent.log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `GET path` on `addr` from inside `topo.node`; returns (status, body).
+fn http_get(topo: &Topology, addr: &str, path: &str) -> (u16, String) {
+    use std::io::Read as _;
+    let mut s = {
+        let _in = topo.node.enter();
+        TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap_or_else(|e| {
+            let ss = std::process::Command::new("ss").arg("-ltnp").output().unwrap();
+            panic!("connect {addr}: {e}\n{}", String::from_utf8_lossy(&ss.stdout))
+        })
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap_or_else(|e| panic!("GET {addr}{path}: {e} after {out:?}"));
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn metrics_readiness_and_the_local_traffic_health_check() {
+    let topo = Topology::new();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let file = dir.path.join("echo.yaml");
+    let local = |node: &str| {
+        manifests(&[SERVER4])
+            .replace("type: NodePort", "type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100")
+            .replace("nodeName: node-t", &format!("nodeName: {node}"))
+    };
+    std::fs::write(&file, local("node-t")).unwrap();
+    echo_server(&topo, SocketAddr::new(SERVER4.parse().unwrap(), 8080));
+    let mut args = agent_args(&pins, &dir, &[]);
+    let http = args.iter().position(|a| a == "none").unwrap();
+    args[http] = "127.0.0.1:10249".into();
+    let mut agent = Agent::start(&topo.node, dir.path.join("agent.log"), &args);
+
+    eprintln!("AGENTLOG {}", agent.log_text());
+    assert_eq!(http_get(&topo, "127.0.0.1:10249", "/readyz").0, 200);
+    assert_eq!(http_get(&topo, "127.0.0.1:10249", "/healthz").0, 200);
+    let (code, body) = http_get(&topo, "127.0.0.1:32100", "/");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["localEndpoints"], 1);
+    assert_eq!(v["service"]["name"], "echo");
+
+    // Traffic shows up in the metrics, per service and backend.
+    let vip: SocketAddr = format!("{NODE_ADDR}:30007").parse().unwrap();
+    let mut c = Conn::open(&topo, vip);
+    assert!(c.say("hello").ends_with(" hello"));
+    let (_, m) = http_get(&topo, "127.0.0.1:10249", "/metrics");
+    let line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("xlb_service_packets_total{service=\"test/echo:tcp\",frontend=\"172.31.1.1:30007/tcp\"")
+        })
+        .unwrap_or_else(|| panic!("{m}"));
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 3, "{line}");
+    assert!(m.contains(&format!("xlb_backend_packets_total{{backend=\"{SERVER4}:8080\"}}")), "{m}");
+    assert!(m.contains("xlb_packets_by_verdict_total{reason=\"new_flow\"} 1"), "{m}");
+    assert!(m.contains("xlb_conntrack_entries 2"), "{m}");
+    assert!(m.contains("xlb_programming_latency_seconds_count 1"), "{m}");
+
+    // The endpoint moves to another node: 503, zero local endpoints.
+    std::fs::write(&file, local("elsewhere")).unwrap();
+    agent.wait_log("synced", 2);
+    let (code, body) = http_get(&topo, "127.0.0.1:32100", "/");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
 }

@@ -16,11 +16,22 @@ fn through_vip(tc: bool, v6: bool) {
     let (vip, server, client) = if v6 { ("fd96::10", SERVER6, CLIENT6) } else { ("10.96.0.10", SERVER4, CLIENT4) };
     lb.backend(1, server, 8080, BACKEND_ACTIVE, 0);
     let scope = if tc { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
-    let spec = ServiceSpec { id: 1, scheduler: SCHED_MAGLEV, flags: 0, affinity_timeout_s: 0, backends: vec![1], maglev_size: None };
+    let spec = ServiceSpec {
+        id: 1,
+        scheduler: SCHED_MAGLEV,
+        flags: 0,
+        affinity_timeout_s: 0,
+        backends: vec![1],
+        maglev_size: None,
+    };
     lb.dp.set_service(svc_key(vip, 80, PROTO_TCP, scope), &spec).unwrap();
     // The client routes the VIP to the node (its default route); the node
     // itself has no route or address for it: only xlb makes it reachable.
-    if tc { topo.attach_tc(&mut lb) } else { topo.attach_xdp(&mut lb) }
+    if tc {
+        topo.attach_tc(&mut lb)
+    } else {
+        topo.attach_xdp(&mut lb)
+    }
 
     let backend = SocketAddr::new(server.parse().unwrap(), 8080);
     let conns = 3;

@@ -11,9 +11,9 @@ use bpf_tests::{
     svc_key,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, CFG_F_KEEP_TTL, Config, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT,
-    CtKey, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ct,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CFG_F_KEEP_TTL, CT_F_REPLY,
+    CT_F_SNAT, Config, CtKey, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ct,
 };
 use xlb::{ServiceSpec, select};
 
@@ -25,8 +25,16 @@ const NODE4: &str = "192.0.2.1";
 const NODE6: &str = "2001:db8::1";
 /// IPv4 backends 1..=4 are 10.0.1.11..14, IPv6 backends 11..=14 are fd00::11..14.
 const NEIGHBOURS: &[&str] = &[
-    "10.0.1.11", "10.0.1.12", "10.0.1.13", "10.0.1.14", "fd00::11", "fd00::12", "fd00::13", "fd00::14",
-    CLIENT4, CLIENT6,
+    "10.0.1.11",
+    "10.0.1.12",
+    "10.0.1.13",
+    "10.0.1.14",
+    "fd00::11",
+    "fd00::12",
+    "fd00::13",
+    "fd00::14",
+    CLIENT4,
+    CLIENT6,
 ];
 
 fn family(v6: bool) -> (&'static str, &'static str) {
@@ -104,7 +112,14 @@ fn dnatted(p: &Pkt, backend: u32) -> Vec<u8> {
 
 /// The CONNTRACK key of a TCP packet src:sport → dst:dport.
 fn tcp_key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
-    CtKey { src: addr16(src), dst: addr16(dst), sport: sport.to_be(), dport: dport.to_be(), proto: PROTO_TCP, _pad: [0; 3] }
+    CtKey {
+        src: addr16(src),
+        dst: addr16(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
 }
 
 fn both_families_both_hooks(f: impl Fn(Prog, bool)) {
@@ -343,13 +358,12 @@ fn external_traffic_to_a_remote_backend_is_snatted_and_reply_restored() {
         let (v, out) = w.lb.run(Prog::Xdp, &syn.build());
         assert_eq!(v, Verdict::Redirect);
         verify_checksums(&out);
-        let fwd = w
-            .lb
-            .dp
-            .conntrack()
-            .into_iter()
-            .find(|(k, e)| e.flags == CT_F_SNAT && k.src == addr16(client))
-            .expect("SNAT forward entry");
+        let fwd =
+            w.lb.dp
+                .conntrack()
+                .into_iter()
+                .find(|(k, e)| e.flags == CT_F_SNAT && k.src == addr16(client))
+                .expect("SNAT forward entry");
         let port = u16::from_be(fwd.1.nat_port);
         assert!((61000..=61015).contains(&port), "SNAT port {port} in range");
         let want = syn.clone().src(node, port).dst(&backend_addr(b), 8080).macs(OUT_MAC, NEIGH_MAC).hop().build();

@@ -3,7 +3,7 @@
 //! region flips, failure isolation when maps are full, and recovery from
 //! pinned maps. Desired states come from the real translation of YAML.
 
-use bpf_tests::{agent::PinDir, addr16, svc_key, test_sizes};
+use bpf_tests::{addr16, agent::PinDir, svc_key, test_sizes};
 use datapath_common::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, SCOPE_INTERNAL};
 use xlb::{
     Datapath, MapSizes,
@@ -18,7 +18,9 @@ fn svc(name: &str, vip: &str, endpoints: &[&str]) -> String {
     let eps: String = endpoints
         .iter()
         .map(|e| match e.strip_suffix('!') {
-            Some(a) => format!("- addresses: [{a}]\n  conditions: {{ready: false, serving: true, terminating: true}}\n"),
+            Some(a) => {
+                format!("- addresses: [{a}]\n  conditions: {{ready: false, serving: true, terminating: true}}\n")
+            }
             None => format!("- addresses: [{e}]\n"),
         })
         .collect();
@@ -95,7 +97,8 @@ fn a_service_that_does_not_fit_fails_alone() {
     let sizes = MapSizes { slots: 600, ..test_sizes() };
     let mut dp = load(sizes);
     let mut w = Writer::new(&dp);
-    let two = svc("a", "10.96.0.1", &["10.0.0.1", "10.0.0.2"]) + &svc("b", "10.96.0.2", &["10.0.1.1", "10.0.1.2", "10.0.1.3"]);
+    let two = svc("a", "10.96.0.1", &["10.0.0.1", "10.0.0.2"])
+        + &svc("b", "10.96.0.2", &["10.0.1.1", "10.0.1.2", "10.0.1.3"]);
     let big = svc("c", "10.96.0.3", &["10.0.2.1", "10.0.2.2", "10.0.2.3", "10.0.2.4", "10.0.2.5"]);
     let r = w.apply(&mut dp, &desired(&(two.clone() + &big)));
     assert_eq!(r.changed, 2, "{r:?}");

@@ -338,8 +338,19 @@ pub mod maps {
     pub const FRONTENDS: &str = "FRONTENDS";
     /// Every map the loader pins, in load order.
     pub const PINNED: [&str; 13] = [
-        SERVICES, BACKENDS, SLOTS, REV_NAT, CONNTRACK, AFFINITY, SOURCE_RANGES, RR_CURSOR, SERVICE_STATS,
-        BACKEND_STATS, VERDICTS, CONFIG, FRONTENDS,
+        SERVICES,
+        BACKENDS,
+        SLOTS,
+        REV_NAT,
+        CONNTRACK,
+        AFFINITY,
+        SOURCE_RANGES,
+        RR_CURSOR,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        VERDICTS,
+        CONFIG,
+        FRONTENDS,
     ];
 }
 

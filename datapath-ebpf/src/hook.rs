@@ -6,13 +6,12 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_fib_lookup as FibParams, xdp_action,
+        BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        xdp_action,
     },
     helpers::{
-        bpf_fib_lookup, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head,
-        bpf_skb_change_tail, bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
-        bpf_xdp_get_buff_len,
+        bpf_fib_lookup, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_pull_data,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
     },
     programs::{TcContext, XdpContext},
 };
@@ -169,8 +168,7 @@ impl<const EGRESS: bool> Hook for Tc<EGRESS> {
         // pseudo-header change (also applied to CHECKSUM_PARTIAL skbs), the port part is not.
         // SAFETY: plain helper calls; the kernel bounds-checks `off`.
         unsafe {
-            if addr != 0
-                && bpf_l4_csum_replace(skb, off as u32, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled) != 0
+            if addr != 0 && bpf_l4_csum_replace(skb, off as u32, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled) != 0
             {
                 return Err(());
             }

@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat,
-    Service, ServiceKey, SourceRangeKey, verdict,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat, Service, ServiceKey,
+    SourceRangeKey, verdict,
 };
 
 #[map]

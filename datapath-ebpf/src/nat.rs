@@ -198,7 +198,10 @@ pub fn set_macs(hook: &mut impl Hook, macs: &[u8; 12]) -> Result<(), ()> {
     // SAFETY: bounds checked by `ptr`.
     unsafe {
         for i in 0..3 {
-            store_word(eth + 4 * i, u32::from_ne_bytes([macs[4 * i], macs[4 * i + 1], macs[4 * i + 2], macs[4 * i + 3]]));
+            store_word(
+                eth + 4 * i,
+                u32::from_ne_bytes([macs[4 * i], macs[4 * i + 1], macs[4 * i + 2], macs[4 * i + 3]]),
+            );
         }
     }
     Ok(())

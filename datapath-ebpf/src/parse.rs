@@ -102,10 +102,14 @@ fn set_v6(dst: &mut [u8; 16], at: usize) {
 pub fn parse(hook: &mut impl Hook, f: &mut Flow) -> Parsed {
     // Enough for Ethernet + VLAN + IPv6 + a few extension headers + TCP.
     hook.pull(192);
-    let Some(mut ethertype) = be16(hook, 12) else { return Parsed::Other };
+    let Some(mut ethertype) = be16(hook, 12) else {
+        return Parsed::Other;
+    };
     let mut l3 = 14;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let Some(inner) = be16(hook, 16) else { return Parsed::Malformed };
+        let Some(inner) = be16(hook, 16) else {
+            return Parsed::Malformed;
+        };
         if inner == ETH_P_8021Q || inner == ETH_P_8021AD {
             // VLAN in VLAN: not supported, never rewritten.
             return Parsed::Malformed;
@@ -171,9 +175,8 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
         return Parsed::Malformed;
     }
     // SAFETY: the 40-byte header was bounds-checked above.
-    let (ver, payload, mut next) = unsafe {
-        (load_word::<u8>(h) >> 4, u16::from_be(load_word::<u16>(h + 4)) as usize, load_word::<u8>(h + 6))
-    };
+    let (ver, payload, mut next) =
+        unsafe { (load_word::<u8>(h) >> 4, u16::from_be(load_word::<u16>(h + 4)) as usize, load_word::<u8>(h + 6)) };
     if ver != 6 {
         return Parsed::Malformed;
     }
@@ -188,19 +191,25 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
             PROTO_TCP | PROTO_UDP => break,
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
-                let Some(e) = load::<[u8; 2]>(hook, off) else { return Parsed::Malformed };
+                let Some(e) = load::<[u8; 2]>(hook, off) else {
+                    return Parsed::Malformed;
+                };
                 next = e[0];
                 off += (e[1] as usize + 1) * 8;
             }
             // Authentication header: (len + 2) * 4 bytes.
             51 => {
-                let Some(e) = load::<[u8; 2]>(hook, off) else { return Parsed::Malformed };
+                let Some(e) = load::<[u8; 2]>(hook, off) else {
+                    return Parsed::Malformed;
+                };
                 next = e[0];
                 off += (e[1] as usize + 2) * 4;
             }
             // Fragment header: 8 bytes; offset in the top 13 bits of bytes 2-3.
             44 => {
-                let Some(e) = load::<u32>(hook, off) else { return Parsed::Malformed };
+                let Some(e) = load::<u32>(hook, off) else {
+                    return Parsed::Malformed;
+                };
                 let e = e.to_ne_bytes();
                 if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
                     return Parsed::Fragment;

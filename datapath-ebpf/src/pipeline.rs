@@ -5,8 +5,8 @@
 use crate::{
     hook::{Action, Hook},
     maps::{
-        AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REV_NAT, RR_CURSOR, SERVICE_STATS,
-        SCRATCH, SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
+        AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REV_NAT, RR_CURSOR, SCRATCH, SERVICE_STATS, SERVICES,
+        SLOTS, SOURCE_RANGES, count, count_verdict,
     },
     nat::{Target, forward, rewrite, route_out, word},
     parse::{Flow, Parsed, parse},
@@ -18,10 +18,9 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend,
-    CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, Service,
-    ServiceKey, SourceRangeKey, ct, hash::flow_hash, verdict,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT,
+    CtEntry, CtKey, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_AFFINITY,
+    SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRangeKey, ct, hash::flow_hash, verdict,
 };
 
 /// SNAT ports probed for a free one before the flow is dropped.
@@ -122,8 +121,7 @@ fn conntrack(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target) -> Ste
         refresh(e, flow, true, now);
         t.src = rev.addr;
         t.sport = rev.port;
-        (t.dst, t.dport) =
-            if e.flags & CT_F_SNAT != 0 { (e.nat_addr, e.nat_port) } else { (flow.dst, flow.dport) };
+        (t.dst, t.dport) = if e.flags & CT_F_SNAT != 0 { (e.nat_addr, e.nat_port) } else { (flow.dst, flow.dport) };
         return Step::Done(nat_cached(hook, flow, t, e));
     }
     if ct::starts_new_flow(flow.proto, e.state, e.last_seen_ns, now, flow.tcp_flags) {
@@ -244,7 +242,9 @@ struct Track {
 fn track(flow: &Flow, req: &Track, t: &mut Target) -> u32 {
     // The two entries and keys are built in a per-CPU scratch buffer, not on
     // the stack: together they are 192 bytes of the 512 a call chain may use.
-    let Some(sc) = SCRATCH.get_ptr_mut(0) else { return verdict::CT_FULL };
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
+        return verdict::CT_FULL;
+    };
     // SAFETY: per-CPU memory, used by nothing else while this program runs.
     let sc = unsafe { &mut *sc };
     // SAFETY: plain helper call.

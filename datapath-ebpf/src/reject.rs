@@ -46,8 +46,8 @@ fn swap_macs(hook: &impl Hook, ethertype_off: usize, ethertype: u16) -> Result<(
 fn ipv4_header(total_len: u16, proto: u8, src: &[u8; 16], dst: &[u8; 16]) -> [u8; 20] {
     let l = total_len.to_be_bytes();
     let mut h = [
-        0x45, 0, l[0], l[1], 0, 0, 0x40, 0, TTL, proto, 0, 0, src[12], src[13], src[14], src[15],
-        dst[12], dst[13], dst[14], dst[15],
+        0x45, 0, l[0], l[1], 0, 0, 0x40, 0, TTL, proto, 0, 0, src[12], src[13], src[14], src[15], dst[12], dst[13],
+        dst[14], dst[15],
     ];
     let c = !csum::fold(sum_bytes(0, &h));
     h[10..12].copy_from_slice(&c.to_ne_bytes());
@@ -69,11 +69,7 @@ fn ipv6_header(payload_len: u16, next: u8, src: &[u8; 16], dst: &[u8; 16]) -> [u
 /// One's-complement sum of the pseudo header (addresses in the family's form).
 #[inline(always)]
 fn pseudo_sum(v6: bool, src: &[u8; 16], dst: &[u8; 16], proto: u8, len: u16) -> u32 {
-    let s = if v6 {
-        sum_bytes(sum_bytes(0, src), dst)
-    } else {
-        sum_bytes(sum_bytes(0, &src[12..]), &dst[12..])
-    };
+    let s = if v6 { sum_bytes(sum_bytes(0, src), dst) } else { sum_bytes(sum_bytes(0, &src[12..]), &dst[12..]) };
     csum::add(s, sum_bytes(0, &[0, proto]) + sum_bytes(0, &len.to_be_bytes()))
 }
 
@@ -100,9 +96,7 @@ fn tcp_rst(hook: &mut impl Hook, flow: &Flow) -> Result<(), ()> {
     let (rseq, rack, rflags) = if flags & TCP_ACK != 0 {
         (ack, 0, TCP_RST)
     } else {
-        let occupied = (flow.l4_len - doff) as u32
-            + (flags & TCP_SYN != 0) as u32
-            + (flags & TCP_FIN != 0) as u32;
+        let occupied = (flow.l4_len - doff) as u32 + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
         (0, seq.wrapping_add(occupied), TCP_RST | TCP_ACK)
     };
     let l3 = flow.l3;

@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup { toolchain_only: false } => setup::run(),
         Cmd::Test => {
             setup::run()?;
+            cargo(&["fmt", "--all", "--check"]).context("code is not formatted: run `cargo fmt --all`")?;
             // The agent binary first: the netns tests run it as a process.
             cargo(&["build", "--release", "-p", "agent", "--bin", "xlb"]).context("building xlb")?;
             cargo(&["test", "--release"]).context("tests failed")

@@ -97,8 +97,16 @@ pub fn read_dir(dir: &Path) -> Snapshot {
 /// changes (debounced by `settle`). Runs until the receiver is dropped.
 pub async fn watch_dir(dir: PathBuf, settle: Duration, tx: watch::Sender<Snapshot>) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Only changes to manifests (or to directories) count: a log file or an
+    // editor's swap file in the same directory must not trigger re-reads.
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.map(|e| !e.kind.is_access()).unwrap_or(true) {
+        let relevant = match res {
+            Ok(e) => {
+                !e.kind.is_access() && e.paths.iter().any(|p| is_manifest(p) || p.is_dir() || p.extension().is_none())
+            }
+            Err(_) => true,
+        };
+        if relevant {
             let _ = ev_tx.send(Instant::now());
         }
     })?;

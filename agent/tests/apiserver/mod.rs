@@ -145,7 +145,9 @@ impl ApiServer {
 
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
         let mut st = self.inner.store.lock().unwrap();
-        let Some(mut obj) = st.objects.remove(&(kind, namespace.to_string(), name.to_string())) else { return };
+        let Some(mut obj) = st.objects.remove(&(kind, namespace.to_string(), name.to_string())) else {
+            return;
+        };
         st.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
         let ev = Event { kind, rv: st.rv, ty: "DELETED", object: obj };
@@ -201,7 +203,8 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
     if q.get("watch").map(String::as_str) != Some("true") && q.get("watch").map(String::as_str) != Some("1") {
         s.lists.fetch_add(1, Ordering::Relaxed);
         let st = s.store.lock().unwrap();
-        let items: Vec<&Value> = st.objects.iter().filter(|((k, ..), o)| *k == kind && matches_selector(o, &q)).map(|(_, o)| o).collect();
+        let items: Vec<&Value> =
+            st.objects.iter().filter(|((k, ..), o)| *k == kind && matches_selector(o, &q)).map(|(_, o)| o).collect();
         let list = json!({
             "apiVersion": kind.api_version(),
             "kind": format!("{}List", kind.name()),

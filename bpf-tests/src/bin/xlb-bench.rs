@@ -48,7 +48,14 @@ fn spec(id: u32) -> ServiceSpec {
 
 /// One datapath with `services` services; the bench VIP is added last.
 fn setup(services: u32) -> Lb {
-    let sizes = MapSizes { services: 16_384, backends: 1024, slots: 1 << 23, conntrack: 65_536, affinity: 1024, source_ranges: 16 };
+    let sizes = MapSizes {
+        services: 16_384,
+        backends: 1024,
+        slots: 1 << 23,
+        conntrack: 65_536,
+        affinity: 1024,
+        source_ranges: 16,
+    };
     let mut lb = Lb::with_sizes(sizes);
     let cfg = Config { flags: CFG_F_KEEP_TTL, ..Config::default() };
     lb.dp.set_config(&cfg).unwrap();
@@ -90,12 +97,20 @@ fn main() {
         let (v, _) = lb.run(bpf_tests::Prog::Xdp, &syn);
         assert_eq!(v, bpf_tests::Verdict::Redirect);
         if services == 1 {
-            results.insert("xdp_tx_baseline".to_string(), median_ns("xdp_tx_baseline", &mut lb, "xdp_tx_baseline", &syn, XDP_TX));
+            results.insert(
+                "xdp_tx_baseline".to_string(),
+                median_ns("xdp_tx_baseline", &mut lb, "xdp_tx_baseline", &syn, XDP_TX),
+            );
             results.insert("pass".to_string(), median_ns("pass", &mut lb, "xlb_xdp", &other, XDP_PASS));
-            results.insert("reverse_nat".to_string(), median_ns("reverse_nat", &mut lb, "xlb_xdp", &reply, XDP_REDIRECT));
+            results
+                .insert("reverse_nat".to_string(), median_ns("reverse_nat", &mut lb, "xlb_xdp", &reply, XDP_REDIRECT));
         }
-        results.insert(format!("ct_hit{sfx}"), median_ns(&format!("ct_hit{sfx}"), &mut lb, "xlb_xdp", &ack, XDP_REDIRECT));
-        results.insert(format!("new_flow{sfx}"), median_ns(&format!("new_flow{sfx}"), &mut lb, "xlb_xdp", &synrst, XDP_REDIRECT));
+        results
+            .insert(format!("ct_hit{sfx}"), median_ns(&format!("ct_hit{sfx}"), &mut lb, "xlb_xdp", &ack, XDP_REDIRECT));
+        results.insert(
+            format!("new_flow{sfx}"),
+            median_ns(&format!("new_flow{sfx}"), &mut lb, "xlb_xdp", &synrst, XDP_REDIRECT),
+        );
         let v = lb.verdicts();
         assert!(
             results[&format!("new_flow{sfx}")] == 0.0 || v["new_flow"] >= REPEAT as u64,

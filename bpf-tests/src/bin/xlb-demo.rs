@@ -22,12 +22,20 @@ fn main() {
     for (i, b) in BACKENDS.iter().enumerate() {
         lb.backend(i as u32 + 1, b, 8080, BACKEND_ACTIVE, 0);
     }
-    let spec = ServiceSpec { id: 1, scheduler: SCHED_MAGLEV, flags: 0, affinity_timeout_s: 0, backends: vec![1, 2], maglev_size: None };
+    let spec = ServiceSpec {
+        id: 1,
+        scheduler: SCHED_MAGLEV,
+        flags: 0,
+        affinity_timeout_s: 0,
+        backends: vec![1, 2],
+        maglev_size: None,
+    };
     lb.dp.set_service(svc_key(VIP, 80, PROTO_TCP, SCOPE_EXTERNAL), &spec).expect("program the service");
     topo.attach_xdp(&mut lb);
     println!("service {VIP}:80/TCP → {}:8080, {}:8080 (Maglev)", BACKENDS[0], BACKENDS[1]);
 
-    let servers: Vec<_> = BACKENDS.iter().map(|b| topo.serve(SocketAddr::new(b.parse().unwrap(), 8080), REQUESTS)).collect();
+    let servers: Vec<_> =
+        BACKENDS.iter().map(|b| topo.serve(SocketAddr::new(b.parse().unwrap(), 8080), REQUESTS)).collect();
     let mut answered: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..REQUESTS {
         let reply = topo.request(SocketAddr::new(VIP.parse().unwrap(), 80)).expect("request through the VIP");
