@@ -300,3 +300,99 @@ fn metrics_readiness_and_the_local_traffic_health_check() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
 }
+
+#[test]
+fn dump_explain_predicts_where_a_flow_lands() {
+    let topo = Topology::new();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    // Two backends: a second address on the server.
+    topo.server.exec(&["ip", "addr", "add", "172.31.2.3/24", "dev", "s0"]);
+    std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4, "172.31.2.3"])).unwrap();
+    let listener = {
+        let _in = topo.server.enter();
+        TcpListener::bind("0.0.0.0:8080").unwrap()
+    };
+    thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let local = s.local_addr().unwrap();
+            let mut w = s.try_clone().unwrap();
+            for line in BufReader::new(s).lines().map_while(Result::ok) {
+                if writeln!(w, "{local} {line}").is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let _agent = Agent::start(&topo.node, dir.path.join("agent.log"), &agent_args(&pins, &dir, &[]));
+    let explain = |client: &str| -> serde_json::Value {
+        let out = xlb(
+            &topo.node,
+            &["dump", "--pin-dir", &pins.arg(), "-o", "json", "explain", client, &format!("{NODE_ADDR}:30007"), "tcp"],
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 40_000..40_012u16 {
+        let client = format!("{CLIENT4}:{port}");
+        let before = explain(&client);
+        assert_eq!(before["answer"]["reason"], "maglev", "{before:#}");
+        let predicted = before["answer"]["backend"].as_str().unwrap().to_string();
+        // Connect from exactly that source port.
+        let s = {
+            let _in = topo.client.enter();
+            connect_from(&client, &format!("{NODE_ADDR}:30007"))
+        };
+        let mut c = Conn { w: s.try_clone().unwrap(), r: BufReader::new(s) };
+        let answer = c.say("hi");
+        let landed = answer.split(' ').next().unwrap();
+        assert_eq!(landed, predicted, "explain predicted the backend of a new flow");
+        seen.insert(predicted);
+        let after = explain(&client);
+        assert_eq!(after["answer"]["reason"], "conntrack", "{after:#}");
+        assert_eq!(after["answer"]["backend"], before["answer"]["backend"]);
+    }
+    assert_eq!(seen.len(), 2, "12 flows over 2 backends used both");
+    let none = explain("172.31.1.2:1");
+    assert_eq!(none["answer"]["reason"], "maglev");
+    let out = xlb(&topo.node, &["dump", "--pin-dir", &pins.arg(), "explain", "1.1.1.1:1", "10.1.2.3:80", "udp"]);
+    assert!(out.contains("not a frontend"), "{out}");
+}
+
+/// A TCP connection from a fixed source address and port.
+fn connect_from(src: &str, dst: &str) -> TcpStream {
+    use std::os::fd::FromRawFd as _;
+    let src: SocketAddr = src.parse().unwrap();
+    let dst: SocketAddr = dst.parse().unwrap();
+    let (SocketAddr::V4(s4), SocketAddr::V4(d4)) = (src, dst) else { panic!("IPv4 only") };
+    // SAFETY: plain socket calls on a fresh descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let one: libc::c_int = 1;
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const _ as *const _, 4);
+        let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let (s, d) = (sa(s4), sa(d4));
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        assert_eq!(
+            libc::bind(fd, &s as *const _ as *const _, len),
+            0,
+            "bind {src}: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(
+            libc::connect(fd, &d as *const _ as *const _, len),
+            0,
+            "connect {dst}: {}",
+            std::io::Error::last_os_error()
+        );
+        let t = TcpStream::from_raw_fd(fd);
+        t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        t
+    }
+}
