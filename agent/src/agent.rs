@@ -151,10 +151,10 @@ fn spawn_link_watcher(tx: mpsc::UnboundedSender<LinkEvent>) -> anyhow::Result<()
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => name(&m).map(LinkEvent::Gone),
                 _ => None,
             };
-            if let Some(ev) = ev {
-                if tx.send(ev).is_err() {
-                    break;
-                }
+            if let Some(ev) = ev
+                && tx.send(ev).is_err()
+            {
+                break;
             }
         }
     });

@@ -71,6 +71,24 @@ impl Metrics {
     }
 }
 
+/// `<prefix>_packets` and `<prefix>_bytes` counters from per-label {packets, bytes}.
+fn encode_counters<L: prometheus_client::encoding::EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    prefix: &str,
+    what: &str,
+    stats: &[(L, datapath_common::Counter)],
+) -> Result<(), std::fmt::Error> {
+    for (unit, bytes) in [("packets", false), ("bytes", true)] {
+        let name = format!("{prefix}_{unit}");
+        let help = format!("{}{} {what}", unit[..1].to_uppercase(), &unit[1..]);
+        let mut m = encoder.encode_descriptor(&name, &help, None, MetricType::Counter)?;
+        for (labels, c) in stats {
+            ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Reads the datapath counters from the maps on every scrape.
 #[derive(Debug)]
 struct MapCollector {
@@ -113,30 +131,14 @@ impl Collector for MapCollector {
                 stats.push(([("service", name.clone()), ("frontend", addr.clone()), ("kind", kind.to_string())], c));
             }
         }
-        for (metric, help, bytes) in [
-            ("xlb_service_packets", "Packets load-balanced per frontend", false),
-            ("xlb_service_bytes", "Bytes load-balanced per frontend", true),
-        ] {
-            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
-            for (labels, c) in &stats {
-                ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(labels)?)?;
-            }
-        }
+        encode_counters(&mut encoder, "xlb_service", "load-balanced per frontend", &stats)?;
         let mut bstats = Vec::new();
         for (id, b) in maps.backends() {
             if let Ok(c) = maps.backend_stats(id) {
                 bstats.push(([("backend", crate::dump::addr_port(&b.addr, b.port))], c));
             }
         }
-        for (metric, help, bytes) in [
-            ("xlb_backend_packets", "Packets sent to each backend", false),
-            ("xlb_backend_bytes", "Bytes sent to each backend", true),
-        ] {
-            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
-            for (labels, c) in &bstats {
-                ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(labels)?)?;
-            }
-        }
+        encode_counters(&mut encoder, "xlb_backend", "sent to each backend", &bstats)?;
         let ct = maps.conntrack_len() as i64;
         let m = encoder.encode_descriptor(
             "xlb_conntrack_entries",

@@ -565,14 +565,11 @@ fn service_frontends(
             local_ready = endpoints.iter().filter(|e| e.local && e.ready).count();
         }
     }
-    if ext_local && (is_nodeport || !external_ips.is_empty()) {
-        if let Some(port) = spec.health_check_node_port.filter(|p| *p > 0 && *p <= 65535) {
-            health_checks.push(HealthCheck {
-                service: id.to_string(),
-                port: port as u16,
-                local_endpoints: local_ready,
-            });
-        }
+    if ext_local
+        && (is_nodeport || !external_ips.is_empty())
+        && let Some(port) = spec.health_check_node_port.filter(|p| *p > 0 && *p <= 65535)
+    {
+        health_checks.push(HealthCheck { service: id.to_string(), port: port as u16, local_endpoints: local_ready });
     }
     out
 }

@@ -375,12 +375,7 @@ fn maglev_size_adapts_to_backends_within_bounds() {
 fn a_frontend_claimed_twice_goes_to_the_first_service() {
     let y = WEB.to_string()
         + "---\n"
-        + &WEB
-            .replace("name: web, namespace: shop", "name: web2, namespace: shop")
-            .split("---")
-            .next()
-            .unwrap()
-            .to_string();
+        + WEB.replace("name: web, namespace: shop", "name: web2, namespace: shop").split("---").next().unwrap();
     let d = run(&y);
     assert_eq!(d.frontends.len(), 1);
     assert_eq!(d.frontends[0].name, "shop/web:http");

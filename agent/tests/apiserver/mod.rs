@@ -16,6 +16,7 @@
 //! - [`ApiServer::drop_watches`] ends every open watch stream (a dropped
 //!   connection); [`ApiServer::set_down`] makes every request fail with 503
 //!   (an unreachable or overloaded API server).
+//!
 //! One global resourceVersion counter, as etcd's revision.
 
 use std::{
