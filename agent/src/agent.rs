@@ -50,17 +50,70 @@ pub struct Settings {
     pub http_address: Option<SocketAddr>,
 }
 
-/// Starts the source that publishes snapshots on `tx`.
-pub fn spawn_source(s: &Settings, tx: watch::Sender<Snapshot>) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    match &s.manifests {
-        Some(dir) => tokio::spawn(source::files::watch_dir(dir.clone(), Duration::from_millis(100), tx)),
-        None => {
-            let kubeconfig = s.kubeconfig.clone();
-            let node = s.node_name.clone();
+/// Starts the source that publishes snapshots on `tx`; `client` is the
+/// API server's, `None` with `--manifests`.
+pub fn spawn_source(
+    s: &Settings,
+    client: Option<kube::Client>,
+    tx: watch::Sender<Snapshot>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    match (&s.manifests, client) {
+        (Some(dir), _) => tokio::spawn(source::files::watch_dir(dir.clone(), Duration::from_millis(100), tx)),
+        (None, Some(client)) => tokio::spawn(source::kube::run(client, s.node_name.clone(), tx)),
+        (None, None) => tokio::spawn(async { anyhow::bail!("no --manifests and no Kubernetes client") }),
+    }
+}
+
+/// The API server client, unless the agent reads `--manifests`.
+pub async fn client(s: &Settings) -> anyhow::Result<Option<kube::Client>> {
+    match s.manifests {
+        Some(_) => Ok(None),
+        None => Ok(Some(source::kube::client(s.kubeconfig.as_deref()).await.context("Kubernetes client")?)),
+    }
+}
+
+/// Publishes a Warning Event on each Service with a new problem, so
+/// `kubectl describe service` says what xlb skipped and why.
+struct EventSink {
+    recorder: kube::runtime::events::Recorder,
+    published: std::collections::HashSet<(String, String)>,
+}
+
+impl EventSink {
+    fn new(client: kube::Client, node: &str) -> Self {
+        let reporter =
+            kube::runtime::events::Reporter { controller: "xlb".into(), instance: Some(format!("xlb-{node}")) };
+        Self { recorder: kube::runtime::events::Recorder::new(client, reporter), published: Default::default() }
+    }
+
+    fn publish(&mut self, snap: &Snapshot, problems: &[translate::Problem]) {
+        use kube::Resource as _;
+        for p in problems {
+            let Some((ns, name)) = p.service.split_once('/') else { continue };
+            if !self.published.insert((p.service.clone(), p.message.clone())) {
+                continue;
+            }
+            let Some(svc) = snap
+                .services
+                .iter()
+                .find(|s| s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name))
+            else {
+                continue;
+            };
+            let reference = svc.object_ref(&());
+            let ev = kube::runtime::events::Event {
+                type_: kube::runtime::events::EventType::Warning,
+                reason: "XlbNotProgrammed".into(),
+                note: Some(p.message.chars().take(1000).collect()),
+                action: "Programming".into(),
+                secondary: None,
+            };
+            let recorder = self.recorder.clone();
             tokio::spawn(async move {
-                let client = source::kube::client(kubeconfig.as_deref()).await.context("Kubernetes client")?;
-                source::kube::run(client, node, tx).await
-            })
+                if let Err(e) = recorder.publish(&ev, &reference).await {
+                    tracing::warn!(error = %e, "publishing an Event failed");
+                }
+            });
         }
     }
 }
@@ -198,7 +251,9 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut health = HealthChecks::default();
 
     let (tx, mut rx) = watch::channel(Snapshot::default());
-    let mut source = spawn_source(&s, tx);
+    let client = client(&s).await?;
+    let mut events = client.clone().map(|c| EventSink::new(c, &s.node_name));
+    let mut source = spawn_source(&s, client, tx);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     let mut last_config = None;
@@ -238,6 +293,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 }
                 if !report.failed.is_empty() {
                     m.sync_failures.inc();
+                }
+                if let Some(ev) = events.as_mut() {
+                    ev.publish(&snap, &d.problems);
+                    ev.publish(&snap, &report.failed);
                 }
                 health.sync(&d.health_checks).await;
                 http.ready.store(true, Ordering::Relaxed);

@@ -24,7 +24,7 @@ fn init_logs(format: LogFormat, filter: &str) {
 /// `--dry-run`: one snapshot from the source, translated, printed.
 async fn dry_run(s: &Settings) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::watch::channel(Snapshot::default());
-    let source = agent::spawn_source(s, tx);
+    let source = agent::spawn_source(s, agent::client(s).await?, tx);
     let snap = loop {
         tokio::select! {
             r = rx.changed() => {

@@ -120,10 +120,11 @@ async fn lists_watches_survives_drops_gone_and_outages() {
     assert_eq!(api.inner.lists.load(std::sync::atomic::Ordering::Relaxed), lists, "resumed without re-listing");
 
     // 4. 410 Gone: history compacted while disconnected → re-list.
-    api.compact();
-    api.drop_watches();
+    // (Watches held meanwhile, so none can resume before the compaction.)
+    api.pause_watches(true).await;
     api.apply(Kind::EndpointSlice, &slice(&["10.0.0.4"]));
     api.compact();
+    api.pause_watches(false).await;
     until(&mut rx, "the state after 410 Gone and a re-list", never_empty, backends_are(&["10.0.0.4"])).await;
     assert!(api.inner.gone.load(std::sync::atomic::Ordering::Relaxed) > 0, "a watch was answered 410");
     assert!(api.inner.lists.load(std::sync::atomic::Ordering::Relaxed) > lists, "the source re-listed");
@@ -144,4 +145,97 @@ async fn lists_watches_survives_drops_gone_and_outages() {
     api.delete(Kind::Service, "shop", "web");
     until(&mut rx, "a deleted service", |_| {}, |s| s.services.is_empty()).await;
     task.abort();
+}
+
+/// The real `xlb agent` process against the emulator: Services and
+/// EndpointSlices from the API server end up in the (pinned) maps, changes
+/// follow, and a Service xlb cannot program gets a Warning Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_programs_the_maps_from_the_api_server() {
+    use std::process::{Command, Stdio};
+    let api = ApiServer::start().await;
+    api.apply(Kind::Service, SERVICE);
+    api.apply(Kind::EndpointSlice, &slice(&["10.0.0.1"]));
+    api.apply(Kind::Node, NODE);
+    api.apply(
+        Kind::Service,
+        "metadata: {name: bad, namespace: shop}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 9, protocol: SCTP}]}",
+    );
+    let id = format!("{}-{}", std::process::id(), api.addr.port());
+    let tmp = std::env::temp_dir().join(format!("xlb-kube-{id}"));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let kubeconfig = tmp.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/xlbk-{id}"));
+    let xlb = env!("CARGO_BIN_EXE_xlb");
+    struct Cleanup(std::process::Child, std::path::PathBuf, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            // SAFETY: signalling our own child by PID.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+            let _ = Command::new(env!("CARGO_BIN_EXE_xlb"))
+                .args(["agent", "--cleanup", "--pin-dir"])
+                .arg(&self.1)
+                .stderr(Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir_all(&self.1);
+            let _ = std::fs::remove_dir_all(&self.2);
+        }
+    }
+    let log = tmp.join("agent.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(xlb)
+        .args(["agent", "--node-name", "node-1", "--http-address", "none", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .arg("--pin-dir")
+        .arg(&pins)
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let _guard = Cleanup(child, pins.clone(), tmp.clone());
+    let dump = |what: &str| -> serde_json::Value {
+        let out = Command::new(xlb).args(["dump", "-o", "json", "--pin-dir"]).arg(&pins).arg(what).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let backends_of_web = || -> Vec<String> {
+        dump("services")
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|f| f["address"] == "10.96.0.10")
+                    .flat_map(|f| f["backends"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; agent log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("the first sync", &|| backends_of_web() == ["10.0.0.1:8080"]);
+    let services = dump("services");
+    let nodeport = services.as_array().unwrap().iter().find(|f| f["kind"] == "NodePort").expect("a NodePort");
+    assert_eq!(nodeport["address"], "192.168.7.1", "on the Node object's InternalIP");
+    assert_eq!(nodeport["service"], "shop/web:http");
+
+    api.apply(Kind::EndpointSlice, &slice(&["10.0.0.1", "10.0.0.2"]));
+    wait("a watched change in the maps", &|| backends_of_web() == ["10.0.0.1:8080", "10.0.0.2:8080"]);
+
+    wait("a Warning Event for shop/bad", &|| {
+        api.inner.events_posted.lock().unwrap().iter().any(|e| {
+            e["regarding"]["name"] == "bad"
+                && e["type"] == "Warning"
+                && e["note"].as_str().unwrap_or("").contains("SCTP")
+        })
+    });
 }

@@ -14,8 +14,11 @@
 //!   the API server's answer: HTTP 200 and one `ERROR` event with a
 //!   `Status` of code 410 (`Expired`), after which clients must re-list;
 //! - [`ApiServer::drop_watches`] ends every open watch stream (a dropped
-//!   connection); [`ApiServer::set_down`] makes every request fail with 503
+//!   connection); [`ApiServer::pause_watches`] also holds new watch requests
+//!   until released; [`ApiServer::set_down`] makes every request fail with 503
 //!   (an unreachable or overloaded API server).
+//! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events` (and `PATCH` of
+//!   one): stored in [`Inner::events_posted`] for the tests to read.
 //!
 //! One global resourceVersion counter, as etcd's revision.
 
@@ -88,10 +91,14 @@ pub struct Inner {
     /// Bumped by `drop_watches`; streams opened before end.
     generation: broadcast::Sender<()>,
     down: AtomicBool,
+    paused: AtomicBool,
+    /// Watch streams currently open.
+    active: AtomicUsize,
     pub lists: AtomicUsize,
     pub watches: AtomicUsize,
     pub bookmarks: AtomicUsize,
     pub gone: AtomicUsize,
+    pub events_posted: Mutex<Vec<Value>>,
 }
 
 #[derive(Clone)]
@@ -112,15 +119,20 @@ impl ApiServer {
             events: broadcast::channel(1024).0,
             generation: broadcast::channel(16).0,
             down: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
             lists: AtomicUsize::new(0),
             watches: AtomicUsize::new(0),
             bookmarks: AtomicUsize::new(0),
             gone: AtomicUsize::new(0),
+            events_posted: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/api/v1/services", get(|s, q| handle(s, q, Kind::Service)))
             .route("/apis/discovery.k8s.io/v1/endpointslices", get(|s, q| handle(s, q, Kind::EndpointSlice)))
             .route("/api/v1/nodes", get(|s, q| handle(s, q, Kind::Node)))
+            .route("/apis/events.k8s.io/v1/namespaces/{ns}/events", axum::routing::post(event))
+            .route("/apis/events.k8s.io/v1/namespaces/{ns}/events/{name}", axum::routing::patch(event))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -156,11 +168,25 @@ impl ApiServer {
         let _ = self.inner.events.send(ev);
     }
 
-    /// Forgets the history: resuming a watch from before now gets 410 Gone.
+    /// Forgets the history and moves past it (like an etcd compaction):
+    /// resuming a watch from any resourceVersion seen so far gets 410 Gone.
     pub fn compact(&self) {
         let mut st = self.inner.store.lock().unwrap();
+        st.rv += 1;
         st.floor = st.rv;
         st.history.clear();
+    }
+
+    /// Ends every watch (returning once all have ended) and holds new watch
+    /// requests (they wait, without an answer) until `pause_watches(false)`.
+    pub async fn pause_watches(&self, paused: bool) {
+        self.inner.paused.store(paused, Ordering::SeqCst);
+        if paused {
+            while self.inner.active.load(Ordering::SeqCst) > 0 {
+                self.drop_watches();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 
     /// Ends every open watch stream, as a dropped connection would.
@@ -183,6 +209,28 @@ impl ApiServer {
              current-context: emu\n",
             self.addr
         )
+    }
+}
+
+async fn event(State(s): State<Arc<Inner>>, body: Bytes) -> Response {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    s.events_posted.lock().unwrap().push(v.clone());
+    (StatusCode::CREATED, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+/// Counts an open watch stream while it lives.
+struct Open(Arc<Inner>);
+
+impl Open {
+    fn new(inner: Arc<Inner>) -> Self {
+        inner.active.fetch_add(1, Ordering::SeqCst);
+        Self(inner)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -214,6 +262,9 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
         });
         return ([("content-type", "application/json")], list.to_string()).into_response();
     }
+    while s.paused.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     s.watches.fetch_add(1, Ordering::Relaxed);
     let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
@@ -236,6 +287,7 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
         .map(|e| line(&json!({"type": e.ty, "object": e.object})))
         .collect();
     struct St {
+        _open: Open,
         live: broadcast::Receiver<Event>,
         stop: broadcast::Receiver<()>,
         inner: Arc<Inner>,
@@ -244,6 +296,7 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
         last: u64,
     }
     let st = St {
+        _open: Open::new(s.clone()),
         live,
         stop: s.generation.subscribe(),
         inner: s.clone(),
