@@ -400,3 +400,19 @@ fn duplicate_endpoints_across_slices_count_once() {
     let y = format!("{WEB}---{slice}");
     assert_eq!(active(&run(&y).frontends[0]).len(), 2);
 }
+
+#[test]
+fn files_with_thousands_of_objects_parse() {
+    let mut y = String::new();
+    for i in 0..3000 {
+        y.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: n}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n---\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    let mut snap = Snapshot::default();
+    parse_into(&mut snap, "big.yaml", &y);
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors.first());
+    assert_eq!(snap.services.len(), 3000);
+}

@@ -18,10 +18,25 @@ use tokio::sync::watch;
 
 use super::Snapshot;
 
+/// The YAML parser's limits: its defaults (1,024 documents, 250,000 nodes
+/// a file) guard against hostile input, but a cluster's dump holds tens of
+/// thousands of objects. Aliases and nesting keep their default limits.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1_000_000;
+    budget.max_nodes = 100_000_000;
+    budget.max_events = 200_000_000;
+    budget.max_total_scalar_bytes = 1 << 30;
+    budget.max_reader_input_bytes = Some(1 << 30);
+    let mut o = serde_saphyr::Options::default();
+    o.budget = Some(budget);
+    o
+}
+
 /// Parses one file's documents into `snap`; a bad document is reported in
 /// `snap.errors` and the others are kept.
 pub fn parse_into(snap: &mut Snapshot, origin: &str, text: &str) {
-    let docs: Vec<serde_json::Value> = match serde_saphyr::from_multiple(text) {
+    let docs: Vec<serde_json::Value> = match serde_saphyr::from_multiple_with_options(text, yaml_options()) {
         Ok(d) => d,
         Err(e) => {
             snap.errors.push(format!("{origin}: not YAML: {e}"));
