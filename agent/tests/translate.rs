@@ -406,7 +406,7 @@ fn files_with_thousands_of_objects_parse() {
     let mut y = String::new();
     for i in 0..3000 {
         y.push_str(&format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: n}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n---\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: big}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n---\n",
             i / 250,
             i % 250 + 1
         ));
