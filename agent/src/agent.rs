@@ -249,6 +249,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         });
     }
     let mut health = HealthChecks::default();
+    let mut neighbours = crate::neighbours::Neighbours::default();
 
     let (tx, mut rx) = watch::channel(Snapshot::default());
     let client = client(&s).await?;
@@ -299,6 +300,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                     ev.publish(&snap, &report.failed);
                 }
                 health.sync(&d.health_checks).await;
+                // Remote backends' next hops: resolved before the first packet needs them.
+                neighbours
+                    .ensure(d.frontends.iter().flat_map(|f| f.backends.iter()).filter(|b| !b.node_local).map(|b| b.address))
+                    .await;
                 http.ready.store(true, Ordering::Relaxed);
                 http.beat();
                 let quiet = report.changed + report.removed + report.failed.len() == 0 && http.metrics.syncs.get() > 1;

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod dump;
 pub mod maglev;
 pub mod metrics;
+pub mod neighbours;
 pub mod region;
 pub mod select;
 pub mod source;

@@ -7,6 +7,7 @@
 //! also when a test panics, so tests run in parallel and CI can run twice.
 
 pub mod agent;
+pub mod cluster;
 pub mod packet;
 pub mod topo;
 
@@ -178,7 +179,7 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 pub enum Verdict {
     Pass,
     Drop,
-    /// Back out of the ingress device (XDP_TX; TC redirect to the same device).
+    /// XDP_TX (only the benchmark floor uses it; xlb redirects to the ingress device instead).
     Tx,
     Redirect,
 }

@@ -116,14 +116,17 @@ impl Hook for XdpContext {
         match action {
             Action::Pass => xdp_action::XDP_PASS,
             Action::Drop => xdp_action::XDP_DROP,
-            Action::Tx => xdp_action::XDP_TX,
+            // Out of the ingress device through XDP_REDIRECT, not XDP_TX:
+            // on veth, XDP_TX frames sit in the peer's queue until its next
+            // poll (seen here: a SNATed SYN delayed by a second or more),
+            // while redirected frames are flushed at the end of this poll.
+            Action::Tx => {
+                // SAFETY: plain helper call.
+                unsafe { bpf_redirect(self.ifindex(), 0) as u32 }
+            }
             Action::Redirect(ifindex) => {
-                if ifindex == self.ifindex() {
-                    xdp_action::XDP_TX
-                } else {
-                    // SAFETY: plain helper call.
-                    unsafe { bpf_redirect(ifindex, 0) as u32 }
-                }
+                // SAFETY: plain helper call.
+                unsafe { bpf_redirect(ifindex, 0) as u32 }
             }
         }
     }

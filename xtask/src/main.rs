@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Project workflows: `cargo xtask setup | test | demo | bench`.
 mod bench;
+mod clean;
 mod setup;
 
 use std::process::Command;
@@ -31,6 +32,9 @@ enum Cmd {
     /// Setup, then a short demo: real TCP connections to a VIP through XDP in
     /// network namespaces, with the datapath's counters.
     Demo,
+    /// Remove what a killed test or demo run left behind (namespaces named
+    /// xlb…, their processes, test pins and temp directories).
+    Clean,
     /// Setup, then the BPF_PROG_TEST_RUN benchmark (ns/packet per path).
     Bench(bench::Args),
 }
@@ -44,12 +48,14 @@ fn main() -> anyhow::Result<()> {
             cargo(&["fmt", "--all", "--check"]).context("code is not formatted: run `cargo fmt --all`")?;
             // The agent binary first: the netns tests run it as a process.
             cargo(&["build", "--release", "-p", "agent", "--bin", "xlb"]).context("building xlb")?;
+            cargo(&["build", "--release", "-p", "bpf-tests", "--bins"]).context("building the test binaries")?;
             cargo(&["test", "--release"]).context("tests failed")
         }
         Cmd::Demo => {
             setup::run()?;
             cargo(&["run", "--release", "--quiet", "-p", "bpf-tests", "--bin", "xlb-demo"])
         }
+        Cmd::Clean => clean::run(),
         Cmd::Bench(args) => {
             setup::run()?;
             bench::run(args)

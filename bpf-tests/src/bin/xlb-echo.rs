@@ -1,0 +1,73 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The backend pods' echo server: `xlb-echo NAME PORT…` listens on every
+//! PORT over TCP and UDP, IPv4 and IPv6 (one dual-stack socket each), and
+//! answers every line (TCP) or datagram (UDP) with
+//! `NAME <client address as seen> <the line>`. A TCP line `stream` makes it
+//! answer once per second until the client goes away, for long-lived
+//! connections.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let name = args.next().expect("usage: xlb-echo NAME PORT…");
+    let ports: Vec<u16> = args.map(|p| p.parse().expect("port")).collect();
+    assert!(!ports.is_empty(), "usage: xlb-echo NAME PORT…");
+    for port in ports {
+        let addr = SocketAddr::from(([0u16; 8], port));
+        let tcp = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+        let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        let n = name.clone();
+        thread::spawn(move || {
+            for s in tcp.incoming().flatten() {
+                let n = n.clone();
+                thread::spawn(move || {
+                    let peer = s.peer_addr().map(|p| canonical(p).to_string()).unwrap_or_default();
+                    let Ok(mut w) = s.try_clone() else { return };
+                    for line in BufReader::new(s).lines().map_while(Result::ok) {
+                        if line == "stream" {
+                            for i in 0.. {
+                                if writeln!(w, "{n} {peer} tick {i}").is_err() {
+                                    return;
+                                }
+                                thread::sleep(Duration::from_millis(200));
+                            }
+                        }
+                        if writeln!(w, "{n} {peer} {line}").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let n = name.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((len, peer)) = udp.recv_from(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..len]);
+                let out = format!("{n} {} {}", canonical(peer), msg.trim_end());
+                let _ = udp.send_to(out.as_bytes(), peer);
+            }
+        });
+    }
+    // Serve until killed.
+    loop {
+        thread::park();
+    }
+}
+
+/// IPv4-mapped IPv6 peers (from the dual-stack socket) as plain IPv4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        a => a,
+    }
+}

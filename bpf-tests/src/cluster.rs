@@ -1,0 +1,494 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! A Kubernetes-shaped cluster in network namespaces, with a real
+//! `xlb agent` per node: the harness the end-to-end tests and the demo use.
+//!
+//! ```text
+//!                          fabric ns: bridge br0 (the underlay)
+//!        ┌──────────────────────┬──────────────────────┬──────────────────┐
+//!   node-1 eth0 192.168.60.1   node-2 eth0 192.168.60.2   external 192.168.60.200
+//!   (XDP)  fd60::1             (XDP)  fd60::2              fd60::200
+//!    │ vethN (TC) ─ pod eth0 10.244.1.x, fd44:1::x
+//!    │ …
+//! ```
+//! - Each node has pod CIDRs 10.244.N.0/24 and fd44:N::/64, routes to the
+//!   other nodes' pod CIDRs over the underlay, and runs `xlb agent
+//!   --manifests DIR --xdp-interfaces eth0 --tc-interface-pattern 'veth*'`
+//!   with its own pin directory.
+//! - A pod is a namespace behind a veth; its default gateway is the node side
+//!   (169.254.1.1 / fe80::1, as Calico does). Backend pods run `xlb-echo`.
+//! - The external client routes the LoadBalancer and externalIP ranges
+//!   (198.51.100.0/24, 80.11.12.0/24, 2001:db8:5::/64) to node-1, as an
+//!   upstream router would.
+//! - The harness writes the Services it is given and EndpointSlices it
+//!   derives from the pods (selector `app`, conditions, nodeName) into the
+//!   shared manifests directory; every agent picks changes up.
+//!
+//! Names are unique per run; namespaces, processes, pins and files are
+//! removed on drop, also when a test fails. `cargo xtask clean` removes the
+//! leftovers of a killed run.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{
+    NetNs,
+    agent::{Agent, PinDir, TempDir, xlb, xlb_bin},
+};
+
+/// Underlay address of node `i` (1-based).
+pub fn node_addr4(i: usize) -> String {
+    format!("192.168.60.{i}")
+}
+
+pub fn node_addr6(i: usize) -> String {
+    format!("fd60::{i}")
+}
+
+pub const EXTERNAL4: &str = "192.168.60.200";
+pub const EXTERNAL6: &str = "fd60::200";
+
+/// Readiness of a pod as the EndpointSlices show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodState {
+    Ready,
+    /// Being deleted: `ready: false, serving: true, terminating: true`.
+    Terminating,
+    /// Not in any EndpointSlice.
+    Gone,
+}
+
+pub struct Node {
+    pub ns: NetNs,
+    pub index: usize,
+    pub pins: PinDir,
+    pub agent: Option<Agent>,
+}
+
+pub struct Pod {
+    pub ns: NetNs,
+    pub name: String,
+    /// 1-based node index.
+    pub node: usize,
+    pub ip4: String,
+    pub ip6: String,
+    /// `app` label; empty for a plain client pod.
+    pub app: String,
+    pub state: PodState,
+    echo: Option<Child>,
+}
+
+pub struct Cluster {
+    pub fabric: NetNs,
+    pub external: NetNs,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub dir: TempDir,
+    /// Service YAML documents as given (without generated slices).
+    services: Vec<String>,
+    /// Ports every backend pod serves (echo on TCP and UDP).
+    echo_ports: Vec<u16>,
+    /// Per node: veths created so far.
+    veths: Vec<usize>,
+}
+
+fn sh_in(ns: &NetNs, cmds: &[&str]) {
+    for c in cmds {
+        ns.exec(&c.split(' ').collect::<Vec<_>>());
+    }
+}
+
+impl Cluster {
+    /// `nodes` nodes, no pods yet, agents not started.
+    pub fn new(nodes: usize, echo_ports: &[u16]) -> Self {
+        let fabric = NetNs::new("xlbf");
+        sh_in(&fabric, &["ip link add br0 type bridge", "ip link set br0 up"]);
+        let external = NetNs::new("xlbx");
+        let dir = TempDir::new();
+        std::fs::create_dir_all(dir.path.join("manifests")).unwrap();
+        let mut c = Self {
+            fabric,
+            external,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            dir,
+            services: Vec::new(),
+            echo_ports: echo_ports.to_vec(),
+            veths: vec![0; nodes + 1],
+        };
+        c.uplink(&c.external, "x0", EXTERNAL4, EXTERNAL6);
+        for r in ["198.51.100.0/24", "80.11.12.0/24"] {
+            c.external.exec(&["ip", "route", "add", r, "via", &node_addr4(1)]);
+        }
+        c.external.exec(&["ip", "-6", "route", "add", "2001:db8:5::/64", "via", &node_addr6(1)]);
+        for i in 1..=nodes {
+            let ns = NetNs::new("xlbn");
+            c.uplink(&ns, &format!("u{i}"), &node_addr4(i), &node_addr6(i));
+            sh_in(&ns, &["sysctl -qw net.ipv4.conf.all.forwarding=1", "sysctl -qw net.ipv6.conf.all.forwarding=1"]);
+            for j in 1..=nodes {
+                if j != i {
+                    ns.exec(&["ip", "route", "add", &format!("10.244.{j}.0/24"), "via", &node_addr4(j)]);
+                    ns.exec(&["ip", "-6", "route", "add", &format!("fd44:{j}::/64"), "via", &node_addr6(j)]);
+                }
+            }
+            c.nodes.push(Node { ns, index: i, pins: PinDir::new(), agent: None });
+        }
+        c
+    }
+
+    /// Connects `ns` to the bridge with its interface named `eth0`.
+    fn uplink(&self, ns: &NetNs, fabric_side: &str, a4: &str, a6: &str) {
+        let tmp = format!("{fabric_side}p");
+        sh_in(&self.fabric, &[&format!("ip link add {fabric_side} type veth peer name {tmp}")]);
+        self.fabric.exec(&["ip", "link", "set", &tmp, "netns", &ns.name]);
+        // XDP on the node's eth0 sees frames before checksums are completed:
+        // the sending peer must not offload them; GRO on lets it receive
+        // frames the node redirects back out (XDP_TX / redirect).
+        sh_in(
+            &self.fabric,
+            &[&format!("ip link set {fabric_side} master br0 up"), &format!("ethtool -K {fabric_side} tx off gro on")],
+        );
+        sh_in(
+            ns,
+            &[
+                &format!("ip link set {tmp} name eth0"),
+                "ip link set eth0 up",
+                &format!("ip addr add {a4}/24 dev eth0"),
+                &format!("ip -6 addr add {a6}/64 dev eth0 nodad"),
+                "ethtool -K eth0 tx off gro on",
+            ],
+        );
+    }
+
+    /// Adds a pod on node `node` (1-based). Backend pods (non-empty `app`)
+    /// run `xlb-echo` on the cluster's echo ports.
+    pub fn add_pod(&mut self, name: &str, node: usize, app: &str) -> usize {
+        self.veths[node] += 1;
+        let k = self.veths[node];
+        let ip4 = format!("10.244.{node}.{}", 9 + k);
+        let ip6 = format!("fd44:{node}::{:x}", 9 + k);
+        let ns = NetNs::new("xlbp");
+        let n = &self.nodes[node - 1].ns;
+        let veth = format!("veth{k}");
+        sh_in(n, &[&format!("ip link add {veth} type veth peer name tmp{k}")]);
+        n.exec(&["ip", "link", "set", &format!("tmp{k}"), "netns", &ns.name]);
+        sh_in(
+            &ns,
+            &[
+                &format!("ip link set tmp{k} name eth0"),
+                "ip link set eth0 up",
+                &format!("ip addr add {ip4}/32 dev eth0"),
+                &format!("ip -6 addr add {ip6}/128 dev eth0 nodad"),
+                "ip route add 169.254.1.1 dev eth0 scope link",
+                "ip route add default via 169.254.1.1 dev eth0",
+                "ip -6 route add default via fe80::1 dev eth0",
+                "ethtool -K eth0 tx off gro on",
+            ],
+        );
+        sh_in(
+            n,
+            &[
+                &format!("ip link set {veth} up"),
+                &format!("ip addr add 169.254.1.1/32 dev {veth} scope link"),
+                &format!("ip -6 addr add fe80::1/64 dev {veth} nodad"),
+                &format!("ip route add {ip4}/32 dev {veth}"),
+                &format!("ip -6 route add {ip6}/128 dev {veth}"),
+                &format!("ethtool -K {veth} tx off gro on"),
+            ],
+        );
+        let echo = (!app.is_empty()).then(|| {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/var/run/netns/{}", ns.name)).arg(echo_bin()).arg(name);
+            for p in &self.echo_ports {
+                cmd.arg(p.to_string());
+            }
+            cmd.stdout(Stdio::null()).spawn().expect("start xlb-echo")
+        });
+        self.pods.push(Pod {
+            ns,
+            name: name.to_string(),
+            node,
+            ip4,
+            ip6,
+            app: app.to_string(),
+            state: PodState::Ready,
+            echo,
+        });
+        self.pods.len() - 1
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Adds Service YAML (one or more documents) to the manifests.
+    pub fn add_services(&mut self, yaml: &str) {
+        self.services.push(yaml.to_string());
+    }
+
+    pub fn set_pod_state(&mut self, name: &str, state: PodState) {
+        self.pods.iter_mut().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}")).state = state;
+    }
+
+    /// Writes the Services and the EndpointSlices derived from the pods.
+    /// Every Service must have `selector: {app: X}` and ports whose
+    /// targetPort is a number or a name from `named_ports`.
+    pub fn write_manifests(&self, named_ports: &[(&str, u16)]) {
+        let mut out = String::new();
+        for s in &self.services {
+            out.push_str(s.trim());
+            out.push_str("\n---\n");
+        }
+        let mut snap = xlb::source::Snapshot::default();
+        xlb::source::files::parse_into(&mut snap, "services", &out);
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        for svc in &snap.services {
+            let spec = svc.spec.as_ref().unwrap();
+            let Some(app) = spec.selector.as_ref().and_then(|s| s.get("app")) else { continue };
+            let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let name = svc.metadata.name.clone().unwrap();
+            let mut ports = String::new();
+            for p in spec.ports.iter().flatten() {
+                let target = match &p.target_port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => *n as u16,
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => {
+                        named_ports.iter().find(|(n, _)| n == s).map(|(_, p)| *p).expect("named port")
+                    }
+                    None => p.port as u16,
+                };
+                let pname = p.name.clone().unwrap_or_default();
+                let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                let _ = writeln!(ports, "- {{name: \"{pname}\", port: {target}, protocol: {proto}}}");
+            }
+            for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+                let mut eps = String::new();
+                for p in self.pods.iter().filter(|p| &p.app == app && p.state != PodState::Gone) {
+                    let cond = match p.state {
+                        PodState::Ready => "{ready: true, serving: true, terminating: false}",
+                        _ => "{ready: false, serving: true, terminating: true}",
+                    };
+                    let addr = if v6 { &p.ip6 } else { &p.ip4 };
+                    let _ = writeln!(
+                        eps,
+                        "- addresses: [\"{addr}\"]\n  conditions: {cond}\n  nodeName: node-{}\n  targetRef: {{kind: Pod, namespace: {ns}, name: {}}}",
+                        p.node, p.name
+                    );
+                }
+                let eps = if eps.is_empty() { "[]\n".to_string() } else { format!("\n{eps}") };
+                let _ = write!(
+                    out,
+                    "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{}\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports:\n{ports}endpoints: {eps}---\n",
+                    family.to_lowercase()
+                );
+            }
+        }
+        // Write-then-rename, so an agent never reads half a file.
+        let tmp = self.dir.path.join("cluster.yaml.tmp");
+        std::fs::write(&tmp, out).unwrap();
+        std::fs::rename(&tmp, self.manifests().join("cluster.yaml")).unwrap();
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.path.join("manifests")
+    }
+
+    /// Starts (or restarts) the agent of every node and waits for its first sync.
+    pub fn start_agents(&mut self, extra: &[&str]) {
+        for i in 0..self.nodes.len() {
+            self.start_agent(i + 1, extra);
+        }
+    }
+
+    pub fn agent_args(&self, node: usize, extra: &[&str]) -> Vec<String> {
+        let n = &self.nodes[node - 1];
+        let mut a: Vec<String> = vec![
+            "--manifests".into(),
+            self.manifests().display().to_string(),
+            "--node-name".into(),
+            format!("node-{node}"),
+            "--node-address".into(),
+            format!("{},{}", node_addr4(node), node_addr6(node)),
+            "--xdp-interfaces".into(),
+            "eth0".into(),
+            "--tc-interface-pattern".into(),
+            "veth*".into(),
+            "--pin-dir".into(),
+            n.pins.arg(),
+            "--http-address".into(),
+            "127.0.0.1:10249".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    pub fn start_agent(&mut self, node: usize, extra: &[&str]) {
+        let args = self.agent_args(node, extra);
+        let log = self.dir.path.join(format!("agent-node-{node}-{}.log", unique_suffix()));
+        let n = &mut self.nodes[node - 1];
+        n.agent = None; // stop a running one first
+        n.agent = Some(Agent::start(&n.ns, log, &args));
+    }
+
+    pub fn stop_agent(&mut self, node: usize) {
+        if let Some(mut a) = self.nodes[node - 1].agent.take() {
+            a.stop();
+        }
+    }
+
+    /// Waits until every running agent has synced `times` times in total
+    /// since it started (each write of the manifests adds one).
+    pub fn wait_synced(&mut self, times: usize) {
+        for n in &mut self.nodes {
+            if let Some(a) = n.agent.as_mut() {
+                a.wait_log("synced", times);
+            }
+        }
+    }
+
+    /// `xlb dump …` on node `node`.
+    pub fn dump(&self, node: usize, args: &[&str]) -> String {
+        let pins = self.nodes[node - 1].pins.arg();
+        let mut full = vec!["dump", "--pin-dir", pins.as_str()];
+        full.extend_from_slice(args);
+        xlb(&self.nodes[node - 1].ns, &full)
+    }
+}
+
+fn unique_suffix() -> String {
+    crate::unique("")
+}
+
+fn echo_bin() -> PathBuf {
+    let b = xlb_bin().with_file_name("xlb-echo");
+    assert!(b.exists(), "{} is missing: build bpf-tests' binaries", b.display());
+    b
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Agents first (by PID), then the echo servers, then the namespaces.
+        for n in &mut self.nodes {
+            n.agent = None;
+        }
+        for p in &mut self.pods {
+            if let Some(mut c) = p.echo.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Runs `f` with the current thread inside `ns`.
+pub fn in_ns<T>(ns: &NetNs, f: impl FnOnce() -> T) -> T {
+    let _in = ns.enter();
+    f()
+}
+
+/// One request over TCP from `ns` to `to`: sends `msg`, returns the echo
+/// line `POD CLIENT msg`, split into (pod, client address as the backend saw it).
+pub fn tcp_request(ns: &NetNs, to: SocketAddr, msg: &str) -> std::io::Result<(String, String)> {
+    let s = in_ns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut w = s.try_clone()?;
+    writeln!(w, "{msg}")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    parse_echo(&line)
+}
+
+/// One UDP request from `ns` to `to`.
+pub fn udp_request(ns: &NetNs, to: SocketAddr, msg: &str) -> std::io::Result<(String, String)> {
+    let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let s = in_ns(ns, || UdpSocket::bind(any))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.send_to(msg.as_bytes(), to)?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = s.recv_from(&mut buf)?;
+    parse_echo(&String::from_utf8_lossy(&buf[..n]))
+}
+
+fn parse_echo(line: &str) -> std::io::Result<(String, String)> {
+    let mut it = line.split_whitespace();
+    match (it.next(), it.next()) {
+        (Some(pod), Some(client)) => Ok((pod.to_string(), client.to_string())),
+        _ => Err(std::io::Error::other(format!("bad echo {line:?}"))),
+    }
+}
+
+/// A long-lived TCP connection to an echo server (see `xlb-echo`'s `stream`).
+pub struct Stream {
+    r: BufReader<TcpStream>,
+    pub pod: String,
+}
+
+impl Stream {
+    pub fn open(ns: &NetNs, to: SocketAddr) -> std::io::Result<Self> {
+        let s = in_ns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut w = s.try_clone()?;
+        writeln!(w, "stream")?;
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let (pod, _) = parse_echo(&line)?;
+        Ok(Self { r, pod })
+    }
+
+    /// Reads the next tick; an error means the connection broke.
+    pub fn tick(&mut self) -> std::io::Result<()> {
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("closed"));
+        }
+        let (pod, _) = parse_echo(&line)?;
+        if pod != self.pod {
+            return Err(std::io::Error::other(format!("answered by {pod}, not {}", self.pod)));
+        }
+        Ok(())
+    }
+
+    /// Drains whatever arrived, checking the connection is alive.
+    pub fn alive(&mut self) -> std::io::Result<()> {
+        self.tick()
+    }
+}
+
+/// How requests spread over pods.
+pub fn spread(answers: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for a in answers {
+        *m.entry(a.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// True when connecting to `to` from `ns` is refused quickly (RST or ICMP
+/// unreachable), not timed out.
+pub fn refused(ns: &NetNs, to: SocketAddr) -> bool {
+    match in_ns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(3))) {
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Ok(_) => false,
+    }
+}
+
+/// Parses an address for the request helpers.
+pub fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port)
+}
+
+/// Reads all of a TCP stream (for the health-check and metrics endpoints).
+pub fn http_get(ns: &NetNs, to: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = in_ns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(3))).expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}

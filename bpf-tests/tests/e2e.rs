@@ -1,0 +1,261 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! End-to-end Kubernetes Service behaviour on a two-node cluster in network
+//! namespaces (see `bpf_tests::cluster`), with a real `xlb agent` per node
+//! and real TCP and UDP sockets. Each scenario names the upstream
+//! Kubernetes e2e test (test/e2e/network/service.go unless said otherwise)
+//! whose behaviour it mirrors.
+
+use std::{thread, time::Duration};
+
+use bpf_tests::cluster::*;
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 9376, nodePort: 30036}
+"#;
+
+/// Two nodes, backends web-1a (node 1) and web-2a (node 2), a client pod on node 1.
+fn two_nodes(services: &[&str], extra_agent_args: &[&str]) -> Cluster {
+    let mut c = Cluster::new(2, &[9376, 9377, 5353]);
+    c.add_pod("web-1a", 1, "web");
+    c.add_pod("web-2a", 2, "web");
+    c.add_pod("client", 1, "");
+    for s in services {
+        c.add_services(s);
+    }
+    c.write_manifests(&[("http", 9376), ("metrics", 9377)]);
+    c.start_agents(extra_agent_args);
+    c
+}
+
+/// The pods answering `n` new TCP connections from `from` to `to`.
+fn pods_answering(from: &bpf_tests::NetNs, to: std::net::SocketAddr, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| tcp_request(from, to, &format!("r{i}")).unwrap_or_else(|e| panic!("request {i} to {to}: {e}")).0)
+        .collect()
+}
+
+/// "should serve a basic endpoint from pods" / "should be able to switch
+/// session affinity for service with type clusterIP": a pod reaches the
+/// ClusterIP, both backends answer, the backend sees the pod's own address.
+#[test]
+fn cluster_ip_from_a_pod() {
+    let c = two_nodes(&[WEB], &[]);
+    let client = c.pod("client");
+    let mut seen = Vec::new();
+    for i in 0..30 {
+        let (pod, from) = tcp_request(&client.ns, sa("10.96.0.10", 80), &format!("r{i}")).expect("ClusterIP");
+        assert_eq!(from.rsplit_once(':').unwrap().0, client.ip4, "no SNAT for pod → ClusterIP");
+        seen.push(pod);
+    }
+    let s = spread(&seen);
+    assert_eq!(s.len(), 2, "both backends, local and remote: {s:?}");
+}
+
+/// "should be able to create a functioning NodePort service": the external
+/// client reaches the NodePort on each node; a backend on another node is
+/// reached through SNAT (externalTrafficPolicy Cluster) and the reply
+/// returns correctly.
+#[test]
+fn node_port_from_outside_on_every_node() {
+    let c = two_nodes(&[WEB], &[]);
+    for node in 1..=2 {
+        let answers = pods_answering(&c.external, sa(&node_addr4(node), 30036), 30);
+        let s = spread(&answers);
+        assert_eq!(s.len(), 2, "node {node}: local and remote backends: {s:?}");
+    }
+    // What the backends saw: the client itself from its own node, the node
+    // address (SNAT) from the other.
+    for i in 0..20 {
+        let (pod, from) = tcp_request(&c.external, sa(&node_addr4(1), 30036), &format!("s{i}")).unwrap();
+        let ip = from.rsplit_once(':').unwrap().0.to_string();
+        match pod.as_str() {
+            "web-1a" => assert_eq!(ip, EXTERNAL4, "local backend: no SNAT"),
+            "web-2a" => assert_eq!(ip, node_addr4(1), "remote backend: SNAT to the node"),
+            other => panic!("{other}"),
+        }
+    }
+}
+
+/// "should handle load balancer cleanup finalizer" is out of scope; this is
+/// "should be able to change the type and ports of a UDP service" reduced to
+/// what a proxy does: a UDP ClusterIP and NodePort.
+#[test]
+fn udp_service() {
+    let dns = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.53
+  selector: {app: web}
+  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]
+"#;
+    let c = two_nodes(&[dns], &[]);
+    let client = c.pod("client");
+    let mut pods = Vec::new();
+    for i in 0..20 {
+        let (pod, _) = udp_request(&client.ns, sa("10.96.0.53", 53), &format!("q{i}")).expect("UDP ClusterIP");
+        pods.push(pod);
+    }
+    assert_eq!(spread(&pods).len(), 2, "{:?}", spread(&pods));
+    let (_, from) = udp_request(&c.external, sa(&node_addr4(2), 30053), "q").expect("UDP NodePort");
+    assert!(from.starts_with(EXTERNAL4) || from.starts_with(&node_addr4(2)));
+}
+
+/// "should be able to reach pod on ipv4 and ipv6 ip" (dual-stack suite,
+/// test/e2e/network/dual_stack.go): one dual-stack Service, both families
+/// from a pod and from outside.
+#[test]
+fn dual_stack_service() {
+    let ds = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ds, namespace: demo}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd96::20"]
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30080}]
+"#;
+    let c = two_nodes(&[ds], &[]);
+    let client = c.pod("client");
+    for vip in ["10.96.0.20", "fd96::20"] {
+        let answers = pods_answering(&client.ns, sa(vip, 80), 20);
+        assert_eq!(spread(&answers).len(), 2, "{vip}: {:?}", spread(&answers));
+    }
+    let (_, from) = tcp_request(&client.ns, sa("fd96::20", 80), "x").unwrap();
+    assert!(from.contains(&client.ip6), "IPv6 pod → IPv6 ClusterIP keeps the source: {from}");
+    for node in 1..=2 {
+        for addr in [node_addr4(node), node_addr6(node)] {
+            let answers = pods_answering(&c.external, sa(&addr, 30080), 12);
+            assert_eq!(spread(&answers).len(), 2, "NodePort {addr}: {:?}", spread(&answers));
+        }
+    }
+}
+
+/// "should have session affinity work for service with type clusterIP":
+/// 20 requests from one client land on one backend.
+#[test]
+fn session_affinity_client_ip() {
+    let svc = WEB.replace("  selector:", "  sessionAffinity: ClientIP\n  selector:");
+    let c = two_nodes(&[&svc], &[]);
+    let client = c.pod("client");
+    let answers = pods_answering(&client.ns, sa("10.96.0.10", 80), 20);
+    assert_eq!(spread(&answers).len(), 1, "{:?}", spread(&answers));
+    let from_outside = pods_answering(&c.external, sa(&node_addr4(1), 30036), 20);
+    assert_eq!(spread(&from_outside).len(), 1, "{:?}", spread(&from_outside));
+    let aff = c.dump(1, &["-o", "json", "affinity"]);
+    let aff: serde_json::Value = serde_json::from_str(&aff).unwrap();
+    assert!(aff.as_array().unwrap().iter().any(|a| a["client"] == client.ip4.as_str()), "{aff:#}");
+}
+
+/// "should create endpoints for unready pods" inverted: a service whose only
+/// endpoint is gone refuses connections at once (kube-proxy's REJECT), it
+/// does not time out.
+#[test]
+fn no_endpoints_refuse_quickly() {
+    let mut c = two_nodes(&[WEB], &[]);
+    c.set_pod_state("web-1a", PodState::Gone);
+    c.set_pod_state("web-2a", PodState::Gone);
+    c.write_manifests(&[]);
+    c.wait_synced(2);
+    let started = std::time::Instant::now();
+    assert!(refused(&c.pod("client").ns, sa("10.96.0.10", 80)), "ClusterIP without endpoints");
+    assert!(refused(&c.external, sa(&node_addr4(2), 30036)), "NodePort without endpoints");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused quickly, took {:?}", started.elapsed());
+}
+
+/// "should be able to update service type to NodePort listening on same
+/// port number but different protocols" is not it; this is the hairpin
+/// case of "should allow pods to hairpin back to themselves through
+/// services": a backend reaches its own service and may land on itself.
+#[test]
+fn hairpin() {
+    let c = two_nodes(&[WEB], &[]);
+    let me = c.pod("web-1a");
+    let mut landed_on_self = false;
+    for i in 0..30 {
+        let (pod, _) = tcp_request(&me.ns, sa("10.96.0.10", 80), &format!("h{i}")).expect("hairpin request");
+        landed_on_self |= pod == "web-1a";
+    }
+    assert!(landed_on_self, "30 requests never reached the caller itself");
+}
+
+/// Traffic not for a service is untouched: plain connections to a pod and
+/// to a node address (ssh-like) work with xlb on every interface.
+#[test]
+fn non_service_traffic_is_untouched() {
+    let c = two_nodes(&[WEB], &[]);
+    let client = c.pod("client");
+    let remote = c.pod("web-2a");
+    let (pod, from) = tcp_request(&client.ns, sa(&remote.ip4, 9376), "direct").expect("pod to pod");
+    assert_eq!((pod.as_str(), from.rsplit_once(':').unwrap().0), ("web-2a", client.ip4.as_str()));
+    // The external client reaches a service of the node itself (ssh-like).
+    let listener = in_ns(&c.nodes[0].ns, || std::net::TcpListener::bind("0.0.0.0:2222")).unwrap();
+    let server = thread::spawn(move || {
+        use std::io::Write as _;
+        let (mut s, peer) = listener.accept().unwrap();
+        writeln!(s, "hello {peer}").unwrap();
+    });
+    let s =
+        in_ns(&c.external, || std::net::TcpStream::connect_timeout(&sa(&node_addr4(1), 2222), Duration::from_secs(3)))
+            .expect("node's own port");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).unwrap();
+    assert!(line.starts_with(&format!("hello {EXTERNAL4}:")), "{line}");
+    server.join().unwrap();
+    let verdicts = c.dump(1, &["-o", "json", "stats"]);
+    let v: serde_json::Value = serde_json::from_str(&verdicts).unwrap();
+    assert!(v["verdicts"]["pass"].as_u64().unwrap() > 0, "non-service packets were passed: {v:#}");
+}
+
+/// "should work after the service has been recreated" / "should work after
+/// restarting kube-proxy": the agent restarts in the middle of a streaming
+/// connection; the connection survives and new connections still balance.
+#[test]
+fn agent_restart_mid_stream() {
+    let mut c = two_nodes(&[WEB], &[]);
+    let mut streams: Vec<Stream> =
+        (0..6).map(|_| Stream::open(&c.pod("client").ns, sa("10.96.0.10", 80)).expect("open stream")).collect();
+    for s in &mut streams {
+        s.tick().unwrap();
+    }
+    c.stop_agent(1);
+    thread::sleep(Duration::from_millis(500));
+    for s in &mut streams {
+        s.tick().expect("alive without an agent");
+    }
+    c.start_agent(1, &[]);
+    for s in &mut streams {
+        s.tick().expect("alive after the restart");
+    }
+    let answers = pods_answering(&c.pod("client").ns, sa("10.96.0.10", 80), 30);
+    assert_eq!(spread(&answers).len(), 2, "{:?}", spread(&answers));
+}
+
+#[test]
+#[ignore = "debugging aid: keeps a cluster up for 5 minutes"]
+fn hold_cluster() {
+    let c = two_nodes(&[WEB], &[]);
+    eprintln!(
+        "fabric {} external {} nodes {:?} pods {:?}",
+        c.fabric.name,
+        c.external.name,
+        c.nodes.iter().map(|n| n.ns.name.clone()).collect::<Vec<_>>(),
+        c.pods.iter().map(|p| (p.name.clone(), p.ns.name.clone())).collect::<Vec<_>>()
+    );
+    thread::sleep(Duration::from_secs(300));
+}
