@@ -7,21 +7,24 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::{NetNs, unique};
 
-/// The `xlb` binary next to the test executable (`target/<profile>/xlb`);
-/// `cargo test` at the workspace root builds it, as does `cargo xtask test`.
+/// The `xlb` binary of this build: next to the running executable (a
+/// binary in `target/<profile>/`) or one level up (a test in
+/// `target/<profile>/deps/`). `cargo xtask test` and `demo` build it first.
+fn find_xlb() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("xlb"), dir.parent()?.join("xlb")].into_iter().find(|p| p.exists())
+}
+
 pub fn xlb_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("xlb");
-    assert!(bin.exists(), "{} is missing: run `cargo build --release -p agent` (cargo xtask test does)", bin.display());
-    bin
+    find_xlb().expect("the xlb binary is missing: run `cargo build --release -p agent` (cargo xtask test does)")
 }
 
 /// Runs `xlb args…` inside `ns` and returns its stdout (panics on failure).
@@ -64,11 +67,9 @@ impl Default for PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = Command::new(xlb_bin())
-            .args(["agent", "--cleanup", "--pin-dir"])
-            .arg(&self.path)
-            .stderr(Stdio::null())
-            .status();
+        let Some(xlb) = find_xlb() else { return };
+        let _ =
+            Command::new(xlb).args(["agent", "--cleanup", "--pin-dir"]).arg(&self.path).stderr(Stdio::null()).status();
         let _ = fs::remove_dir_all(&self.path);
     }
 }

@@ -29,8 +29,9 @@ enum Cmd {
     },
     /// Setup, then every test: host unit tests, packet tests, netns tests.
     Test,
-    /// Setup, then a short demo: real TCP connections to a VIP through XDP in
-    /// network namespaces, with the datapath's counters.
+    /// Setup, then the demo: a two-node cluster in network namespaces with
+    /// an `xlb agent` per node, fed manifests/examples, real requests
+    /// through every Service type, then an `xlb dump services` table.
     Demo,
     /// Remove what a killed test or demo run left behind (namespaces named
     /// xlb…, their processes, test pins and temp directories).
@@ -53,6 +54,8 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Demo => {
             setup::run()?;
+            cargo(&["build", "--release", "--quiet", "-p", "agent", "--bin", "xlb"]).context("building xlb")?;
+            cargo(&["build", "--release", "--quiet", "-p", "bpf-tests", "--bins"]).context("building the demo")?;
             cargo(&["run", "--release", "--quiet", "-p", "bpf-tests", "--bin", "xlb-demo"])
         }
         Cmd::Clean => clean::run(),
