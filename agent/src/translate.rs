@@ -562,7 +562,13 @@ fn service_frontends(
             }
         }
         if i == 0 {
-            local_ready = endpoints.iter().filter(|e| e.local && e.ready).count();
+            // Pods, not addresses: a dual-stack pod has one endpoint per family.
+            let primary_v4 = cluster_ips
+                .first()
+                .map(IpAddr::is_ipv4)
+                .or_else(|| spec.ip_families.as_ref().and_then(|f| f.first()).map(|f| f == "IPv4"))
+                .unwrap_or(true);
+            local_ready = endpoints.iter().filter(|e| e.local && e.ready && e.address.is_ipv4() == primary_v4).count();
         }
     }
     if ext_local

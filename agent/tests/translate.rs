@@ -416,3 +416,34 @@ fn files_with_thousands_of_objects_parse() {
     assert!(snap.errors.is_empty(), "{:?}", snap.errors.first());
     assert_eq!(snap.services.len(), 3000);
 }
+
+#[test]
+fn health_check_counts_pods_not_addresses() {
+    let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ds, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32001
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.0.20, "fd00:96::10"]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v4, namespace: default, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.1.7], nodeName: node-a}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v6, namespace: default, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00:1::7"], nodeName: node-a}]
+"#;
+    assert_eq!(run(y).health_checks[0].local_endpoints, 1);
+}

@@ -232,6 +232,11 @@ impl Cluster {
         self.services.push(yaml.to_string());
     }
 
+    /// Replaces the Service YAML documents.
+    pub fn set_services(&mut self, yamls: &[&str]) {
+        self.services = yamls.iter().map(|s| s.to_string()).collect();
+    }
+
     pub fn set_pod_state(&mut self, name: &str, state: PodState) {
         self.pods.iter_mut().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}")).state = state;
     }
@@ -392,15 +397,22 @@ pub fn in_ns<T>(ns: &NetNs, f: impl FnOnce() -> T) -> T {
 }
 
 /// One request over TCP from `ns` to `to`: sends `msg`, returns the echo
-/// line `POD CLIENT msg`, split into (pod, client address as the backend saw it).
+/// line `POD CLIENT PORT msg`, as (pod, client address as the backend saw
+/// it); [`tcp_request_port`] also returns the port the backend served on.
 pub fn tcp_request(ns: &NetNs, to: SocketAddr, msg: &str) -> std::io::Result<(String, String)> {
+    tcp_request_port(ns, to, msg).map(|(pod, client, _)| (pod, client))
+}
+
+pub fn tcp_request_port(ns: &NetNs, to: SocketAddr, msg: &str) -> std::io::Result<(String, String, u16)> {
     let s = in_ns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut w = s.try_clone()?;
     writeln!(w, "{msg}")?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
-    parse_echo(&line)
+    let (pod, client) = parse_echo(&line)?;
+    let port = line.split_whitespace().nth(2).and_then(|p| p.parse().ok()).unwrap_or(0);
+    Ok((pod, client, port))
 }
 
 /// One UDP request from `ns` to `to`.

@@ -114,9 +114,10 @@ spec:
 
 /// "should be able to reach pod on ipv4 and ipv6 ip" (dual-stack suite,
 /// test/e2e/network/dual_stack.go): one dual-stack Service, both families
-/// from a pod and from outside.
+/// from a pod and from outside; and "should create service with ipv6
+/// cluster ip": an IPv6-only Service.
 #[test]
-fn dual_stack_service() {
+fn dual_stack_and_ipv6_services() {
     let ds = r#"
 apiVersion: v1
 kind: Service
@@ -130,8 +131,20 @@ spec:
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30080}]
 "#;
-    let c = two_nodes(&[ds], &[]);
+    let v6 = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: v6, namespace: demo}
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: "fd96::30"
+  selector: {app: web}
+  ports: [{name: http, port: 8080, targetPort: 9376}]
+"#;
+    let c = two_nodes(&[ds, v6], &[]);
     let client = c.pod("client");
+    let answers = pods_answering(&client.ns, sa("fd96::30", 8080), 20);
+    assert_eq!(spread(&answers).len(), 2, "IPv6-only: {:?}", spread(&answers));
     for vip in ["10.96.0.20", "fd96::20"] {
         let answers = pods_answering(&client.ns, sa(vip, 80), 20);
         assert_eq!(spread(&answers).len(), 2, "{vip}: {:?}", spread(&answers));
@@ -258,4 +271,235 @@ fn hold_cluster() {
         c.pods.iter().map(|p| (p.name.clone(), p.ns.name.clone())).collect::<Vec<_>>()
     );
     thread::sleep(Duration::from_secs(300));
+}
+
+/// "should be possible to connect to a service via ExternalIP when the
+/// external IP is not assigned to a node" and loadbalancer.go "should be
+/// able to create LoadBalancer Service without NodePort": the LoadBalancer
+/// ingress IP and an externalIP, reached from outside through node-1.
+#[test]
+fn load_balancer_ip_and_external_ip_from_outside() {
+    let lb = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.96.0.30
+  selector: {app: web}
+  externalIPs: [80.11.12.30]
+  ports: [{name: http, port: 8765, targetPort: 9376}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.30}]}}
+"#;
+    let c = two_nodes(&[lb], &[]);
+    for vip in ["198.51.100.30", "80.11.12.30"] {
+        let answers = pods_answering(&c.external, sa(vip, 8765), 24);
+        assert_eq!(spread(&answers).len(), 2, "{vip}: {:?}", spread(&answers));
+    }
+    // No NodePort was allocated, so none is programmed.
+    let svcs: serde_json::Value = serde_json::from_str(&c.dump(1, &["-o", "json", "services"])).unwrap();
+    assert!(svcs.as_array().unwrap().iter().all(|f| f["kind"] != "NodePort"), "{svcs:#}");
+}
+
+/// "should serve multiport endpoints from pods": two ports, one with a
+/// named targetPort resolved through the EndpointSlice.
+#[test]
+fn multi_port_with_a_named_target_port() {
+    let mp = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mp, namespace: demo}
+spec:
+  clusterIP: 10.96.0.40
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: metrics, port: 81, targetPort: metrics}
+"#;
+    let c = two_nodes(&[mp], &[]);
+    let client = &c.pod("client").ns;
+    for (port, want) in [(80, 9376), (81, 9377)] {
+        for i in 0..6 {
+            let (_, _, served) = tcp_request_port(client, sa("10.96.0.40", port), &format!("p{i}")).unwrap();
+            assert_eq!(served, want, "service port {port} → target port {want}");
+        }
+    }
+}
+
+/// ESIPP suite (service.go, "[sig-network] ESIPP"): "should work for
+/// type=NodePort" (the backend sees the client's address), "should only
+/// target nodes with endpoints" and "should work from pods"; plus the
+/// healthCheckNodePort answers 200 on a node with a local endpoint and 503
+/// on one without.
+#[test]
+fn external_traffic_policy_local() {
+    let local = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: demo}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  clusterIP: 10.96.0.50
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30050}]
+"#;
+    let mut c = two_nodes(&[local], &[]);
+    c.set_pod_state("web-2a", PodState::Gone);
+    c.write_manifests(&[]);
+    c.wait_synced(2);
+    for i in 0..10 {
+        let (pod, from) = tcp_request(&c.external, sa(&node_addr4(1), 30050), &format!("l{i}")).unwrap();
+        assert_eq!(pod, "web-1a");
+        assert_eq!(from.rsplit_once(':').unwrap().0, EXTERNAL4, "no SNAT under Local: the real client");
+    }
+    // node-2 has no local endpoint: no traffic is sent to another node.
+    assert!(refused(&c.external, sa(&node_addr4(2), 30050)), "node-2 must not forward");
+    let (code, body) = http_get(&c.external, sa(&node_addr4(1), 32100), "/");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\":1"), "{body}");
+    let (code, body) = http_get(&c.external, sa(&node_addr4(2), 32100), "/");
+    assert_eq!(code, 503, "{body}");
+    // From a pod, the ClusterIP still reaches every endpoint (Local is about external traffic).
+    let (pod, _) = tcp_request(&c.pod("client").ns, sa("10.96.0.50", 80), "x").unwrap();
+    assert_eq!(pod, "web-1a");
+}
+
+/// loadbalancer.go "should only allow access from service loadbalancer
+/// source ranges": a source inside loadBalancerSourceRanges connects, one
+/// outside is dropped; widening the ranges lets it in.
+#[test]
+fn load_balancer_source_ranges() {
+    let svc = |ranges: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: lbsr, namespace: demo}}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.96.0.60
+  selector: {{app: web}}
+  loadBalancerSourceRanges: [{ranges}]
+  ports: [{{name: http, port: 80, targetPort: 9376}}]
+status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.60}}]}}}}
+"#
+        )
+    };
+    let mut c = Cluster::new(2, &[9376]);
+    c.add_pod("web-1a", 1, "web");
+    c.add_pod("client", 1, "");
+    c.add_services(&svc("10.244.0.0/16"));
+    c.write_manifests(&[]);
+    c.start_agents(&[]);
+    let to = sa("198.51.100.60", 80);
+    assert!(tcp_request(&c.pod("client").ns, to, "in range").is_ok(), "a pod inside the range connects");
+    let err = tcp_request(&c.external, to, "out of range").expect_err("outside the range");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "dropped, as the cloud LB would: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&c.dump(1, &["-o", "json", "stats"])).unwrap();
+    assert!(stats["verdicts"]["source_range_drop"].as_u64().unwrap() > 0, "{stats:#}");
+
+    c.set_services(&[&svc(&format!("10.244.0.0/16, {EXTERNAL4}/32"))]);
+    c.write_manifests(&[]);
+    c.wait_synced(2);
+    assert!(tcp_request(&c.external, to, "now allowed").is_ok());
+}
+
+/// kube-proxy's terminating-endpoint handling (KEP-1669; e2e "should
+/// fallback to terminating endpoints when there are no ready endpoints"
+/// and "should not be able to connect to terminating and unready
+/// endpoints"): a terminating backend keeps its established connections,
+/// new connections go to the ready one.
+#[test]
+fn terminating_endpoint_keeps_its_connections() {
+    let mut c = two_nodes(&[WEB], &[]);
+    let mut streams: Vec<Stream> =
+        (0..12).map(|_| Stream::open(&c.pod("client").ns, sa("10.96.0.10", 80)).expect("stream")).collect();
+    let on_2a = streams.iter().filter(|s| s.pod == "web-2a").count();
+    assert!(on_2a > 0, "some streams on web-2a");
+    c.set_pod_state("web-2a", PodState::Terminating);
+    c.write_manifests(&[]);
+    c.wait_synced(2);
+    for _ in 0..3 {
+        for s in &mut streams {
+            s.tick().unwrap_or_else(|e| panic!("stream on {} broke: {e}", s.pod));
+        }
+    }
+    let answers = pods_answering(&c.pod("client").ns, sa("10.96.0.10", 80), 20);
+    assert_eq!(spread(&answers).keys().collect::<Vec<_>>(), ["web-1a"], "new connections avoid the terminating pod");
+    let backends: serde_json::Value = serde_json::from_str(&c.dump(1, &["-o", "json", "backends"])).unwrap();
+    let b = backends.as_array().unwrap().iter().find(|b| b["backend"] == "10.244.2.10:9376").expect("still known");
+    assert_eq!(b["state"], "terminating");
+}
+
+/// Endpoint churn while 50 long-lived connections stream (the TCP analogue
+/// of conntrack.go "should be able to preserve UDP traffic when server pod
+/// cycles"): pods are added and one is removed; no connection to a
+/// surviving backend breaks.
+#[test]
+fn endpoint_churn_keeps_connections_to_surviving_backends() {
+    let mut c = Cluster::new(2, &[9376]);
+    for (name, node) in [("web-1a", 1), ("web-1b", 1), ("web-2a", 2), ("web-2b", 2)] {
+        c.add_pod(name, node, "web");
+    }
+    c.add_pod("client", 1, "");
+    c.add_services(WEB);
+    c.write_manifests(&[]);
+    c.start_agents(&[]);
+    let mut streams: Vec<Stream> =
+        (0..50).map(|_| Stream::open(&c.pod("client").ns, sa("10.96.0.10", 80)).expect("stream")).collect();
+    // Scale up by two pods, then remove web-1b.
+    c.add_pod("web-1c", 1, "web");
+    c.add_pod("web-2c", 2, "web");
+    c.write_manifests(&[]);
+    c.wait_synced(2);
+    c.set_pod_state("web-1b", PodState::Gone);
+    c.write_manifests(&[]);
+    c.wait_synced(3);
+    let mut kept = 0;
+    for s in streams.iter_mut().filter(|s| s.pod != "web-1b") {
+        for _ in 0..3 {
+            s.tick().unwrap_or_else(|e| panic!("stream on surviving {} broke: {e}", s.pod));
+        }
+        kept += 1;
+    }
+    assert!(kept >= 30, "{kept} of 50 streams were on surviving backends");
+    let answers = pods_answering(&c.pod("client").ns, sa("10.96.0.10", 80), 60);
+    let s = spread(&answers);
+    assert!(s.contains_key("web-1c") && s.contains_key("web-2c") && !s.contains_key("web-1b"), "{s:?}");
+}
+
+/// Balance of new connections, per scheduler (the proxy side of
+/// "should be able to up and down services"): within ±10 % of even.
+/// Round-robin: 1,000 connections. Maglev hashes each flow, so its spread
+/// over N flows has binomial noise (σ ≈ 14 of 250 at 1,000): 4,000
+/// connections keep ±10 % a 3.6 σ bound instead of a coin flip.
+#[test]
+fn schedulers_balance_new_connections() {
+    let rr = WEB.replace(
+        "metadata: {name: web, namespace: demo}",
+        "metadata: {name: web, namespace: demo, annotations: {xlb.io/scheduler: round-robin}}",
+    );
+    for (svc, n) in [(rr.as_str(), 1000usize), (WEB, 4000)] {
+        let mut c = Cluster::new(2, &[9376]);
+        for (name, node) in [("web-1a", 1), ("web-1b", 1), ("web-2a", 2), ("web-2b", 2)] {
+            c.add_pod(name, node, "web");
+        }
+        c.add_pod("client", 1, "");
+        c.add_services(svc);
+        c.write_manifests(&[]);
+        c.start_agents(&[]);
+        let answers = pods_answering(&c.pod("client").ns, sa("10.96.0.10", 80), n);
+        let s = spread(&answers);
+        let even = n as f64 / 4.0;
+        eprintln!("{n} connections: {s:?}");
+        assert_eq!(s.len(), 4, "{s:?}");
+        for (pod, k) in &s {
+            let dev = (*k as f64 - even).abs() / even;
+            assert!(dev <= 0.10, "{pod}: {k} of {n} is {:.1} % off even ({s:?})", dev * 100.0);
+        }
+    }
 }

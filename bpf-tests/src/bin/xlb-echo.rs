@@ -2,9 +2,9 @@
 //! The backend pods' echo server: `xlb-echo NAME PORT…` listens on every
 //! PORT over TCP and UDP, IPv4 and IPv6 (one dual-stack socket each), and
 //! answers every line (TCP) or datagram (UDP) with
-//! `NAME <client address as seen> <the line>`. A TCP line `stream` makes it
-//! answer once per second until the client goes away, for long-lived
-//! connections.
+//! `NAME <client address as seen> <local port> <the line>`. A TCP line
+//! `stream` makes it answer every 200 ms until the client goes away, for
+//! long-lived connections.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -28,17 +28,18 @@ fn main() {
                 let n = n.clone();
                 thread::spawn(move || {
                     let peer = s.peer_addr().map(|p| canonical(p).to_string()).unwrap_or_default();
+                    let local = s.local_addr().map(|a| a.port()).unwrap_or(0);
                     let Ok(mut w) = s.try_clone() else { return };
                     for line in BufReader::new(s).lines().map_while(Result::ok) {
                         if line == "stream" {
                             for i in 0.. {
-                                if writeln!(w, "{n} {peer} tick {i}").is_err() {
+                                if writeln!(w, "{n} {peer} {local} tick {i}").is_err() {
                                     return;
                                 }
                                 thread::sleep(Duration::from_millis(200));
                             }
                         }
-                        if writeln!(w, "{n} {peer} {line}").is_err() {
+                        if writeln!(w, "{n} {peer} {local} {line}").is_err() {
                             return;
                         }
                     }
@@ -50,7 +51,7 @@ fn main() {
             let mut buf = [0u8; 2048];
             while let Ok((len, peer)) = udp.recv_from(&mut buf) {
                 let msg = String::from_utf8_lossy(&buf[..len]);
-                let out = format!("{n} {} {}", canonical(peer), msg.trim_end());
+                let out = format!("{n} {} {port} {}", canonical(peer), msg.trim_end());
                 let _ = udp.send_to(out.as_bytes(), peer);
             }
         });
