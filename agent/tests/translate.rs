@@ -75,6 +75,25 @@ endpoints:
   nodeName: node-b
 "#;
 
+/// The IPv4 and IPv6 EndpointSlices of the dual-stack Service `default/ds`:
+/// one pod on node-a.
+const DS_SLICES: &str = r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v4, namespace: default, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.1.7], nodeName: node-a}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v6, namespace: default, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00:1::7"], nodeName: node-a}]
+"#;
+
 #[test]
 fn cluster_ip_with_named_target_port() {
     let d = run(WEB);
@@ -245,22 +264,8 @@ spec:
   clusterIP: fd00:96::10
   clusterIPs: [fd00:96::10, 10.96.0.20]
   ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: ds-v4, namespace: default, labels: {kubernetes.io/service-name: ds}}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints: [{addresses: [10.0.1.7], nodeName: node-a}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: ds-v6, namespace: default, labels: {kubernetes.io/service-name: ds}}
-addressType: IPv6
-ports: [{port: 8080}]
-endpoints: [{addresses: ["fd00:1::7"], nodeName: node-a}]
 "#;
-    let d = run(y);
+    let d = run(&format!("{y}{DS_SLICES}"));
     assert_eq!(d.frontends.len(), 4, "{:#?}", d.frontends);
     assert_eq!(active(find(&d, Kind::ClusterIp, "10.96.0.20", 80)), ["10.0.1.7:8080"]);
     assert_eq!(active(find(&d, Kind::ClusterIp, "fd00:96::10", 80)), ["fd00:1::7:8080"]);
@@ -430,20 +435,6 @@ spec:
   ipFamilies: [IPv4, IPv6]
   clusterIPs: [10.96.0.20, "fd00:96::10"]
   ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: ds-v4, namespace: default, labels: {kubernetes.io/service-name: ds}}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints: [{addresses: [10.0.1.7], nodeName: node-a}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: ds-v6, namespace: default, labels: {kubernetes.io/service-name: ds}}
-addressType: IPv6
-ports: [{port: 8080}]
-endpoints: [{addresses: ["fd00:1::7"], nodeName: node-a}]
 "#;
-    assert_eq!(run(y).health_checks[0].local_endpoints, 1);
+    assert_eq!(run(&format!("{y}{DS_SLICES}")).health_checks[0].local_endpoints, 1);
 }

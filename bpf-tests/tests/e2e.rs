@@ -85,9 +85,9 @@ fn node_port_from_outside_on_every_node() {
     }
 }
 
-/// "should handle load balancer cleanup finalizer" is out of scope; this is
-/// "should be able to change the type and ports of a UDP service" reduced to
-/// what a proxy does: a UDP ClusterIP and NodePort.
+/// "should be able to change the type and ports of a UDP service"
+/// (loadbalancer.go), reduced to what a proxy does: a UDP ClusterIP from a
+/// pod and a UDP NodePort from outside.
 #[test]
 fn udp_service() {
     let dns = r#"
@@ -191,10 +191,8 @@ fn no_endpoints_refuse_quickly() {
     assert!(started.elapsed() < Duration::from_secs(2), "refused quickly, took {:?}", started.elapsed());
 }
 
-/// "should be able to update service type to NodePort listening on same
-/// port number but different protocols" is not it; this is the hairpin
-/// case of "should allow pods to hairpin back to themselves through
-/// services": a backend reaches its own service and may land on itself.
+/// "should allow pods to hairpin back to themselves through services": a
+/// backend reaches its own service and may land on itself.
 #[test]
 fn hairpin() {
     let c = two_nodes(&[WEB], &[]);
