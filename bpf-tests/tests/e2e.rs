@@ -43,9 +43,9 @@ fn pods_answering(from: &bpf_tests::NetNs, to: std::net::SocketAddr, n: usize) -
         .collect()
 }
 
-/// "should serve a basic endpoint from pods" / "should be able to switch
-/// session affinity for service with type clusterIP": a pod reaches the
-/// ClusterIP, both backends answer, the backend sees the pod's own address.
+/// "should serve a basic endpoint from pods": a pod reaches the ClusterIP,
+/// both backends (local and remote) answer, and the backend sees the pod's
+/// own address.
 #[test]
 fn cluster_ip_from_a_pod() {
     let c = two_nodes(&[WEB], &[]);
