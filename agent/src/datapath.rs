@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     ops::Deref,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -341,6 +342,52 @@ impl Deref for Datapath {
     }
 }
 
+/// `BPF_MAP_UPDATE_BATCH` of `values` into a `u32` array at keys `off..`.
+fn update_batch_u32(fd: std::os::fd::BorrowedFd<'_>, off: u32, values: &[u32]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let keys: Vec<u32> = (off..off + values.len() as u32).collect();
+    let mut done = 0usize;
+    while done < values.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (values.len() - done) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at live key and value buffers of `count`
+        // elements of the map's key and value size (4 bytes each).
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The kernel reports how many it wrote; a short write continues.
+        if attr.count == 0 {
+            return Err(std::io::Error::other("batch update wrote nothing"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
+
 fn source_range_key(id: u32, addr: IpAddr, prefix: u8) -> Result<Key<SourceRangeKey>> {
     let (a, bits) = match addr {
         IpAddr::V4(v4) if prefix <= 32 => (v4_mapped(v4.octets()), 96 + prefix as u32),
@@ -539,8 +586,28 @@ impl Datapath {
         Ok(())
     }
 
+    /// Writes a region's list and table: one `BPF_MAP_UPDATE_BATCH` (Linux
+    /// ≥ 5.6) instead of a syscall per slot, falling back to single updates.
     fn write_region(&mut self, region: Region, list: &[u32], table: &[u32]) -> Result<()> {
-        for (i, id) in list.iter().chain(table).enumerate() {
+        let values: Vec<u32> = list.iter().chain(table).copied().collect();
+        if values.is_empty() {
+            return Ok(());
+        }
+        use aya::maps::IterableMap as _;
+        match update_batch_u32(self.maps.slots.map().fd().as_fd(), region.off, &values) {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {}
+            Err(e) => {
+                return Err(Error::Map {
+                    name: maps::SLOTS,
+                    source: MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_update_batch",
+                        io_error: e,
+                    }),
+                });
+            }
+        }
+        for (i, id) in values.iter().enumerate() {
             self.maps.slots.set(region.off + i as u32, id, 0).map_err(map_err(maps::SLOTS))?;
         }
         Ok(())
