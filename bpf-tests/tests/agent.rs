@@ -396,3 +396,23 @@ fn connect_from(src: &str, dst: &str) -> TcpStream {
         t
     }
 }
+
+#[test]
+fn xdp_falls_back_to_generic_mode_where_native_is_missing() {
+    let topo = Topology::new();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
+    // A bridge device has no native XDP.
+    topo.node.exec(&["ip", "link", "add", "d0", "type", "bridge"]);
+    topo.node.exec(&["ip", "link", "set", "d0", "up"]);
+    let mut args = agent_args(&pins, &dir, &[]);
+    let i = args.iter().position(|a| a == "n0,n1").unwrap();
+    args[i] = "n0,d0".into();
+    let agent = Agent::start(&topo.node, dir.path.join("agent.log"), &args);
+    let log = agent.log_text();
+    assert!(log.contains("native XDP failed; using generic (skb) mode"), "{log}");
+    assert!(log.contains("ifname=\"d0\" how=Generic"), "{log}");
+    assert!(log.contains("ifname=\"n0\" how=New"), "{log}");
+    assert!(pins.path.join("links/xdp@d0").exists());
+}
