@@ -276,6 +276,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                     last_config = Some(cfg);
                 }
                 let d = desired(&s, &snap);
+                let translated = started.elapsed();
                 let report = writer.apply(&mut dp, &d);
                 let took = started.elapsed();
                 let m = &http.metrics;
@@ -310,7 +311,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 if !quiet { tracing::info!(
                     services = snap.services.len(), frontends = writer.len(), changed = report.changed, removed = report.removed,
                     backends_written = report.backends_written, backends_removed = report.backends_removed,
-                    failed = report.failed.len(), micros = took.as_micros() as u64, "synced"
+                    failed = report.failed.len(), micros = took.as_micros() as u64,
+                    translate_micros = translated.as_micros() as u64, "synced"
                 ); }
             }
             Some(ev) = link_rx.recv() => match ev {
