@@ -11,7 +11,7 @@
 
 use std::{path::Path, time::Instant};
 
-use futures::{StreamExt as _, stream::BoxStream};
+use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -74,20 +74,22 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Snapshot>)
         events(Api::<Node>::all(client), node_cfg, nw, Which::Nodes),
     ]);
     let mut ready = [false; 3];
+    let handle = |which: Which, ev: Result<bool, watcher::Error>, ready: &mut [bool; 3]| match ev {
+        Ok(true) => {
+            tracing::info!(?which, "initial list complete");
+            ready[which as usize] = true;
+        }
+        Ok(false) => {}
+        // The stores keep their last view; the watcher backs off and retries.
+        Err(e) => tracing::warn!(?which, error = %e, "watch failed; keeping the last state and retrying"),
+    };
     while let Some((which, ev)) = stream.next().await {
         let at = Instant::now();
-        match ev {
-            Ok(init_done) => {
-                if init_done {
-                    tracing::info!(?which, "initial list complete");
-                    ready[which as usize] = true;
-                }
-            }
-            Err(e) => {
-                // The stores keep their last view; the watcher backs off and retries.
-                tracing::warn!(?which, error = %e, "watch failed; keeping the last state and retrying");
-                continue;
-            }
+        handle(which, ev, &mut ready);
+        // Take every event already waiting too: a burst (a rollout, a
+        // re-list) costs one snapshot, with no added latency.
+        while let Some(Some((which, ev))) = stream.next().now_or_never() {
+            handle(which, ev, &mut ready);
         }
         if !ready.iter().all(|r| *r) {
             continue;
