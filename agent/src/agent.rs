@@ -16,14 +16,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use datapath_common::{Config, v4_mapped};
+use datapath_common::Config;
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
     Datapath, MapSizes, attach,
-    datapath::Maps,
+    datapath::{Maps, map_addr},
     metrics::{HealthChecks, Http},
     source::{self, Snapshot},
     translate::{self, Desired, NodeInfo, Options},
@@ -146,11 +146,7 @@ fn config(s: &Settings, node: &NodeInfo) -> Config {
     let pick = |want: Option<IpAddr>, v4: bool| {
         want.or_else(|| node.addresses.iter().copied().find(|a| a.is_ipv4() == v4 && !a.is_loopback()))
     };
-    let a16 = |a: Option<IpAddr>| match a {
-        Some(IpAddr::V4(x)) => v4_mapped(x.octets()),
-        Some(IpAddr::V6(x)) => x.octets(),
-        None => [0; 16],
-    };
+    let a16 = |a: Option<IpAddr>| a.map(map_addr).unwrap_or([0; 16]);
     Config {
         snat_v4: a16(pick(s.snat_v4, true)),
         snat_v6: a16(pick(s.snat_v6, false)),

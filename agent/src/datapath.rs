@@ -388,13 +388,21 @@ fn update_batch_u32(fd: std::os::fd::BorrowedFd<'_>, off: u32, values: &[u32]) -
     Ok(())
 }
 
+/// An address in the 16-byte form every map uses (IPv4 mapped).
+pub fn map_addr(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
 fn source_range_key(id: u32, addr: IpAddr, prefix: u8) -> Result<Key<SourceRangeKey>> {
-    let (a, bits) = match addr {
-        IpAddr::V4(v4) if prefix <= 32 => (v4_mapped(v4.octets()), 96 + prefix as u32),
-        IpAddr::V6(v6) if prefix <= 128 => (v6.octets(), prefix as u32),
+    let bits = match addr {
+        IpAddr::V4(_) if prefix <= 32 => 96 + prefix as u32,
+        IpAddr::V6(_) if prefix <= 128 => prefix as u32,
         _ => return Err(Error::SourceRange(format!("{addr}/{prefix}"))),
     };
-    Ok(Key::new(32 + bits, SourceRangeKey { service_id_be: id.to_be(), addr: a }))
+    Ok(Key::new(32 + bits, SourceRangeKey { service_id_be: id.to_be(), addr: map_addr(addr) }))
 }
 
 /// A loaded datapath: the programs (not attached) and typed handles on every map.

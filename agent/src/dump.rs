@@ -14,12 +14,12 @@ use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use datapath_common::{
     AffinityKey, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT, CtKey, FrontendInfo,
     SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, Service, ServiceKey, ct,
-    is_v4_mapped, v4_mapped, verdict,
+    is_v4_mapped, verdict,
 };
 use serde_json::{Value, json};
 
 use crate::{
-    datapath::Maps,
+    datapath::{Maps, map_addr},
     select::{Pick, pick},
     translate::{Kind, Protocol, Scheduler},
 };
@@ -374,11 +374,7 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
         "udp" => datapath_common::PROTO_UDP,
         p => bail!("protocol {p:?}: expected tcp or udp"),
     };
-    let a16 = |a: IpAddr| match a {
-        IpAddr::V4(x) => v4_mapped(x.octets()),
-        IpAddr::V6(x) => x.octets(),
-    };
-    let (caddr, vaddr) = (a16(client.ip()), a16(frontend.ip()));
+    let (caddr, vaddr) = (map_addr(client.ip()), map_addr(frontend.ip()));
     let (sport, dport) = (client.port().to_be(), frontend.port().to_be());
     let mut lines: Vec<String> = Vec::new();
     let mut answer = json!(null);

@@ -24,12 +24,13 @@ use std::{
 
 use datapath_common::{
     BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, Backend, FrontendInfo, SVC_F_AFFINITY, SVC_F_EXT_LOCAL,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, v4_mapped,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey,
 };
 use serde::Serialize;
 
 use crate::{
     Datapath, ServiceSpec,
+    datapath::map_addr,
     translate::{BackendState, Desired, Frontend, Kind, Problem, Scope},
 };
 
@@ -74,17 +75,10 @@ impl Ids {
 /// A backend as the datapath keys it.
 type BackendKey = ([u8; 16], u16);
 
-fn addr16(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(v4) => v4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
 /// The SERVICES key of a frontend.
 pub fn service_key(f: &Frontend) -> ServiceKey {
     ServiceKey {
-        addr: addr16(f.key.address),
+        addr: map_addr(f.key.address),
         port: f.key.port.to_be(),
         proto: f.key.protocol.number(),
         scope: f.key.scope.number(),
@@ -188,11 +182,6 @@ impl Writer {
         self.frontends.is_empty()
     }
 
-    /// Backend ids of a frontend's active backends (as programmed).
-    pub fn frontend_id(&self, key: &ServiceKey) -> Option<u32> {
-        self.frontends.get(key).map(|a| a.spec.id)
-    }
-
     /// Makes the maps match `desired`.
     pub fn apply(&mut self, dp: &mut Datapath, desired: &Desired) -> Report {
         let mut report = Report::default();
@@ -201,7 +190,7 @@ impl Writer {
         let mut want: HashMap<BackendKey, Backend> = HashMap::new();
         for f in &desired.frontends {
             for b in &f.backends {
-                let key = (addr16(b.address), b.port.to_be());
+                let key = (map_addr(b.address), b.port.to_be());
                 let e = want.entry(key).or_insert(Backend {
                     addr: key.0,
                     port: key.1,
@@ -315,7 +304,7 @@ impl Writer {
         let mut active = Vec::new();
         let mut all = Vec::new();
         for b in &f.backends {
-            let bk = (addr16(b.address), b.port.to_be());
+            let bk = (map_addr(b.address), b.port.to_be());
             if let Some(why) = unavailable.get(&bk) {
                 return Err(format!("backend {}:{}: {why}", b.address, b.port));
             }

@@ -465,11 +465,6 @@ impl Stream {
         }
         Ok(())
     }
-
-    /// Drains whatever arrived, checking the connection is alive.
-    pub fn alive(&mut self) -> std::io::Result<()> {
-        self.tick()
-    }
 }
 
 /// How requests spread over pods.
@@ -495,9 +490,11 @@ pub fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port)
 }
 
-/// Reads all of a TCP stream (for the health-check and metrics endpoints).
+/// `GET path` over HTTP/1.1 from `ns`; returns (status, body). For the
+/// agent's metrics and health endpoints.
 pub fn http_get(ns: &NetNs, to: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = in_ns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(3))).expect("connect");
+    let mut s = in_ns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(3)))
+        .unwrap_or_else(|e| panic!("GET {to}{path}: {e}"));
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);

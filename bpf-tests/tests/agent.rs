@@ -231,21 +231,7 @@ fn tc_follows_interfaces_matching_the_pattern() {
 
 /// `GET path` on `addr` from inside `topo.node`; returns (status, body).
 fn http_get(topo: &Topology, addr: &str, path: &str) -> (u16, String) {
-    use std::io::Read as _;
-    let mut s = {
-        let _in = topo.node.enter();
-        TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap_or_else(|e| {
-            let ss = std::process::Command::new("ss").arg("-ltnp").output().unwrap();
-            panic!("connect {addr}: {e}\n{}", String::from_utf8_lossy(&ss.stdout))
-        })
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap_or_else(|e| panic!("GET {addr}{path}: {e} after {out:?}"));
-    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    bpf_tests::cluster::http_get(&topo.node, addr.parse().unwrap(), path)
 }
 
 #[test]
