@@ -136,8 +136,14 @@ pub fn node_info(s: &Settings, snap: &Snapshot) -> NodeInfo {
 
 /// Translates a snapshot; problems with the files are reported as problems too.
 pub fn desired(s: &Settings, snap: &Snapshot) -> Desired {
+    desired_with(&mut translate::Translator::default(), s, snap)
+}
+
+/// [`desired`] through a long-lived translator, which skips the Services
+/// that did not change since its last call.
+pub fn desired_with(t: &mut translate::Translator, s: &Settings, snap: &Snapshot) -> Desired {
     let node = node_info(s, snap);
-    let mut d = translate::translate(&snap.services, &snap.slices, &node, &s.options);
+    let mut d = t.translate(&snap.services, &snap.slices, &node, &s.options);
     d.problems.extend(snap.errors.iter().map(|e| translate::Problem { service: String::new(), message: e.clone() }));
     d
 }
@@ -221,6 +227,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         tracing::info!(services, backends, "continuing from the pinned maps");
     }
     let mut writer = Writer::recover(&dp);
+    let mut translator = translate::Translator::default();
 
     for ifname in &s.xdp_interfaces {
         let how = attach::xdp(&mut dp, &s.pin_dir, ifname, s.xdp_mode).with_context(|| format!("XDP on {ifname}"))?;
@@ -271,7 +278,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                     dp.set_config(&cfg)?;
                     last_config = Some(cfg);
                 }
-                let d = desired(&s, &snap);
+                let d = desired_with(&mut translator, &s, &snap);
                 let translated = started.elapsed();
                 let report = writer.apply(&mut dp, &d);
                 let took = started.elapsed();

@@ -23,6 +23,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -44,7 +45,7 @@ pub const MAGLEV_SIZE_ANNOTATION: &str = "xlb.io/maglev-table-size";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// This node, as translation needs it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct NodeInfo {
     /// `metadata.name`, compared with an endpoint's `nodeName` for locality.
     pub name: String,
@@ -69,7 +70,7 @@ impl NodeInfo {
 }
 
 /// Node-wide translation settings (agent flags).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Options {
     /// Valid NodePort values (kube-apiserver's `--service-node-port-range`).
     pub node_port_range: (u16, u16),
@@ -276,8 +277,9 @@ pub struct HealthCheck {
 /// The desired datapath state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Desired {
-    /// Sorted by key; keys are unique.
-    pub frontends: Vec<Frontend>,
+    /// Sorted by key; keys are unique. Shared: an unchanged Service keeps
+    /// the same `Arc`s from one [`Translator::translate`] to the next.
+    pub frontends: Vec<Arc<Frontend>>,
     pub health_checks: Vec<HealthCheck>,
     /// Services or ports skipped (ExternalName, headless, SCTP, bad values …).
     pub problems: Vec<Problem>,
@@ -294,55 +296,171 @@ struct Endpoint {
     local: bool,
 }
 
-fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+/// Computes the desired state. `services` and `slices` may come in any
+/// order; the result is deterministic, frontends sorted by key.
+pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo, opts: &Options) -> Desired {
+    let mut d = Translator::default().translate(services, slices, node, opts);
+    d.frontends.sort_unstable_by_key(|f| f.key);
+    d
 }
 
-/// Computes the desired state. `services` and `slices` may come in any
-/// order; the result is deterministic.
-pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo, opts: &Options) -> Desired {
-    // EndpointSlices by (namespace, service name).
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            continue;
-        };
-        let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        by_service.entry((ns, svc.clone())).or_default().push(s);
-    }
-    let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by_key(|s| ns_name(&s.metadata));
+/// What one Service translated to, and the versions it was translated from.
+struct Cached {
+    namespace: String,
+    name: String,
+    /// The Service's resourceVersion, and its EndpointSlices' (name, resourceVersion).
+    version: String,
+    slices: Vec<(String, String)>,
+    frontends: Vec<Arc<Frontend>>,
+    problems: Vec<String>,
+    health_checks: Vec<HealthCheck>,
+    /// The last [`Translator::translate`] call that saw the Service.
+    seen: u64,
+}
 
-    let mut out = Desired::default();
-    let mut taken: BTreeMap<FrontendKey, String> = BTreeMap::new();
-    for svc in sorted {
-        let id = ns_name(&svc.metadata);
-        let key = (
-            svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-            svc.metadata.name.clone().unwrap_or_default(),
-        );
-        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-        let mut problems = Vec::new();
-        let frontends = service_frontends(svc, &id, slices, node, opts, &mut problems, &mut out.health_checks);
-        for f in frontends {
-            match taken.get(&f.key) {
-                Some(owner) => problems.push(format!(
-                    "{} {}:{}/{:?} is already used by {owner}; skipped",
-                    f.kind.name(),
-                    f.key.address,
-                    f.key.port,
-                    f.key.protocol
-                )),
-                None => {
-                    taken.insert(f.key, f.name.clone());
-                    out.frontends.push(f);
-                }
+/// [`translate`] with memory: a Service whose object and EndpointSlices
+/// carry the same resourceVersions as last time is not translated again,
+/// and its frontends are the same `Arc`s, which the map writer skips. A
+/// sync after one EndpointSlice change costs one Service's translation plus
+/// a hash lookup per other Service; nothing is sorted. Objects without a
+/// resourceVersion are translated every time.
+///
+/// The result is [`translate`]'s with the frontends in input order instead
+/// of key order: when two Services claim one frontend, the one first by
+/// `namespace/name` still gets it, wherever it comes in the input.
+#[derive(Default)]
+pub struct Translator {
+    node: Option<NodeInfo>,
+    opts: Option<Options>,
+    cache: FastMap<u64, Cached>,
+    hasher: foldhash::fast::RandomState,
+    calls: u64,
+}
+
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// `namespace/name` of a frontend's Service (its name is `namespace/name:port`).
+fn owner(f: &Frontend) -> &str {
+    f.name.rsplit_once(':').map_or(f.name.as_str(), |(s, _)| s)
+}
+
+impl Translator {
+    pub fn translate(
+        &mut self,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        node: &NodeInfo,
+        opts: &Options,
+    ) -> Desired {
+        use std::hash::BuildHasher as _;
+        if self.node.as_ref() != Some(node) || self.opts.as_ref() != Some(opts) {
+            self.cache.clear();
+            self.node = Some(node.clone());
+            self.opts = Some(opts.clone());
+        }
+        self.calls += 1;
+        let call = self.calls;
+        // EndpointSlices by (namespace, service name).
+        let mut by_service: FastMap<(&str, &str), Vec<&EndpointSlice>> =
+            FastMap::with_capacity_and_hasher(slices.len(), self.hasher.clone());
+        for s in slices {
+            let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+                continue;
+            };
+            by_service.entry((namespace(&s.metadata), svc.as_str())).or_default().push(s);
+        }
+
+        let mut out = Desired::default();
+        // Frontend key → its index in `out.frontends`.
+        let mut taken: FastMap<FrontendKey, usize> =
+            FastMap::with_capacity_and_hasher(services.len() * 2, self.hasher.clone());
+        let mut problems: Vec<Problem> = Vec::new();
+        for svc in services {
+            let (ns, name) = (namespace(&svc.metadata), svc.metadata.name.as_deref().unwrap_or(""));
+            let slices = by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+            let h = self.hasher.hash_one((ns, name));
+            let hit =
+                self.cache.get(&h).is_some_and(|c| c.namespace == ns && c.name == name && up_to_date(c, svc, slices));
+            if !hit {
+                let id = format!("{ns}/{name}");
+                let (mut p, mut health) = (Vec::new(), Vec::new());
+                let frontends = service_frontends(svc, &id, slices, node, opts, &mut p, &mut health);
+                let versioned = svc.metadata.resource_version.is_some()
+                    && slices.iter().all(|s| s.metadata.resource_version.is_some());
+                let version = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+                    m.resource_version.clone().unwrap_or_default()
+                };
+                let c = Cached {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    // Empty: never up to date (see `up_to_date`).
+                    version: if versioned { version(&svc.metadata) } else { String::new() },
+                    slices: slices
+                        .iter()
+                        .map(|s| (s.metadata.name.clone().unwrap_or_default(), version(&s.metadata)))
+                        .collect(),
+                    frontends: frontends.into_iter().map(Arc::new).collect(),
+                    problems: p,
+                    health_checks: health,
+                    seen: call,
+                };
+                self.cache.insert(h, c);
+            }
+            let c = self.cache.get_mut(&h).expect("cached above");
+            c.seen = call;
+            let id = || format!("{ns}/{name}");
+            problems.extend(c.problems.iter().map(|m| Problem { service: id(), message: m.clone() }));
+            out.health_checks.extend(c.health_checks.iter().cloned());
+            for f in &c.frontends {
+                let Some(&i) = taken.get(&f.key) else {
+                    taken.insert(f.key, out.frontends.len());
+                    out.frontends.push(Arc::clone(f));
+                    continue;
+                };
+                // Two claims: the Service first by namespace/name keeps it.
+                let held = &out.frontends[i];
+                let (loser, winner) = if owner(f) < owner(held) {
+                    let lost = std::mem::replace(&mut out.frontends[i], Arc::clone(f));
+                    (lost, Arc::clone(f))
+                } else {
+                    (Arc::clone(f), Arc::clone(held))
+                };
+                problems.push(Problem {
+                    service: owner(&loser).to_string(),
+                    message: format!(
+                        "{} {}:{}/{:?} is already used by {}; skipped",
+                        loser.kind.name(),
+                        loser.key.address,
+                        loser.key.port,
+                        loser.key.protocol,
+                        winner.name
+                    ),
+                });
             }
         }
-        out.problems.extend(problems.into_iter().map(|message| Problem { service: id.clone(), message }));
+        self.cache.retain(|_, c| c.seen == call);
+        // By Service (stable: each one's own problems before its duplicates).
+        problems.sort_by(|a, b| a.service.cmp(&b.service));
+        out.problems = problems;
+        out
     }
-    out.frontends.sort_by_key(|f| f.key);
-    out
+}
+
+/// The cached translation still holds: same Service version, same slices
+/// at the same versions. Never for objects without versions.
+fn up_to_date(c: &Cached, svc: &Service, slices: &[&EndpointSlice]) -> bool {
+    if c.version.is_empty() || svc.metadata.resource_version.as_deref() != Some(c.version.as_str()) {
+        return false;
+    }
+    c.slices.len() == slices.len()
+        && c.slices.iter().zip(slices).all(|((name, version), s)| {
+            s.metadata.name.as_deref() == Some(name.as_str())
+                && s.metadata.resource_version.as_deref() == Some(version.as_str())
+        })
 }
 
 fn family_matches(a: &IpAddr, b: &IpAddr) -> bool {

@@ -10,6 +10,11 @@
 //! 3. frontends no longer wanted;
 //! 4. backends no frontend references any more.
 //!
+//! The work is proportional to what changed: a frontend whose `Arc` is the
+//! one applied last time is not looked at (the translator hands out the
+//! same `Arc` for an unchanged Service), and backends are reference-counted
+//! rather than recomputed from every frontend.
+//!
 //! A frontend that fails (a full map, an id space exhausted) is reported with
 //! its `namespace/name:port` and keeps what it had; the others go on.
 //!
@@ -20,6 +25,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use datapath_common::{
@@ -72,6 +78,8 @@ impl Ids {
     }
 }
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A backend as the datapath keys it.
 type BackendKey = ([u8; 16], u16);
 
@@ -119,12 +127,33 @@ pub struct Report {
     pub failed: Vec<Problem>,
 }
 
+/// How many of the last desired frontends name a backend, and how many of
+/// them as eligible for new flows.
+#[derive(Clone, Copy, Debug, Default)]
+struct Refs {
+    total: u32,
+    active: u32,
+    local: bool,
+}
+
 /// The map writer; see the module documentation.
 pub struct Writer {
     frontend_ids: Ids,
     backend_ids: Ids,
-    frontends: HashMap<ServiceKey, Applied>,
+    /// What the maps hold, per frontend.
+    frontends: FastMap<ServiceKey, Applied>,
     backends: HashMap<BackendKey, (u32, Backend)>,
+    by_id: HashMap<u32, BackendKey>,
+    /// The last desired version of each frontend, and whether the maps hold
+    /// it. A frontend whose `Arc` is the same as last time and was applied
+    /// is skipped without a look: that makes a sync O(changes).
+    last: FastMap<ServiceKey, (Arc<Frontend>, bool)>,
+    /// Over `last`: the frontends naming each backend.
+    refs: HashMap<BackendKey, Refs>,
+    /// Over `frontends`: how many name each backend id.
+    applied_refs: HashMap<u32, u32>,
+    /// After [`Writer::recover`]: look at every backend once for removal.
+    full_check: bool,
 }
 
 impl Writer {
@@ -134,8 +163,13 @@ impl Writer {
         Self {
             frontend_ids: Ids::new(1, s.services),
             backend_ids: Ids::new(1, s.backends),
-            frontends: HashMap::new(),
+            frontends: FastMap::default(),
             backends: HashMap::new(),
+            by_id: HashMap::new(),
+            last: FastMap::default(),
+            refs: HashMap::new(),
+            applied_refs: HashMap::new(),
+            full_check: false,
         }
     }
 
@@ -147,6 +181,7 @@ impl Writer {
         for (id, b) in dp.backends() {
             w.backend_ids.take(id);
             w.backends.insert((b.addr, b.port), (id, b));
+            w.by_id.insert(id, (b.addr, b.port));
         }
         for (key, svc) in dp.services() {
             w.frontend_ids.take(svc.id);
@@ -168,8 +203,9 @@ impl Writer {
                 ranges: dp.source_ranges(svc.id).into_iter().collect(),
                 info: dp.frontend(svc.id).unwrap_or_default(),
             };
-            w.frontends.insert(key, applied);
+            w.swap_applied(key, Some(applied), &mut Vec::new());
         }
+        w.full_check = true;
         w
     }
 
@@ -186,27 +222,59 @@ impl Writer {
     pub fn apply(&mut self, dp: &mut Datapath, desired: &Desired) -> Report {
         let mut report = Report::default();
 
-        // 1. Backends: an endpoint is active if any frontend may pick it.
-        let mut want: HashMap<BackendKey, Backend> = HashMap::new();
+        // 0. What changed: frontends not applied as this very `Arc`, and
+        //    keys no longer desired (looked for only when the counts say so).
+        let mut changed: Vec<(ServiceKey, &Arc<Frontend>)> = Vec::new();
+        let (mut in_applied, mut in_last) = (0, 0);
         for f in &desired.frontends {
-            for b in &f.backends {
-                let key = (map_addr(b.address), b.port.to_be());
-                let e = want.entry(key).or_insert(Backend {
-                    addr: key.0,
-                    port: key.1,
-                    state: BACKEND_TERMINATING,
-                    flags: if b.node_local { BACKEND_F_NODE_LOCAL } else { 0 },
-                });
-                if b.state == BackendState::Active {
-                    e.state = BACKEND_ACTIVE;
+            let key = service_key(f);
+            in_applied += self.frontends.contains_key(&key) as usize;
+            match self.last.get(&key) {
+                Some((old, true)) if Arc::ptr_eq(old, f) => {
+                    in_last += 1;
+                    report.unchanged += 1;
                 }
+                Some(_) => {
+                    in_last += 1;
+                    changed.push((key, f));
+                }
+                None => changed.push((key, f)),
             }
         }
+        let (stale_applied, stale_last) = if in_applied == self.frontends.len() && in_last == self.last.len() {
+            (Vec::new(), Vec::new())
+        } else {
+            let wanted: HashSet<ServiceKey> = desired.frontends.iter().map(|f| service_key(f)).collect();
+            (
+                self.frontends.keys().filter(|k| !wanted.contains(*k)).copied().collect::<Vec<_>>(),
+                self.last.keys().filter(|k| !wanted.contains(*k)).copied().collect::<Vec<_>>(),
+            )
+        };
+        let mut touched: HashSet<BackendKey> = HashSet::new();
+        for (key, f) in &changed {
+            if let Some((old, _)) = self.last.insert(*key, (Arc::clone(f), false)) {
+                self.count_refs(&old, false, &mut touched);
+            }
+            self.count_refs(f, true, &mut touched);
+        }
+        for key in &stale_last {
+            if let Some((old, _)) = self.last.remove(key) {
+                self.count_refs(&old, false, &mut touched);
+            }
+        }
+
+        // 1. Backends: an endpoint is active if any frontend may pick it.
         let mut unavailable: HashMap<BackendKey, String> = HashMap::new();
-        let mut keys: Vec<&BackendKey> = want.keys().collect();
+        let mut keys: Vec<&BackendKey> = touched.iter().filter(|k| self.refs.contains_key(*k)).collect();
         keys.sort();
         for key in keys {
-            let value = want[key];
+            let r = self.refs[key];
+            let value = Backend {
+                addr: key.0,
+                port: key.1,
+                state: if r.active > 0 { BACKEND_ACTIVE } else { BACKEND_TERMINATING },
+                flags: if r.local { BACKEND_F_NODE_LOCAL } else { 0 },
+            };
             let id = match self.backends.get(key) {
                 Some((_, old)) if *old == value => continue,
                 Some((id, _)) => *id,
@@ -222,6 +290,7 @@ impl Writer {
             match dp.set_backend(id, &value) {
                 Ok(()) => {
                     self.backends.insert(*key, (id, value));
+                    self.by_id.insert(id, *key);
                     report.backends_written += 1;
                 }
                 Err(e) => {
@@ -234,13 +303,19 @@ impl Writer {
         }
 
         // 2. Frontends, new or changed.
-        let mut seen = HashSet::new();
-        for f in &desired.frontends {
-            let key = service_key(f);
-            seen.insert(key);
-            match self.apply_frontend(dp, key, f, &unavailable) {
-                Ok(true) => report.changed += 1,
-                Ok(false) => report.unchanged += 1,
+        let mut released = Vec::new();
+        for (key, f) in &changed {
+            match self.apply_frontend(dp, *key, f, &unavailable, &mut released) {
+                Ok(written) => {
+                    if written {
+                        report.changed += 1;
+                    } else {
+                        report.unchanged += 1;
+                    }
+                    if let Some(l) = self.last.get_mut(key) {
+                        l.1 = true;
+                    }
+                }
                 Err(message) => {
                     let service = f.name.rsplit_once(':').map(|(s, _)| s.to_string()).unwrap_or_default();
                     report
@@ -251,11 +326,10 @@ impl Writer {
         }
 
         // 3. Frontends no longer wanted.
-        let stale: Vec<ServiceKey> = self.frontends.keys().filter(|k| !seen.contains(*k)).copied().collect();
-        for key in stale {
+        for key in stale_applied {
             let a = &self.frontends[&key];
-            let id = a.spec.id;
-            let ranges = a.ranges.clone();
+            let (id, ranges) = (a.spec.id, a.ranges.clone());
+            let name = String::from_utf8_lossy(&a.info.name[..a.info.name_len as usize]).into_owned();
             let res = dp.remove_service(&key).and_then(|()| {
                 for (addr, p) in &ranges {
                     dp.remove_source_range(id, *addr, *p)?;
@@ -264,33 +338,77 @@ impl Writer {
             });
             match res {
                 Ok(()) => {
-                    self.frontends.remove(&key);
+                    self.swap_applied(key, None, &mut released);
                     self.frontend_ids.free(id);
                     report.removed += 1;
                 }
-                Err(e) => report.failed.push(Problem {
-                    service: String::from_utf8_lossy(&a.info.name[..a.info.name_len as usize]).into_owned(),
-                    message: format!("removing: {e}"),
-                }),
+                Err(e) => report.failed.push(Problem { service: name, message: format!("removing: {e}") }),
             }
         }
 
-        // 4. Backends nothing references.
-        let referenced: HashSet<u32> = self.frontends.values().flat_map(|a| a.backends.iter().copied()).collect();
-        let unused: Vec<(BackendKey, u32)> = self
-            .backends
-            .iter()
-            .filter(|(_, (id, _))| !referenced.contains(id))
-            .map(|(k, (id, _))| (*k, *id))
-            .collect();
-        for (key, id) in unused {
+        // 4. Backends no desired frontend names and no programmed one uses.
+        let candidates: Vec<BackendKey> = if std::mem::take(&mut self.full_check) {
+            self.backends.keys().copied().collect()
+        } else {
+            touched.into_iter().chain(released.iter().filter_map(|id| self.by_id.get(id).copied())).collect()
+        };
+        for key in candidates {
+            let Some(&(id, _)) = self.backends.get(&key) else { continue };
+            if self.refs.contains_key(&key) || self.applied_refs.get(&id).is_some_and(|n| *n > 0) {
+                continue;
+            }
             if dp.remove_backend(id).is_ok() {
                 self.backends.remove(&key);
+                self.by_id.remove(&id);
                 self.backend_ids.free(id);
                 report.backends_removed += 1;
             }
         }
         report
+    }
+
+    /// Adds (`add`) or takes away the backends of desired frontend `f`.
+    fn count_refs(&mut self, f: &Frontend, add: bool, touched: &mut HashSet<BackendKey>) {
+        for b in &f.backends {
+            let key = (map_addr(b.address), b.port.to_be());
+            touched.insert(key);
+            let r = self.refs.entry(key).or_default();
+            let active = (b.state == BackendState::Active) as u32;
+            if add {
+                r.total += 1;
+                r.active += active;
+                r.local = b.node_local;
+            } else {
+                r.total -= 1;
+                r.active -= active;
+                if r.total == 0 {
+                    self.refs.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Records what the maps now hold for `key` (`None`: nothing), keeping
+    /// the per-id counts; ids no longer used by any frontend go to `released`.
+    fn swap_applied(&mut self, key: ServiceKey, new: Option<Applied>, released: &mut Vec<u32>) {
+        if let Some(a) = &new {
+            for id in &a.backends {
+                *self.applied_refs.entry(*id).or_default() += 1;
+            }
+        }
+        let old = match new {
+            Some(a) => self.frontends.insert(key, a),
+            None => self.frontends.remove(&key),
+        };
+        for id in old.iter().flat_map(|a| a.backends.iter()) {
+            if let Some(n) = self.applied_refs.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.applied_refs.remove(id);
+                    released.push(*id);
+                }
+            }
+        }
     }
 
     /// Programs one frontend; `Ok(false)` when it was already up to date.
@@ -300,6 +418,7 @@ impl Writer {
         key: ServiceKey,
         f: &Frontend,
         unavailable: &HashMap<BackendKey, String>,
+        released: &mut Vec<u32>,
     ) -> Result<bool, String> {
         let mut active = Vec::new();
         let mut all = Vec::new();
@@ -363,7 +482,7 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
-                self.frontends.insert(key, applied);
+                self.swap_applied(key, Some(applied), released);
                 Ok(true)
             }
             Err(e) => {

@@ -438,3 +438,102 @@ spec:
 "#;
     assert_eq!(run(&format!("{y}{DS_SLICES}")).health_checks[0].local_endpoints, 1);
 }
+
+/// `WEB`-like services `a`, `b`, `c` with resourceVersions, for the translator.
+fn versioned(endpoints_b: &str, version_b: u32) -> Vec<(String, u32, String)> {
+    ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let (eps, v) = if *n == "b" { (endpoints_b.to_string(), version_b) } else { (format!("10.0.{i}.1"), 1) };
+            (n.to_string(), v, eps)
+        })
+        .collect()
+}
+
+fn versioned_yaml(specs: &[(String, u32, String)]) -> String {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, (n, v, eps))| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: t, resourceVersion: \"7\"}}\n\
+                 spec: {{clusterIP: 10.96.1.{}, ports: [{{name: p, port: 80, targetPort: 8080}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {n}-1, namespace: t, resourceVersion: \"{v}\", labels: {{kubernetes.io/service-name: {n}}}}}\n\
+                 addressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints: [{{addresses: [{eps}]}}]\n---\n",
+                i + 1
+            )
+        })
+        .collect()
+}
+
+fn snapshot(yaml: &str) -> Snapshot {
+    let mut snap = Snapshot::default();
+    parse_into(&mut snap, "fixture", yaml);
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    snap
+}
+
+#[test]
+fn a_translator_reuses_unchanged_services_and_matches_translate() {
+    use std::sync::Arc;
+    use xlb::translate::Translator;
+    let mut t = Translator::default();
+    let opts = Options::default();
+    let s1 = snapshot(&versioned_yaml(&versioned("10.0.1.1", 1)));
+    let d1 = t.translate(&s1.services, &s1.slices, &node(), &opts);
+    assert_eq!(d1.frontends.len(), 3);
+
+    // Same versions: the very same frontends.
+    let again = t.translate(&s1.services, &s1.slices, &node(), &opts);
+    assert!(d1.frontends.iter().zip(&again.frontends).all(|(a, b)| Arc::ptr_eq(a, b)));
+
+    // b's slice changes (new version): only b is translated again.
+    let s2 = snapshot(&versioned_yaml(&versioned("10.0.1.2", 2)));
+    let d2 = t.translate(&s2.services, &s2.slices, &node(), &opts);
+    let shared: Vec<bool> = d1.frontends.iter().zip(&d2.frontends).map(|(a, b)| Arc::ptr_eq(a, b)).collect();
+    assert_eq!(shared, [true, false, true]);
+    assert_eq!(active(&d2.frontends[1]), ["10.0.1.2:8080"]);
+    // The cache never changes the answer.
+    let mut sorted = d2.clone();
+    sorted.frontends.sort_by_key(|f| f.key);
+    assert_eq!(sorted, translate(&s2.services, &s2.slices, &node(), &opts));
+
+    // A content change under an old version is not noticed (the API server
+    // never does that), but a Service that goes away is forgotten.
+    let mut s3 = s2.clone();
+    s3.services.retain(|s| s.metadata.name.as_deref() != Some("a"));
+    let d3 = t.translate(&s3.services, &s3.slices, &node(), &opts);
+    assert_eq!(d3.frontends.len(), 2);
+    // Options or node changes start over.
+    let d4 = t.translate(&s3.services, &s3.slices, &node(), &Options { maglev_min: 509, ..Options::default() });
+    assert!(!Arc::ptr_eq(&d3.frontends[0], &d4.frontends[0]));
+    assert_eq!(d4.frontends[0].maglev_size, 509);
+}
+
+#[test]
+fn unversioned_objects_are_translated_every_time() {
+    use std::sync::Arc;
+    let mut t = xlb::translate::Translator::default();
+    let s = snapshot(WEB);
+    let a = t.translate(&s.services, &s.slices, &node(), &Options::default());
+    let b = t.translate(&s.services, &s.slices, &node(), &Options::default());
+    assert!(!Arc::ptr_eq(&a.frontends[0], &b.frontends[0]));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn the_first_service_by_name_wins_a_frontend_in_any_input_order() {
+    let y = WEB.to_string()
+        + "---\n"
+        + WEB.replace("name: web, namespace: shop", "name: web2, namespace: shop").split("---").next().unwrap();
+    let mut s = snapshot(&y);
+    s.services.reverse();
+    s.slices.reverse();
+    let d = xlb::translate::Translator::default().translate(&s.services, &s.slices, &node(), &Options::default());
+    assert_eq!(d.frontends.len(), 1);
+    assert_eq!(d.frontends[0].name, "shop/web:http");
+    assert_eq!(d.problems.len(), 1);
+    assert_eq!(d.problems[0].service, "shop/web2");
+}
