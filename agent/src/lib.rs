@@ -11,6 +11,7 @@ pub mod dump;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbours;
+pub mod pktgen;
 pub mod region;
 pub mod select;
 pub mod source;

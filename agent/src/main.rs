@@ -54,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Dump { pin_dir, output, what } => print!("{}", dump::run(&pin_dir, &what, output)?),
+        Cmd::Pktgen(a) => print!("{}", xlb::cli::pktgen(&a)?),
         Cmd::Agent(a) => {
             init_logs(a.log_format, &a.log);
             let s = settings(&a)?;

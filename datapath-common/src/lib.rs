@@ -367,7 +367,53 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<Config>() == 40);
     assert!(core::mem::size_of::<FrontendInfo>() == 124);
+    assert!(core::mem::size_of::<PktgenConfig>() == 104);
 };
+
+/// Largest header template of the traffic generator: Ethernet + IPv6 + TCP.
+pub const PKTGEN_HDR_MAX: usize = 80;
+
+/// The traffic generator's configuration (the `PKTGEN` map of the bench
+/// object, one entry). Every packet gets the template headers written anew
+/// (the live-frames pages come back with the receivers' rewrites), then its
+/// flow's source port and address; the checksums are adjusted incrementally.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PktgenConfig {
+    /// Ethernet + IP + L4 headers of flow 0, checksums complete.
+    pub hdr: [u8; PKTGEN_HDR_MAX],
+    /// 42 (IPv4 UDP), 54 (IPv4 TCP), 62 (IPv6 UDP) or 74 (IPv6 TCP).
+    pub hdr_len: u32,
+    /// Distinct flows, ≥ 1: packet n belongs to flow n mod flows.
+    pub flows: u32,
+    /// Offsets in the frame: the last 4 bytes of the source address, the
+    /// source port, the IPv4 header checksum (0 for IPv6), the L4 checksum.
+    pub src_off: u16,
+    pub sport_off: u16,
+    pub ip_csum_off: u16,
+    pub l4_csum_off: u16,
+    /// Flow i uses source port `sport_base + i % sport_span` and source
+    /// address + `i / sport_span` (host order).
+    pub sport_base: u16,
+    pub sport_span: u16,
+    /// 1: UDP over IPv4, whose zero checksum means "none" (RFC 768).
+    pub udp_v4: u32,
+}
+
+impl PktgenConfig {
+    pub const ZERO: Self = Self {
+        hdr: [0; PKTGEN_HDR_MAX],
+        hdr_len: 0,
+        flows: 1,
+        src_off: 0,
+        sport_off: 0,
+        ip_csum_off: 0,
+        l4_csum_off: 0,
+        sport_base: 0,
+        sport_span: 1,
+        udp_v4: 0,
+    };
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -386,4 +432,5 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FrontendInfo {}
+    unsafe impl aya::Pod for PktgenConfig {}
 }
