@@ -7,6 +7,7 @@
 //! also when a test panics, so tests run in parallel and CI can run twice.
 
 pub mod agent;
+pub mod bench;
 pub mod cluster;
 pub mod packet;
 pub mod topo;

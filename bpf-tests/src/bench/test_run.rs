@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! ns/packet of each datapath path through BPF_PROG_TEST_RUN (XDP program,
-//! repeat 1,000,000, median of several runs), printed as a table and
-//! optionally written as JSON (`{"test_run": {path: ns_per_packet}, ...}`).
+//! ns/packet of each datapath path through BPF_PROG_TEST_RUN (the XDP
+//! program, `repeat` times, median of several runs), at each number of
+//! services.
 //!
 //! BPF_PROG_TEST_RUN reruns the program on the *same* buffer, so every
 //! measured packet is made idempotent under the rewrite it gets: the bench
@@ -13,19 +13,18 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use crate::{FibEnv, Lb, packet::Pkt, run, svc_key};
 use aya::programs::Xdp;
-use bpf_tests::{FibEnv, Lb, packet::Pkt, run, svc_key};
 use datapath_common::{BACKEND_ACTIVE, CFG_F_KEEP_TTL, Config, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL};
 use xlb::{MapSizes, ServiceSpec};
 
-const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 5;
 const VIP: &str = "10.0.0.10";
 const CLIENT: &str = "192.0.2.100";
 
 /// `XLB_BENCH_ONLY=substring` measures only the paths whose name contains it
 /// (for profiling one path); the others are reported as 0.
-fn median_ns(name: &str, lb: &mut Lb, prog: &str, input: &[u8], expect: u32) -> f64 {
+fn median_ns(name: &str, lb: &mut Lb, prog: &str, input: &[u8], expect: u32, repeat: u32) -> f64 {
     if std::env::var("XLB_BENCH_ONLY").is_ok_and(|only| !name.contains(&only)) {
         return 0.0;
     }
@@ -33,7 +32,7 @@ fn median_ns(name: &str, lb: &mut Lb, prog: &str, input: &[u8], expect: u32) -> 
     let mut out = vec![0u8; input.len() + 256];
     let mut runs: Vec<Duration> = (0..RUNS)
         .map(|_| {
-            let (ret, _, d) = run(p, input, &mut out, REPEAT).expect("test_run");
+            let (ret, _, d) = run(p, input, &mut out, repeat).expect("test_run");
             assert_eq!(ret, expect, "{prog}: unexpected verdict");
             d
         })
@@ -49,9 +48,9 @@ fn spec(id: u32) -> ServiceSpec {
 /// One datapath with `services` services; the bench VIP is added last.
 fn setup(services: u32) -> Lb {
     let sizes = MapSizes {
-        services: 16_384,
+        services: services + 64,
         backends: 1024,
-        slots: 1 << 23,
+        slots: (services + 64) * 256,
         conntrack: 65_536,
         affinity: 1024,
         source_ranges: 16,
@@ -75,8 +74,8 @@ const XDP_TX: u32 = 3;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 
-fn main() {
-    let json = std::env::args().skip_while(|a| a != "--json").nth(1);
+/// `<path>` → ns/packet at 1 service; `<path>_<N>_services` at the others.
+pub fn measure(sizes: &[u32], repeat: u32) -> BTreeMap<String, f64> {
     let env = FibEnv::new(&[VIP, CLIENT]);
     let _in = env.enter();
     let syn = Pkt::tcp(CLIENT, 40000, VIP, 80, 0x02).payload(b"").build();
@@ -86,53 +85,29 @@ fn main() {
     let other = Pkt::tcp(CLIENT, 40000, "10.0.9.9", 80, 0x10).payload(b"").build();
 
     let mut results = BTreeMap::new();
-    let only = std::env::var("XLB_BENCH_ONLY").ok();
-    for services in [1u32, 10_000] {
-        if services > 1 && only.as_ref().is_some_and(|o| !o.contains("10k")) {
-            continue;
-        }
+    for &services in sizes {
         let mut lb = setup(services);
-        let sfx = if services == 1 { String::new() } else { "_10k_services".to_string() };
+        let sfx = if services == 1 { String::new() } else { format!("_{services}_services") };
         // Open the flow the ct_hit and reverse_nat packets belong to.
-        let (v, _) = lb.run(bpf_tests::Prog::Xdp, &syn);
-        assert_eq!(v, bpf_tests::Verdict::Redirect);
+        let (v, _) = lb.run(crate::Prog::Xdp, &syn);
+        assert_eq!(v, crate::Verdict::Redirect);
+        let mut m = |path: &str, prog: &str, input: &[u8], expect: u32| {
+            let name = format!("{path}{sfx}");
+            let ns = median_ns(&name, &mut lb, prog, input, expect, repeat);
+            results.insert(name, ns);
+        };
         if services == 1 {
-            results.insert(
-                "xdp_tx_baseline".to_string(),
-                median_ns("xdp_tx_baseline", &mut lb, "xdp_tx_baseline", &syn, XDP_TX),
-            );
-            results.insert("pass".to_string(), median_ns("pass", &mut lb, "xlb_xdp", &other, XDP_PASS));
-            results
-                .insert("reverse_nat".to_string(), median_ns("reverse_nat", &mut lb, "xlb_xdp", &reply, XDP_REDIRECT));
+            m("xdp_tx_baseline", "xdp_tx_baseline", &syn, XDP_TX);
+            m("pass", "xlb_xdp", &other, XDP_PASS);
+            m("reverse_nat", "xlb_xdp", &reply, XDP_REDIRECT);
         }
-        results
-            .insert(format!("ct_hit{sfx}"), median_ns(&format!("ct_hit{sfx}"), &mut lb, "xlb_xdp", &ack, XDP_REDIRECT));
-        results.insert(
-            format!("new_flow{sfx}"),
-            median_ns(&format!("new_flow{sfx}"), &mut lb, "xlb_xdp", &synrst, XDP_REDIRECT),
-        );
+        m("ct_hit", "xlb_xdp", &ack, XDP_REDIRECT);
+        m("new_flow", "xlb_xdp", &synrst, XDP_REDIRECT);
         let v = lb.verdicts();
         assert!(
-            results[&format!("new_flow{sfx}")] == 0.0 || v["new_flow"] >= REPEAT as u64,
+            results[&format!("new_flow{sfx}")] == 0.0 || v["new_flow"] >= repeat as u64,
             "new_flow took the new-flow path: {v:?}"
         );
     }
-
-    let base = results.get("xdp_tx_baseline").copied().unwrap_or(0.0).max(1.0);
-    println!("{:<24} {:>10} {:>12}", "path", "ns/packet", "× baseline");
-    for (k, v) in &results {
-        println!("{k:<24} {v:>10.1} {:>12.2}", v / base);
-    }
-    if let Some(file) = json {
-        let doc = serde_json::json!({
-            "test_run": results,
-            "repeat": REPEAT,
-            "runs": RUNS,
-            "statistic": "median",
-            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        });
-        std::fs::write(&file, serde_json::to_string_pretty(&doc).unwrap()).expect("write JSON");
-        println!("wrote {file}");
-    }
+    results
 }
