@@ -24,13 +24,14 @@ static PKTGEN: Array<PktgenConfig> = Array::with_max_entries(1, 0);
 /// Per-CPU packet sequence of the generator.
 #[map]
 static PKTGEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// Index 0: packets and bytes that reached the sink; 1: those of them
-/// addressed to UDP/TCP port `SINK_PORT` (what a load balancer DNATed).
+/// Index 0: packets and bytes that reached the sink; 1 + i: those of them
+/// addressed to UDP/TCP port `SINK_PORTS[i]` (the benchmark watches the
+/// DNATed port and the service port).
 #[map]
-static SINK: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2, 0);
-/// The destination port the sink also counts separately (host order).
+static SINK: PerCpuArray<Counter> = PerCpuArray::with_max_entries(3, 0);
+/// Destination ports the sink counts separately (host order; 0: unused).
 #[map]
-static SINK_PORT: Array<u32> = Array::with_max_entries(1, 0);
+static SINK_PORTS: Array<u32> = Array::with_max_entries(2, 0);
 /// `xdp_forward`'s outcomes: 0 redirected, 1 passed to the kernel.
 #[map]
 static FORWARD: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
@@ -133,9 +134,12 @@ pub fn xdp_sink(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
     let len = (end - start) as u64;
     count(0, len);
-    let want = SINK_PORT.get(0).copied().unwrap_or(0);
-    if dst_port(start, end).is_some_and(|p| p as u32 == want) {
-        count(1, len);
+    if let Some(port) = dst_port(start, end) {
+        for i in 0..2 {
+            if SINK_PORTS.get(i).is_some_and(|p| *p != 0 && *p == port as u32) {
+                count(1 + i, len);
+            }
+        }
     }
     xdp_action::XDP_DROP
 }

@@ -36,7 +36,10 @@ enum Cmd {
     /// Remove what a killed test or demo run left behind (namespaces named
     /// xlb…, their processes, test pins and temp directories).
     Clean,
-    /// Setup, then the BPF_PROG_TEST_RUN benchmark (ns/packet per path).
+    /// Setup, then the side-by-side benchmark: xlb vs kube-proxy's
+    /// iptables and nftables rules vs a plain XDP forwarder, with XDP
+    /// live-frames traffic, control-plane times, test_run ns/packet and map
+    /// memory. `--full` is the run docs/benchmarks.md shows.
     Bench(bench::Args),
 }
 

@@ -22,7 +22,7 @@ use aya::{
 use datapath_common::Counter;
 use xlb::pktgen::{self, BENCH_OBJECT, Generator, Sent, Spec};
 
-use super::model::{BACKENDS, TARGET_PORT};
+use super::model::{BACKENDS, PORT, TARGET_PORT};
 use crate::NetNs;
 
 pub struct Net {
@@ -37,9 +37,11 @@ pub struct Net {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
     pub sent: Sent,
-    /// Frames that reached the backend, and those of them DNATed to it.
+    /// Frames that reached the backend; those of them DNATed to it (port
+    /// 8080), and those still addressed to the service port (80).
     pub arrived: u64,
     pub dnated: u64,
+    pub undnated: u64,
     /// Softirq CPU time (all CPUs) during the run, in ns.
     pub softirq_ns: u64,
 }
@@ -100,8 +102,9 @@ impl Net {
             p.load().expect("verify xdp_sink");
             p.attach("b0", XdpMode::Driver).expect("attach xdp_sink to b0");
         }
-        let mut port: Array<_, u32> = Array::try_from(sink.map_mut("SINK_PORT").unwrap()).unwrap();
-        port.set(0, TARGET_PORT as u32, 0).unwrap();
+        let mut ports: Array<_, u32> = Array::try_from(sink.map_mut("SINK_PORTS").unwrap()).unwrap();
+        ports.set(0, TARGET_PORT as u32, 0).unwrap();
+        ports.set(1, PORT as u32, 0).unwrap();
         Self { gen_ns, node, backend, sink, generator: None }
     }
 
@@ -127,10 +130,10 @@ impl Net {
         Ok(())
     }
 
-    fn sink_counts(&self) -> (u64, u64) {
+    fn sink_counts(&self) -> [u64; 3] {
         let m: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.sink.map("SINK").unwrap()).unwrap();
         let sum = |i| m.get(&i, 0).map(|v| v.iter().map(|c| c.packets).sum::<u64>()).unwrap_or(0);
-        (sum(0), sum(1))
+        [sum(0), sum(1), sum(2)]
     }
 
     /// Sends for `secs` from one generator thread (pinned to the last CPU)
@@ -138,15 +141,21 @@ impl Net {
     pub fn measure(&mut self, secs: f64) -> anyhow::Result<Sample> {
         let g = self.generator.as_mut().expect("generator() first");
         g.reset()?;
-        let (a0, d0) = self.sink_counts();
+        let c0 = self.sink_counts();
         let cpu0 = softirq_ns();
         let sent = {
             let _in = self.gen_ns.enter();
             self.generator.as_ref().unwrap().run_on(&[last_cpu()], None, Some(Duration::from_secs_f64(secs)))?
         };
         let cpu1 = softirq_ns();
-        let (a1, d1) = self.sink_counts();
-        Ok(Sample { sent, arrived: a1 - a0, dnated: d1 - d0, softirq_ns: cpu1.saturating_sub(cpu0) })
+        let c1 = self.sink_counts();
+        Ok(Sample {
+            sent,
+            arrived: c1[0] - c0[0],
+            dnated: c1[1] - c0[1],
+            undnated: c1[2] - c0[2],
+            softirq_ns: cpu1.saturating_sub(cpu0),
+        })
     }
 }
 

@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The benchmark's smoke run (`cargo xtask bench --smoke`), so it never
+//! rots: every system at 1 and 100 services with real traffic, then the
+//! JSON, Markdown and charts. It checks that each system carried traffic
+//! and that xlb DNATed every packet it delivered; it asserts no speed.
+
+use bpf_tests::bench::{self, Plan, System, report};
+
+#[test]
+fn smoke_run_measures_every_system_and_writes_the_report() {
+    let plan = Plan::smoke();
+    let r = bench::run(&plan, &()).expect("the smoke benchmark runs");
+
+    for system in [System::Xlb, System::IptablesNft, System::IptablesLegacy, System::Nftables, System::XdpForward] {
+        for &n in &plan.services {
+            for flows in [1, plan.many_flows] {
+                let t = r
+                    .throughput
+                    .iter()
+                    .find(|t| t.system == system && t.services == n && t.flows == flows)
+                    .unwrap_or_else(|| panic!("no {system:?} at {n} services, {flows} flows: {:#?}", r.skipped));
+                assert!(t.pps > 1_000.0, "{system:?} at {n} services carried almost nothing: {t:?}");
+                assert!(t.sent_pps >= t.pps * 0.99, "delivered more than sent: {t:?}");
+                if system == System::Xlb {
+                    assert_eq!(t.leaked, 0, "xlb let a packet through without DNAT: {t:?}");
+                }
+            }
+        }
+    }
+    // This kernel has no IPVS; the run says so instead of failing.
+    if !std::path::Path::new("/proc/net/ip_vs").exists() {
+        assert!(r.skipped.iter().any(|s| s.system == System::Ipvs && s.reason.contains("IPVS")), "{:?}", r.skipped);
+    }
+    for system in [System::Xlb, System::IptablesNft, System::IptablesLegacy, System::Nftables] {
+        assert!(
+            r.control_plane.iter().any(|c| c.system == system && c.services == 100 && c.endpoint_change_ms > 0.0),
+            "no control-plane figure for {system:?}: {:?}",
+            r.control_plane
+        );
+    }
+    assert!(r.test_run["new_flow"] > r.test_run["xdp_tx_baseline"], "{:?}", r.test_run);
+    assert!(r.test_run.contains_key("ct_hit_100_services"));
+    let m = r.memory.iter().find(|m| m.services == 100).expect("xlb map memory at 100 services");
+    assert!(m.bytes_per_service > 1_000.0 && m.bytes_per_service < r.cilium_maglev_bytes_per_service as f64, "{m:?}");
+
+    // The outputs: JSON with the documented top-level keys, Markdown, charts.
+    let dir = bpf_tests::agent::TempDir::new();
+    report::write_all(&r, &dir.path).expect("write the report");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path.join("results.json")).unwrap()).unwrap();
+    for key in ["schema", "machine", "conntrack", "throughput", "skipped", "control_plane", "test_run", "memory"] {
+        assert!(json.get(key).is_some(), "results.json lacks {key}");
+    }
+    let t = &json["throughput"][0];
+    for key in ["system", "services", "flows", "pps"] {
+        assert!(t.get(key).is_some(), "a throughput entry lacks {key}: {t}");
+    }
+    let md = std::fs::read_to_string(dir.path.join("results.md")).unwrap();
+    assert!(md.contains("| services | xlb |") && md.contains("iptables-nft"), "{md}");
+    for chart in ["pps.svg", "ns_per_packet.svg"] {
+        let svg = std::fs::read_to_string(dir.path.join(chart)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("xlb (one flow)"), "{chart} is not a chart");
+    }
+}
