@@ -124,6 +124,7 @@ pub struct Generator {
     ebpf: Ebpf,
     frame: Vec<u8>,
     ifindex: u32,
+    flows: u32,
     /// Packets claimed so far, readable while [`Generator::run_on`] runs.
     pub progress: Arc<AtomicU64>,
 }
@@ -137,14 +138,19 @@ impl Generator {
         prog.load().context("verifying xlb_pktgen")?;
         let mut map: Array<_, PktgenConfig> = Array::try_from(ebpf.map_mut("PKTGEN").context("no PKTGEN map")?)?;
         map.set(0, cfg, 0)?;
-        Ok(Self { ebpf, frame, ifindex, progress: Arc::new(AtomicU64::new(0)) })
+        let mut g = Self { ebpf, frame, ifindex, flows: spec.flows, progress: Arc::new(AtomicU64::new(0)) };
+        g.reset()?;
+        Ok(g)
     }
 
-    /// Restarts flow numbering at flow 0 (a new run then repeats the same flows).
+    /// Restarts the flow numbering: CPU k of n starts at flow k × flows / n,
+    /// so threads on different CPUs send different flows.
     pub fn reset(&mut self) -> anyhow::Result<()> {
+        let flows = self.flows as u64;
         let mut seq: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map_mut("PKTGEN_SEQ").context("no map")?)?;
         let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        seq.set(0, aya::maps::PerCpuValues::try_from(vec![0u64; n])?, 0)?;
+        let starts: Vec<u64> = (0..n as u64).map(|k| k * flows / n as u64).collect();
+        seq.set(0, aya::maps::PerCpuValues::try_from(starts)?, 0)?;
         Ok(())
     }
 

@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_get_smp_processor_id, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
@@ -21,7 +21,7 @@ use datapath_common::{Counter, PktgenConfig, csum};
 
 #[map]
 static PKTGEN: Array<PktgenConfig> = Array::with_max_entries(1, 0);
-/// Per-CPU packet sequence of the generator.
+/// Per-CPU packet sequence of the generator (frame n is flow n mod flows).
 #[map]
 static PKTGEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Index 0: packets and bytes that reached the sink; 1 + i: those of them
@@ -46,11 +46,10 @@ pub fn xlb_pktgen(ctx: XdpContext) -> u32 {
         *seq = n + 1;
         n
     };
-    // Interleave the CPUs so that each flow index is used once per round.
-    // SAFETY: plain helper call.
-    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    // Each CPU walks the flows from its own starting point (set by the
+    // loader, spread evenly), so threads do not repeat each other's flows.
     let flows = if cfg.flows == 0 { 1 } else { cfg.flows as u64 };
-    let flow = ((n << 6 | (cpu & 63)) % flows) as u32;
+    let flow = (n % flows) as u32;
     let stamped = match cfg.hdr_len {
         42 => stamp::<42>(&ctx, cfg),
         54 => stamp::<54>(&ctx, cfg),
