@@ -342,6 +342,65 @@ impl Deref for Datapath {
     }
 }
 
+/// SLOTS mapped into our memory (the map is `BPF_F_MMAPABLE`): a region is
+/// written with plain stores. Unmapped on drop.
+struct SlotsMem {
+    ptr: *mut u32,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only written through
+// `&mut Datapath`.
+unsafe impl Send for SlotsMem {}
+unsafe impl Sync for SlotsMem {}
+
+impl SlotsMem {
+    /// Maps `entries` u32s of the array map `fd`; `None` if the map is not
+    /// mappable (e.g. pinned by an older agent).
+    fn map(fd: std::os::fd::BorrowedFd<'_>, entries: u32) -> Option<Self> {
+        use std::os::fd::AsRawFd as _;
+        let len = entries as usize * SLOT_STRIDE * 4;
+        // SAFETY: a shared mapping of a BPF array map; the kernel checks
+        // that it is mmapable and `len` fits.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        (ptr != libc::MAP_FAILED).then_some(Self { ptr: ptr.cast(), len: entries as usize })
+    }
+
+    fn write(&mut self, off: u32, values: &[u32]) -> bool {
+        let off = off as usize;
+        if off + values.len() > self.len {
+            return false;
+        }
+        for (i, v) in values.iter().enumerate() {
+            // SAFETY: in bounds (checked above) of our live mapping.
+            unsafe { self.ptr.add((off + i) * SLOT_STRIDE).write_volatile(*v) };
+        }
+        // The region must be visible before the SERVICES flip that follows.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        true
+    }
+}
+
+impl Drop for SlotsMem {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len * SLOT_STRIDE * 4) };
+    }
+}
+
+/// An array map stores each value in 8 bytes (value size rounded up to 8):
+/// slot i of SLOTS is the `u32` at index 2i of the mapping.
+const SLOT_STRIDE: usize = 2;
+
 /// `BPF_MAP_UPDATE_BATCH` of `values` into a `u32` array at keys `off..`.
 fn update_batch_u32(fd: std::os::fd::BorrowedFd<'_>, off: u32, values: &[u32]) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
@@ -411,6 +470,8 @@ pub struct Datapath {
     maps: Maps,
     sizes: MapSizes,
     alloc: Allocator,
+    /// SLOTS mapped into memory, when the map allows it.
+    slots_mem: Option<SlotsMem>,
     /// Where each frontend's current region is.
     regions: HashMap<ServiceKey, Region>,
     /// Backends as written, for the Maglev keys.
@@ -476,6 +537,7 @@ impl Datapath {
             maps,
             sizes,
             alloc: Allocator::new(sizes.slots),
+            slots_mem: None,
             regions: HashMap::new(),
             backends: HashMap::new(),
         })
@@ -594,14 +656,23 @@ impl Datapath {
         Ok(())
     }
 
-    /// Writes a region's list and table: one `BPF_MAP_UPDATE_BATCH` (Linux
-    /// ≥ 5.6) instead of a syscall per slot, falling back to single updates.
+    /// Writes a region's list and table: plain stores into the mapped map,
+    /// or (a map that cannot be mapped) one `BPF_MAP_UPDATE_BATCH` (Linux
+    /// ≥ 5.6) instead of a syscall per slot, or single updates.
     fn write_region(&mut self, region: Region, list: &[u32], table: &[u32]) -> Result<()> {
         let values: Vec<u32> = list.iter().chain(table).copied().collect();
         if values.is_empty() {
             return Ok(());
         }
         use aya::maps::IterableMap as _;
+        if self.slots_mem.is_none() {
+            self.slots_mem = SlotsMem::map(self.maps.slots.map().fd().as_fd(), self.sizes.slots);
+        }
+        if let Some(m) = self.slots_mem.as_mut()
+            && m.write(region.off, &values)
+        {
+            return Ok(());
+        }
         match update_batch_u32(self.maps.slots.map().fd().as_fd(), region.off, &values) {
             Ok(()) => return Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {}

@@ -16,8 +16,9 @@ use datapath_common::{
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(1, 0);
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, 0);
+/// Memory-mappable: the agent writes regions with plain stores, no syscall.
 #[map]
-pub static SLOTS: Array<u32> = Array::with_max_entries(1, 0);
+pub static SLOTS: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 pub static REV_NAT: Array<RevNat> = Array::with_max_entries(1, 0);
 #[map]
@@ -42,6 +43,7 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 pub static FRONTENDS: HashMap<u32, FrontendInfo> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_MMAPABLE: u32 = 1024;
 
 /// Per-CPU working memory of the new-flow path (not part of the ABI; nothing
 /// outside the datapath reads it): the conntrack entries and keys being
