@@ -124,7 +124,7 @@ pub fn node_info(s: &Settings, snap: &Snapshot) -> NodeInfo {
         .nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(s.node_name.as_str()))
-        .map(NodeInfo::from_node)
+        .map(|n| NodeInfo::from_node(n))
         .unwrap_or_else(|| NodeInfo { name: s.node_name.clone(), addresses: Vec::new() });
     for a in &s.node_addresses {
         if !info.addresses.contains(a) {
@@ -143,7 +143,7 @@ pub fn desired(s: &Settings, snap: &Snapshot) -> Desired {
 /// that did not change since its last call.
 pub fn desired_with(t: &mut translate::Translator, s: &Settings, snap: &Snapshot) -> Desired {
     let node = node_info(s, snap);
-    let mut d = t.translate(&snap.services, &snap.slices, &node, &s.options);
+    let mut d = t.translate_shared(&snap.services, &snap.slices, &node, &s.options);
     d.problems.extend(snap.errors.iter().map(|e| translate::Problem { service: String::new(), message: e.clone() }));
     d
 }

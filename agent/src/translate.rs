@@ -21,6 +21,7 @@
 //!   this node.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::Arc,
@@ -298,7 +299,12 @@ struct Endpoint {
 
 /// Computes the desired state. `services` and `slices` may come in any
 /// order; the result is deterministic, frontends sorted by key.
-pub fn translate(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo, opts: &Options) -> Desired {
+pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
+    node: &NodeInfo,
+    opts: &Options,
+) -> Desired {
     let mut d = Translator::default().translate(services, slices, node, opts);
     d.frontends.sort_unstable_by_key(|f| f.key);
     d
@@ -335,6 +341,7 @@ pub struct Translator {
     cache: FastMap<u64, Cached>,
     hasher: foldhash::fast::RandomState,
     calls: u64,
+    prev: Option<Prev>,
 }
 
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -348,13 +355,153 @@ fn owner(f: &Frontend) -> &str {
     f.name.rsplit_once(':').map_or(f.name.as_str(), |(s, _)| s)
 }
 
+/// The last [`Translator::translate_shared`] call, for its fast path.
+struct Prev {
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    /// By service position.
+    per_service: Vec<PrevService>,
+    /// By slice position: the position of the service it belongs to.
+    slice_owner: Vec<Option<usize>>,
+    out: Desired,
+}
+
+/// What one service (by input position) contributed to the last output.
+#[derive(Default)]
+struct PrevService {
+    /// Positions of its slices in the input.
+    slices: Vec<usize>,
+    /// Keys of all its frontends, in order, and where each one sits in the
+    /// output (`None`: another Service holds that key).
+    keys: Vec<FrontendKey>,
+    placed: Vec<Option<usize>>,
+    problems: Vec<String>,
+    health_checks: Vec<HealthCheck>,
+}
+
+/// A change touching more Services than this takes the full path.
+const FAST_PATH_MAX: usize = 64;
+
+fn label(s: &EndpointSlice) -> Option<&str> {
+    s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str)
+}
+
 impl Translator {
-    pub fn translate(
+    /// Translates objects of any origin (no fast path; see [`Translator::translate_shared`]).
+    pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         &mut self,
-        services: &[Service],
-        slices: &[EndpointSlice],
+        services: &[S],
+        slices: &[E],
         node: &NodeInfo,
         opts: &Options,
+    ) -> Desired {
+        self.prev = None;
+        self.full(services, slices, node, opts, false)
+    }
+
+    /// Translates a [`crate::source::Snapshot`]'s shared objects. When the
+    /// input has the same shape as last time (same lengths, the changed
+    /// objects at the positions of the ones they replace, as in a reflector
+    /// store after updates) and few objects changed, only the Services they
+    /// touch are translated, in place, and the rest is not looked at: the
+    /// cost of a sync is then that of a pointer comparison per object.
+    pub fn translate_shared(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        node: &NodeInfo,
+        opts: &Options,
+    ) -> Desired {
+        if self.node.as_ref() == Some(node)
+            && self.opts.as_ref() == Some(opts)
+            && let Some(d) = self.fast(services, slices, node, opts)
+        {
+            return d;
+        }
+        let d = self.full(services, slices, node, opts, true);
+        if let Some(p) = self.prev.as_mut() {
+            p.services = services.to_vec();
+            p.slices = slices.to_vec();
+        }
+        d
+    }
+
+    fn fast(
+        &mut self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        node: &NodeInfo,
+        opts: &Options,
+    ) -> Option<Desired> {
+        let p = self.prev.as_mut()?;
+        if p.services.len() != services.len() || p.slices.len() != slices.len() {
+            return None;
+        }
+        let mut affected: Vec<usize> = Vec::new();
+        for (i, (old, new)) in p.services.iter().zip(services).enumerate() {
+            if !Arc::ptr_eq(old, new) {
+                let same =
+                    old.metadata.name == new.metadata.name && namespace(&old.metadata) == namespace(&new.metadata);
+                if !same || affected.len() == FAST_PATH_MAX {
+                    return None;
+                }
+                affected.push(i);
+            }
+        }
+        for (j, (old, new)) in p.slices.iter().zip(slices).enumerate() {
+            if !Arc::ptr_eq(old, new) {
+                // Same owner, or the grouping changed: start over.
+                if label(old) != label(new) || namespace(&old.metadata) != namespace(&new.metadata) {
+                    return None;
+                }
+                if let Some(i) = p.slice_owner[j] {
+                    if affected.len() == FAST_PATH_MAX {
+                        return None;
+                    }
+                    affected.push(i);
+                }
+            }
+        }
+        affected.sort_unstable();
+        affected.dedup();
+        let mut out = p.out.clone();
+        let mut redone = Vec::with_capacity(affected.len());
+        for &i in &affected {
+            let (svc, ps) = (&*services[i], &p.per_service[i]);
+            let sl: Vec<&EndpointSlice> = ps.slices.iter().map(|&j| &*slices[j]).collect();
+            let id = format!("{}/{}", namespace(&svc.metadata), svc.metadata.name.as_deref().unwrap_or(""));
+            let (mut problems, mut health) = (Vec::new(), Vec::new());
+            let frontends = service_frontends(svc, &id, &sl, node, opts, &mut problems, &mut health);
+            // Only endpoints changed: the same frontends, problems and health checks.
+            if frontends.len() != ps.keys.len()
+                || frontends.iter().zip(&ps.keys).any(|(f, k)| f.key != *k)
+                || problems != ps.problems
+                || health != ps.health_checks
+            {
+                return None;
+            }
+            redone.push(frontends);
+        }
+        for (&i, frontends) in affected.iter().zip(redone) {
+            for (f, at) in frontends.into_iter().zip(&p.per_service[i].placed) {
+                if let Some(pos) = *at {
+                    out.frontends[pos] = Arc::new(f);
+                }
+            }
+        }
+        p.services.clone_from_slice(services);
+        p.slices.clone_from_slice(slices);
+        p.out = out.clone();
+        Some(out)
+    }
+
+    fn full<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+        &mut self,
+        services: &[S],
+        slices: &[E],
+        node: &NodeInfo,
+        opts: &Options,
+        record: bool,
     ) -> Desired {
         use std::hash::BuildHasher as _;
         if self.node.as_ref() != Some(node) || self.opts.as_ref() != Some(opts) {
@@ -364,33 +511,38 @@ impl Translator {
         }
         self.calls += 1;
         let call = self.calls;
-        // EndpointSlices by (namespace, service name).
-        let mut by_service: FastMap<(&str, &str), Vec<&EndpointSlice>> =
+        // EndpointSlices (by position) by (namespace, service name).
+        let mut by_service: FastMap<(&str, &str), Vec<usize>> =
             FastMap::with_capacity_and_hasher(slices.len(), self.hasher.clone());
-        for s in slices {
-            let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-                continue;
-            };
-            by_service.entry((namespace(&s.metadata), svc.as_str())).or_default().push(s);
+        for (j, s) in slices.iter().enumerate() {
+            let s = s.borrow();
+            if let Some(svc) = label(s) {
+                by_service.entry((namespace(&s.metadata), svc)).or_default().push(j);
+            }
         }
 
         let mut out = Desired::default();
-        // Frontend key → its index in `out.frontends`.
+        // Frontend key → its index in `out.frontends`; index → (service, frontend) positions.
         let mut taken: FastMap<FrontendKey, usize> =
             FastMap::with_capacity_and_hasher(services.len() * 2, self.hasher.clone());
+        let mut holder: Vec<(usize, usize)> = Vec::new();
+        let mut per_service: Vec<PrevService> = Vec::new();
+        let mut slice_owner: Vec<Option<usize>> = vec![None; if record { slices.len() } else { 0 }];
         let mut problems: Vec<Problem> = Vec::new();
-        for svc in services {
+        for (i, svc) in services.iter().enumerate() {
+            let svc = svc.borrow();
             let (ns, name) = (namespace(&svc.metadata), svc.metadata.name.as_deref().unwrap_or(""));
-            let slices = by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+            let positions = by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+            let sl: Vec<&EndpointSlice> = positions.iter().map(|&j| slices[j].borrow()).collect();
             let h = self.hasher.hash_one((ns, name));
             let hit =
-                self.cache.get(&h).is_some_and(|c| c.namespace == ns && c.name == name && up_to_date(c, svc, slices));
+                self.cache.get(&h).is_some_and(|c| c.namespace == ns && c.name == name && up_to_date(c, svc, &sl));
             if !hit {
                 let id = format!("{ns}/{name}");
                 let (mut p, mut health) = (Vec::new(), Vec::new());
-                let frontends = service_frontends(svc, &id, slices, node, opts, &mut p, &mut health);
-                let versioned = svc.metadata.resource_version.is_some()
-                    && slices.iter().all(|s| s.metadata.resource_version.is_some());
+                let frontends = service_frontends(svc, &id, &sl, node, opts, &mut p, &mut health);
+                let versioned =
+                    svc.metadata.resource_version.is_some() && sl.iter().all(|s| s.metadata.resource_version.is_some());
                 let version = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
                     m.resource_version.clone().unwrap_or_default()
                 };
@@ -399,7 +551,7 @@ impl Translator {
                     name: name.to_string(),
                     // Empty: never up to date (see `up_to_date`).
                     version: if versioned { version(&svc.metadata) } else { String::new() },
-                    slices: slices
+                    slices: sl
                         .iter()
                         .map(|s| (s.metadata.name.clone().unwrap_or_default(), version(&s.metadata)))
                         .collect(),
@@ -415,16 +567,42 @@ impl Translator {
             let id = || format!("{ns}/{name}");
             problems.extend(c.problems.iter().map(|m| Problem { service: id(), message: m.clone() }));
             out.health_checks.extend(c.health_checks.iter().cloned());
-            for f in &c.frontends {
-                let Some(&i) = taken.get(&f.key) else {
+            let mut mine = PrevService::default();
+            if record {
+                for &j in positions {
+                    slice_owner[j] = Some(i);
+                }
+                mine = PrevService {
+                    slices: positions.to_vec(),
+                    keys: c.frontends.iter().map(|f| f.key).collect(),
+                    placed: vec![None; c.frontends.len()],
+                    problems: c.problems.clone(),
+                    health_checks: c.health_checks.clone(),
+                };
+            }
+            for (k, f) in c.frontends.iter().enumerate() {
+                let Some(&at) = taken.get(&f.key) else {
                     taken.insert(f.key, out.frontends.len());
+                    if record {
+                        mine.placed[k] = Some(out.frontends.len());
+                        holder.push((i, k));
+                    }
                     out.frontends.push(Arc::clone(f));
                     continue;
                 };
                 // Two claims: the Service first by namespace/name keeps it.
-                let held = &out.frontends[i];
+                let held = &out.frontends[at];
                 let (loser, winner) = if owner(f) < owner(held) {
-                    let lost = std::mem::replace(&mut out.frontends[i], Arc::clone(f));
+                    let lost = std::mem::replace(&mut out.frontends[at], Arc::clone(f));
+                    if record {
+                        let (oi, ok) = std::mem::replace(&mut holder[at], (i, k));
+                        if oi == i {
+                            mine.placed[ok] = None;
+                        } else {
+                            per_service[oi].placed[ok] = None;
+                        }
+                        mine.placed[k] = Some(at);
+                    }
                     (lost, Arc::clone(f))
                 } else {
                     (Arc::clone(f), Arc::clone(held))
@@ -441,11 +619,18 @@ impl Translator {
                     ),
                 });
             }
+            if record {
+                per_service.push(mine);
+            }
         }
         self.cache.retain(|_, c| c.seen == call);
         // By Service (stable: each one's own problems before its duplicates).
         problems.sort_by(|a, b| a.service.cmp(&b.service));
         out.problems = problems;
+        if record {
+            self.prev =
+                Some(Prev { services: Vec::new(), slices: Vec::new(), per_service, slice_owner, out: out.clone() });
+        }
         out
     }
 }

@@ -154,6 +154,9 @@ pub struct Writer {
     applied_refs: HashMap<u32, u32>,
     /// After [`Writer::recover`]: look at every backend once for removal.
     full_check: bool,
+    /// The frontends of the last apply, when all of them were applied.
+    prev: Vec<Arc<Frontend>>,
+    prev_ok: bool,
 }
 
 impl Writer {
@@ -170,6 +173,8 @@ impl Writer {
             refs: HashMap::new(),
             applied_refs: HashMap::new(),
             full_check: false,
+            prev: Vec::new(),
+            prev_ok: false,
         }
     }
 
@@ -224,31 +229,53 @@ impl Writer {
 
         // 0. What changed: frontends not applied as this very `Arc`, and
         //    keys no longer desired (looked for only when the counts say so).
+        //    When the last apply succeeded and the list has the same shape
+        //    (same length, same key at each position), a pointer comparison
+        //    per position finds the changes, with no hashing at all.
         let mut changed: Vec<(ServiceKey, &Arc<Frontend>)> = Vec::new();
-        let (mut in_applied, mut in_last) = (0, 0);
-        for f in &desired.frontends {
-            let key = service_key(f);
-            in_applied += self.frontends.contains_key(&key) as usize;
-            match self.last.get(&key) {
-                Some((old, true)) if Arc::ptr_eq(old, f) => {
-                    in_last += 1;
-                    report.unchanged += 1;
+        let mut positional = self.prev_ok && self.prev.len() == desired.frontends.len();
+        if positional {
+            for (old, f) in self.prev.iter().zip(&desired.frontends) {
+                if Arc::ptr_eq(old, f) {
+                    continue;
                 }
-                Some(_) => {
-                    in_last += 1;
-                    changed.push((key, f));
+                if old.key != f.key {
+                    positional = false;
+                    changed.clear();
+                    break;
                 }
-                None => changed.push((key, f)),
+                changed.push((service_key(f), f));
             }
         }
-        let (stale_applied, stale_last) = if in_applied == self.frontends.len() && in_last == self.last.len() {
+        let (stale_applied, stale_last) = if positional {
+            report.unchanged = desired.frontends.len() - changed.len();
             (Vec::new(), Vec::new())
         } else {
-            let wanted: HashSet<ServiceKey> = desired.frontends.iter().map(|f| service_key(f)).collect();
-            (
-                self.frontends.keys().filter(|k| !wanted.contains(*k)).copied().collect::<Vec<_>>(),
-                self.last.keys().filter(|k| !wanted.contains(*k)).copied().collect::<Vec<_>>(),
-            )
+            let (mut in_applied, mut in_last) = (0, 0);
+            for f in &desired.frontends {
+                let key = service_key(f);
+                in_applied += self.frontends.contains_key(&key) as usize;
+                match self.last.get(&key) {
+                    Some((old, true)) if Arc::ptr_eq(old, f) => {
+                        in_last += 1;
+                        report.unchanged += 1;
+                    }
+                    Some(_) => {
+                        in_last += 1;
+                        changed.push((key, f));
+                    }
+                    None => changed.push((key, f)),
+                }
+            }
+            if in_applied == self.frontends.len() && in_last == self.last.len() {
+                (Vec::new(), Vec::new())
+            } else {
+                let wanted: HashSet<ServiceKey> = desired.frontends.iter().map(|f| service_key(f)).collect();
+                (
+                    self.frontends.keys().filter(|k| !wanted.contains(*k)).copied().collect::<Vec<_>>(),
+                    self.last.keys().filter(|k| !wanted.contains(*k)).copied().collect::<Vec<_>>(),
+                )
+            }
         };
         let mut touched: HashSet<BackendKey> = HashSet::new();
         for (key, f) in &changed {
@@ -364,6 +391,8 @@ impl Writer {
                 report.backends_removed += 1;
             }
         }
+        self.prev_ok = report.failed.is_empty();
+        self.prev = if self.prev_ok { desired.frontends.clone() } else { Vec::new() };
         report
     }
 

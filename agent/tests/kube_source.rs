@@ -39,7 +39,7 @@ status: {addresses: [{type: InternalIP, address: 192.168.7.1}, {type: Hostname, 
 
 /// Backends of the ClusterIP frontend, and the NodePort addresses, of a snapshot.
 fn view(s: &Snapshot) -> (Vec<String>, Vec<String>) {
-    let node = s.nodes.first().map(NodeInfo::from_node).unwrap_or_default();
+    let node = s.nodes.first().map(|n| NodeInfo::from_node(n)).unwrap_or_default();
     let d = translate(&s.services, &s.slices, &node, &Options::default());
     let backends = d
         .frontends

@@ -537,3 +537,70 @@ fn the_first_service_by_name_wins_a_frontend_in_any_input_order() {
     assert_eq!(d.problems.len(), 1);
     assert_eq!(d.problems[0].service, "shop/web2");
 }
+
+/// Replaces slice `j` with a copy whose single endpoint is `addr`.
+fn with_endpoint(s: &Snapshot, j: usize, addr: &str, version: &str) -> Snapshot {
+    let mut next = s.clone();
+    let mut slice = (*next.slices[j]).clone();
+    slice.endpoints.as_mut().unwrap()[0].addresses = vec![addr.to_string()];
+    slice.metadata.resource_version = Some(version.into());
+    next.slices[j] = std::sync::Arc::new(slice);
+    next
+}
+
+#[test]
+fn the_shared_fast_path_retranslates_only_what_changed_and_agrees_with_translate() {
+    use std::sync::Arc;
+    use xlb::translate::Translator;
+    let opts = Options::default();
+    let sorted = |mut d: Desired| {
+        d.frontends.sort_by_key(|f| f.key);
+        d
+    };
+    // Two services claim one frontend too, so placement is exercised.
+    let dup = WEB
+        .replace("name: web, namespace: shop", "name: aaa, namespace: shop")
+        .replace("name: web-abc", "name: aaa-abc")
+        .replace("kubernetes.io/service-name: web}", "kubernetes.io/service-name: aaa}");
+    let s1 = snapshot(&(versioned_yaml(&versioned("10.0.1.1", 1)) + WEB + "---\n" + &dup));
+    let mut t = Translator::default();
+    let d1 = t.translate_shared(&s1.services, &s1.slices, &node(), &opts);
+    assert_eq!(sorted(d1.clone()), translate(&s1.services, &s1.slices, &node(), &opts));
+
+    // b's slice (position 1) gets a new endpoint: only b's frontend is new.
+    let s2 = with_endpoint(&s1, 1, "10.0.1.9", "2");
+    let d2 = t.translate_shared(&s2.services, &s2.slices, &node(), &opts);
+    let renewed: Vec<&str> = d1
+        .frontends
+        .iter()
+        .zip(&d2.frontends)
+        .filter(|(a, b)| !Arc::ptr_eq(a, b))
+        .map(|(_, b)| b.name.as_str())
+        .collect();
+    assert_eq!(renewed, ["t/b:p"]);
+    assert_eq!(sorted(d2.clone()), translate(&s2.services, &s2.slices, &node(), &opts));
+
+    // The service that lost the duplicate changes endpoints: nothing it owns is placed.
+    let web_slice = s2.slices.iter().position(|s| s.metadata.name.as_deref() == Some("web-abc")).unwrap();
+    let s3 = with_endpoint(&s2, web_slice, "10.244.9.9", "5");
+    let d3 = t.translate_shared(&s3.services, &s3.slices, &node(), &opts);
+    assert_eq!(sorted(d3.clone()), translate(&s3.services, &s3.slices, &node(), &opts));
+    assert!(d2.frontends.iter().zip(&d3.frontends).all(|(a, b)| Arc::ptr_eq(a, b)));
+    assert_eq!(d3.problems.len(), 1, "{:?}", d3.problems);
+
+    // A slice moving to another service changes the grouping: the full path, same answer.
+    let mut s4 = s3.clone();
+    let mut moved = (*s4.slices[0]).clone();
+    moved.metadata.labels.as_mut().unwrap().insert("kubernetes.io/service-name".into(), "c".into());
+    moved.metadata.resource_version = Some("9".into());
+    s4.slices[0] = Arc::new(moved);
+    let d4 = t.translate_shared(&s4.services, &s4.slices, &node(), &opts);
+    assert_eq!(sorted(d4.clone()), translate(&s4.services, &s4.slices, &node(), &opts));
+    assert!(find(&d4, Kind::ClusterIp, "10.96.1.1", 80).backends.is_empty(), "a lost its only slice");
+
+    // A service removed: a different shape, the full path.
+    let mut s5 = s4.clone();
+    s5.services.remove(0);
+    let d5 = t.translate_shared(&s5.services, &s5.slices, &node(), &opts);
+    assert_eq!(sorted(d5), translate(&s5.services, &s5.slices, &node(), &opts));
+}

@@ -231,7 +231,23 @@ fn incremental_syncs_end_where_a_fresh_writer_does() {
     // An unchanged sync looks at nothing and writes nothing.
     let mut snap = Snapshot::default();
     parse_into(&mut snap, "test", &steps[4]);
-    let d = t.translate(&snap.services, &snap.slices, &NodeInfo::default(), &Options::default());
+    let (node, opts) = (NodeInfo::default(), Options::default());
+    let d = t.translate_shared(&snap.services, &snap.slices, &node, &opts);
     let r = w.apply(&mut dp, &d);
     assert_eq!((r.changed, r.unchanged, r.removed, r.backends_written, r.backends_removed), (0, 2, 0, 0, 0));
+
+    // The shared fast path (one slice replaced in place, as a reflector
+    // store does) and the writer's positional path end where a fresh writer does.
+    for (k, addr) in ["10.0.0.5", "10.0.0.6"].iter().enumerate() {
+        let mut slice = (*snap.slices[1]).clone();
+        slice.endpoints.as_mut().unwrap()[0].addresses = vec![addr.to_string()];
+        slice.metadata.resource_version = Some(format!("{}", 10 + k));
+        snap.slices[1] = std::sync::Arc::new(slice);
+        let d = t.translate_shared(&snap.services, &snap.slices, &node, &opts);
+        let r = w.apply(&mut dp, &d);
+        assert_eq!((r.changed, r.unchanged, r.backends_written, r.backends_removed), (1, 1, 1, 1), "{r:?}");
+        let mut fresh = load(test_sizes());
+        Writer::new(&fresh).apply(&mut fresh, &translate(&snap.services, &snap.slices, &node, &opts));
+        assert_eq!(state(&dp), state(&fresh));
+    }
 }

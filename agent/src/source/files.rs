@@ -54,9 +54,9 @@ fn add_object(snap: &mut Snapshot, origin: &str, doc: serde_json::Value) {
     }
     let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
     let res = match kind.as_str() {
-        "Service" => serde_json::from_value::<Service>(doc).map(|s| snap.services.push(s)),
-        "EndpointSlice" => serde_json::from_value::<EndpointSlice>(doc).map(|s| snap.slices.push(s)),
-        "Node" => serde_json::from_value::<Node>(doc).map(|s| snap.nodes.push(s)),
+        "Service" => serde_json::from_value::<Service>(doc).map(|s| snap.services.push(s.into())),
+        "EndpointSlice" => serde_json::from_value::<EndpointSlice>(doc).map(|s| snap.slices.push(s.into())),
+        "Node" => serde_json::from_value::<Node>(doc).map(|s| snap.nodes.push(s.into())),
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
             if let Some(items) = doc.get("items").and_then(|i| i.as_array()) {
                 for (j, item) in items.iter().enumerate() {

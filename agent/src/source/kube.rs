@@ -95,9 +95,9 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Snapshot>)
             continue;
         }
         let snap = Snapshot {
-            services: services.state().iter().map(|s| (**s).clone()).collect(),
-            slices: slices.state().iter().map(|s| (**s).clone()).collect(),
-            nodes: nodes.state().iter().map(|s| (**s).clone()).collect(),
+            services: services.state(),
+            slices: slices.state(),
+            nodes: nodes.state(),
             errors: Vec::new(),
             changed_at: Some(at),
             synced: true,

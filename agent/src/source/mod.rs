@@ -3,7 +3,7 @@
 //! directory of YAML ([`files`]). Both publish whole [`Snapshot`]s on a
 //! `tokio::sync::watch` channel; the agent translates the newest one.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -13,12 +13,15 @@ use k8s_openapi::api::{
 pub mod files;
 pub mod kube;
 
-/// Every object the translation needs, at one moment.
+/// Every object the translation needs, at one moment. Objects are shared
+/// with the source's stores: a snapshot costs a pointer per object, and an
+/// object that did not change is the same `Arc` in the next snapshot (the
+/// translator's fast path relies on that).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
     /// Objects that could not be read (file, document, reason).
     pub errors: Vec<String>,
     /// When the change that produced this snapshot was seen (for the

@@ -305,8 +305,8 @@ struct XlbState {
     dp: Datapath,
     writer: Writer,
     translator: Translator,
-    services: Vec<k8s_openapi::api::core::v1::Service>,
-    slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    services: Vec<std::sync::Arc<k8s_openapi::api::core::v1::Service>>,
+    slices: Vec<std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>>,
     memlock: u64,
 }
 
@@ -339,7 +339,7 @@ fn install(system: System, net: &Net, svcs: &[model::Svc], plan: &Plan) -> anyho
             let mut writer = Writer::new(&dp);
             let mut translator = Translator::default();
             let t = Instant::now();
-            let d = translator.translate(&services, &slices, &node_info(), &Options::default());
+            let d = translator.translate_shared(&services, &slices, &node_info(), &Options::default());
             let report = writer.apply(&mut dp, &d);
             inst.program_seconds = t.elapsed().as_secs_f64();
             anyhow::ensure!(
@@ -418,9 +418,9 @@ impl Installed {
             let ms = match self.system {
                 System::Xlb => {
                     let x = self.xlb.as_mut().unwrap();
-                    x.slices[idx] = model::slice(&moved[idx], &moved[idx].endpoints, 2 + k as u32);
+                    x.slices[idx] = model::slice(&moved[idx], &moved[idx].endpoints, 2 + k as u32).into();
                     let t = Instant::now();
-                    let d = x.translator.translate(&x.services, &x.slices, &node_info(), &Options::default());
+                    let d = x.translator.translate_shared(&x.services, &x.slices, &node_info(), &Options::default());
                     let r = x.writer.apply(&mut x.dp, &d);
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     anyhow::ensure!(

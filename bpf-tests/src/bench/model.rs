@@ -20,6 +20,7 @@ use std::{
     fmt::Write as _,
     hash::{Hash, Hasher},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -62,8 +63,8 @@ pub fn target(n: u32) -> Ipv4Addr {
     nth([198, 18, 0, 10], n - 1)
 }
 
-/// The Kubernetes objects of the services.
-pub fn objects(svcs: &[Svc]) -> (Vec<Service>, Vec<EndpointSlice>) {
+/// The Kubernetes objects of the services, shared as a source's snapshot holds them.
+pub fn objects(svcs: &[Svc]) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
     let services = svcs
         .iter()
         .map(|s| {
@@ -79,7 +80,7 @@ pub fn objects(svcs: &[Svc]) -> (Vec<Service>, Vec<EndpointSlice>) {
             .expect("a valid Service")
         })
         .collect();
-    let slices = svcs.iter().map(|s| slice(s, &s.endpoints, 1)).collect();
+    let slices = svcs.iter().map(|s| Arc::new(slice(s, &s.endpoints, 1))).collect();
     (services, slices)
 }
 
