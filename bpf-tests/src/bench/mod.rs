@@ -76,8 +76,8 @@ pub struct Plan {
     /// Frame size without FCS.
     pub packet_size: usize,
     /// A system whose rules do not load within this many seconds is
-    /// skipped at that size (and at larger sizes when its load time,
-    /// scaled linearly, predicts the same).
+    /// skipped at that size (and at larger sizes when its load time at a
+    /// smaller size, at least 1 s and scaled linearly, predicts the same).
     pub load_bound_s: f64,
     /// BPF_PROG_TEST_RUN repetitions per measurement (0: skip).
     pub test_run_repeat: u32,
@@ -224,7 +224,9 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
             if system == System::Ipvs && res.skipped.iter().any(|s| s.system == System::Ipvs) {
                 continue;
             }
+            // A load under a second is mostly fixed cost: no basis for scaling.
             if let Some((m, t)) = last_load.get(&system)
+                && *t >= 1.0
                 && t * n as f64 / *m as f64 > plan.load_bound_s
             {
                 res.skipped.push(Skipped {
