@@ -32,6 +32,13 @@ fn pair() -> (NetNs, NetNs, String) {
     (tx, rx, mac)
 }
 
+/// `xlb pktgen` from g0 (source 10.1.1.1) to `dst`, with `extra` arguments.
+fn pktgen(tx: &NetNs, mac: &str, dst: &str, extra: &[&str]) -> String {
+    let mut args = vec!["pktgen", "--dev", "g0", "--dst-mac", mac, "--src", "10.1.1.1", "--dst", dst];
+    args.extend_from_slice(extra);
+    xlb(tx, &args)
+}
+
 /// One counter of /proc/net/snmp inside `ns` (e.g. "Udp", "InCsumErrors").
 fn snmp(ns: &NetNs, proto: &str, field: &str) -> u64 {
     let out = Command::new("nsenter")
@@ -69,28 +76,7 @@ fn udp_flows_arrive_with_valid_checksums() {
     };
     assert_eq!(rc, 0);
     // 40,000 flows: source ports 1024…33791 on 10.1.1.1, then 10.1.1.2.
-    let out = xlb(
-        &tx,
-        &[
-            "pktgen",
-            "--dev",
-            "g0",
-            "--dst-mac",
-            &mac,
-            "--src",
-            "10.1.1.1",
-            "--dst",
-            "10.1.0.2:9",
-            "--flows",
-            "40000",
-            "--count",
-            "40000",
-            "--size",
-            "100",
-            "-o",
-            "json",
-        ],
-    );
+    let out = pktgen(&tx, &mac, "10.1.0.2:9", &["--flows", "40000", "--count", "40000", "--size", "100", "-o", "json"]);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["sent"]["packets"], 40_000, "{out}");
     assert_eq!(report["sent"]["bytes"], 4_000_000, "{out}");
@@ -116,26 +102,7 @@ fn tcp_syns_arrive_with_valid_checksums() {
         let _in = rx.enter();
         std::net::TcpListener::bind("10.1.0.2:80").unwrap()
     };
-    xlb(
-        &tx,
-        &[
-            "pktgen",
-            "--dev",
-            "g0",
-            "--dst-mac",
-            &mac,
-            "--src",
-            "10.1.1.1",
-            "--dst",
-            "10.1.0.2:80",
-            "--proto",
-            "tcp",
-            "--flows",
-            "100",
-            "--count",
-            "2000",
-        ],
-    );
+    pktgen(&tx, &mac, "10.1.0.2:80", &["--proto", "tcp", "--flows", "100", "--count", "2000"]);
     assert!(snmp(&rx, "Tcp", "InSegs") >= 100, "SYNs did not reach TCP");
     assert_eq!(snmp(&rx, "Tcp", "InCsumErrors"), 0);
     assert_eq!(snmp(&rx, "Ip", "InHdrErrors"), 0);
