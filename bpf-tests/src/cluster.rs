@@ -98,17 +98,11 @@ pub struct Cluster {
     veths: Vec<usize>,
 }
 
-fn sh_in(ns: &NetNs, cmds: &[&str]) {
-    for c in cmds {
-        ns.exec(&c.split(' ').collect::<Vec<_>>());
-    }
-}
-
 impl Cluster {
     /// `nodes` nodes, no pods yet, agents not started.
     pub fn new(nodes: usize, echo_ports: &[u16]) -> Self {
         let fabric = NetNs::new("xlbf");
-        sh_in(&fabric, &["ip link add br0 type bridge", "ip link set br0 up"]);
+        fabric.exec_lines(&["ip link add br0 type bridge", "ip link set br0 up"]);
         let external = NetNs::new("xlbx");
         let dir = TempDir::new();
         std::fs::create_dir_all(dir.path.join("manifests")).unwrap();
@@ -130,7 +124,7 @@ impl Cluster {
         for i in 1..=nodes {
             let ns = NetNs::new("xlbn");
             c.uplink(&ns, &format!("u{i}"), &node_addr4(i), &node_addr6(i));
-            sh_in(&ns, &["sysctl -qw net.ipv4.conf.all.forwarding=1", "sysctl -qw net.ipv6.conf.all.forwarding=1"]);
+            ns.exec_lines(&["sysctl -qw net.ipv4.conf.all.forwarding=1", "sysctl -qw net.ipv6.conf.all.forwarding=1"]);
             for j in 1..=nodes {
                 if j != i {
                     ns.exec(&["ip", "route", "add", &format!("10.244.{j}.0/24"), "via", &node_addr4(j)]);
@@ -145,25 +139,22 @@ impl Cluster {
     /// Connects `ns` to the bridge with its interface named `eth0`.
     fn uplink(&self, ns: &NetNs, fabric_side: &str, a4: &str, a6: &str) {
         let tmp = format!("{fabric_side}p");
-        sh_in(&self.fabric, &[&format!("ip link add {fabric_side} type veth peer name {tmp}")]);
+        self.fabric.exec_lines(&[&format!("ip link add {fabric_side} type veth peer name {tmp}")]);
         self.fabric.exec(&["ip", "link", "set", &tmp, "netns", &ns.name]);
         // XDP on the node's eth0 sees frames before checksums are completed:
         // the sending peer must not offload them; GRO on lets it receive
         // frames the node redirects back out (XDP_TX / redirect).
-        sh_in(
-            &self.fabric,
-            &[&format!("ip link set {fabric_side} master br0 up"), &format!("ethtool -K {fabric_side} tx off gro on")],
-        );
-        sh_in(
-            ns,
-            &[
-                &format!("ip link set {tmp} name eth0"),
-                "ip link set eth0 up",
-                &format!("ip addr add {a4}/24 dev eth0"),
-                &format!("ip -6 addr add {a6}/64 dev eth0 nodad"),
-                "ethtool -K eth0 tx off gro on",
-            ],
-        );
+        self.fabric.exec_lines(&[
+            &format!("ip link set {fabric_side} master br0 up"),
+            &format!("ethtool -K {fabric_side} tx off gro on"),
+        ]);
+        ns.exec_lines(&[
+            &format!("ip link set {tmp} name eth0"),
+            "ip link set eth0 up",
+            &format!("ip addr add {a4}/24 dev eth0"),
+            &format!("ip -6 addr add {a6}/64 dev eth0 nodad"),
+            "ethtool -K eth0 tx off gro on",
+        ]);
     }
 
     /// Adds a pod on node `node` (1-based). Backend pods (non-empty `app`)
@@ -176,32 +167,26 @@ impl Cluster {
         let ns = NetNs::new("xlbp");
         let n = &self.nodes[node - 1].ns;
         let veth = format!("veth{k}");
-        sh_in(n, &[&format!("ip link add {veth} type veth peer name tmp{k}")]);
+        n.exec_lines(&[&format!("ip link add {veth} type veth peer name tmp{k}")]);
         n.exec(&["ip", "link", "set", &format!("tmp{k}"), "netns", &ns.name]);
-        sh_in(
-            &ns,
-            &[
-                &format!("ip link set tmp{k} name eth0"),
-                "ip link set eth0 up",
-                &format!("ip addr add {ip4}/32 dev eth0"),
-                &format!("ip -6 addr add {ip6}/128 dev eth0 nodad"),
-                "ip route add 169.254.1.1 dev eth0 scope link",
-                "ip route add default via 169.254.1.1 dev eth0",
-                "ip -6 route add default via fe80::1 dev eth0",
-                "ethtool -K eth0 tx off gro on",
-            ],
-        );
-        sh_in(
-            n,
-            &[
-                &format!("ip link set {veth} up"),
-                &format!("ip addr add 169.254.1.1/32 dev {veth} scope link"),
-                &format!("ip -6 addr add fe80::1/64 dev {veth} nodad"),
-                &format!("ip route add {ip4}/32 dev {veth}"),
-                &format!("ip -6 route add {ip6}/128 dev {veth}"),
-                &format!("ethtool -K {veth} tx off gro on"),
-            ],
-        );
+        ns.exec_lines(&[
+            &format!("ip link set tmp{k} name eth0"),
+            "ip link set eth0 up",
+            &format!("ip addr add {ip4}/32 dev eth0"),
+            &format!("ip -6 addr add {ip6}/128 dev eth0 nodad"),
+            "ip route add 169.254.1.1 dev eth0 scope link",
+            "ip route add default via 169.254.1.1 dev eth0",
+            "ip -6 route add default via fe80::1 dev eth0",
+            "ethtool -K eth0 tx off gro on",
+        ]);
+        n.exec_lines(&[
+            &format!("ip link set {veth} up"),
+            &format!("ip addr add 169.254.1.1/32 dev {veth} scope link"),
+            &format!("ip -6 addr add fe80::1/64 dev {veth} nodad"),
+            &format!("ip route add {ip4}/32 dev {veth}"),
+            &format!("ip -6 route add {ip6}/128 dev {veth}"),
+            &format!("ethtool -K {veth} tx off gro on"),
+        ]);
         let echo = (!app.is_empty()).then(|| {
             let mut cmd = Command::new("nsenter");
             cmd.arg(format!("--net=/var/run/netns/{}", ns.name)).arg(echo_bin()).arg(name);

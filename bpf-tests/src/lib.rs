@@ -64,6 +64,19 @@ impl NetNs {
         sh(&full);
     }
 
+    /// Runs each command line (words separated by single spaces) inside the namespace.
+    pub fn exec_lines(&self, lines: &[&str]) {
+        for l in lines {
+            self.exec(&l.split(' ').collect::<Vec<_>>());
+        }
+    }
+
+    /// The MAC address of interface `dev` inside the namespace.
+    pub fn mac(&self, dev: &str) -> String {
+        let _in = self.enter();
+        mac_str(&xlb::pktgen::mac_of(dev).expect("interface MAC"))
+    }
+
     /// Enters the namespace on the current thread until the guard drops.
     pub fn enter(&self) -> Entered {
         let orig = File::open("/proc/thread-self/ns/net").expect("open own netns");
@@ -116,7 +129,7 @@ impl FibEnv {
     pub fn new(neighbours: &[&str]) -> Self {
         let ns = NetNs::new("xlbf");
         ns.exec(&["ip", "link", "add", "o0", "address", &mac_str(&OUT_MAC), "type", "veth", "peer", "name", "o1"]);
-        for cmd in [
+        ns.exec_lines(&[
             "ip link set o0 up",
             "ip link set o1 up",
             "ip addr add 10.0.0.1/16 dev o0",
@@ -125,19 +138,14 @@ impl FibEnv {
             "ip -6 addr add 2001:db8::1/64 dev o0 nodad",
             "sysctl -qw net.ipv4.conf.all.forwarding=1",
             "sysctl -qw net.ipv6.conf.all.forwarding=1",
-        ] {
-            ns.exec(&cmd.split(' ').collect::<Vec<_>>());
-        }
+        ]);
         for n in neighbours {
             ns.exec(&["ip", "neigh", "replace", n, "lladdr", &mac_str(&NEIGH_MAC), "nud", "permanent", "dev", "o0"]);
         }
         let out_ifindex = {
             let _in = ns.enter();
-            let name = std::ffi::CString::new("o0").unwrap();
-            // SAFETY: valid C string.
-            unsafe { libc::if_nametoindex(name.as_ptr()) }
+            xlb::pktgen::ifindex("o0").expect("o0 exists")
         };
-        assert_ne!(out_ifindex, 0);
         Self { ns, out_ifindex }
     }
 

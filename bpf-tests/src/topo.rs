@@ -42,49 +42,35 @@ impl Topology {
             node.exec(&["ip", "link", "add", ours, "type", "veth", "peer", "name", peer]);
             node.exec(&["ip", "link", "set", peer, "netns", &ns.name]);
         }
-        let run = |ns: &NetNs, cmds: &[&str]| {
-            for c in cmds {
-                ns.exec(&c.split(' ').collect::<Vec<_>>());
-            }
-        };
-        run(
-            &node,
-            &[
-                "ip link set n0 up",
-                "ip link set n1 up",
-                "ip addr add 172.31.1.1/24 dev n0",
-                "ip addr add 172.31.2.1/24 dev n1",
-                "ip -6 addr add fd31:1::1/64 dev n0 nodad",
-                "ip -6 addr add fd31:2::1/64 dev n1 nodad",
-                "sysctl -qw net.ipv4.conf.all.forwarding=1",
-                "sysctl -qw net.ipv6.conf.all.forwarding=1",
-            ],
-        );
+        node.exec_lines(&[
+            "ip link set n0 up",
+            "ip link set n1 up",
+            "ip addr add 172.31.1.1/24 dev n0",
+            "ip addr add 172.31.2.1/24 dev n1",
+            "ip -6 addr add fd31:1::1/64 dev n0 nodad",
+            "ip -6 addr add fd31:2::1/64 dev n1 nodad",
+            "sysctl -qw net.ipv4.conf.all.forwarding=1",
+            "sysctl -qw net.ipv6.conf.all.forwarding=1",
+        ]);
         // XDP sees the frames before any checksum is completed: the senders
         // must not offload it. GRO on lets a veth receive XDP-redirected frames.
-        run(
-            &client,
-            &[
-                "ip link set c0 up",
-                "ip addr add 172.31.1.2/24 dev c0",
-                "ip -6 addr add fd31:1::2/64 dev c0 nodad",
-                "ip route add default via 172.31.1.1",
-                "ip -6 route add default via fd31:1::1",
-                "ethtool -K c0 tx off gro on",
-            ],
-        );
-        run(
-            &server,
-            &[
-                "ip link set s0 up",
-                "ip addr add 172.31.2.2/24 dev s0",
-                "ip -6 addr add fd31:2::2/64 dev s0 nodad",
-                "ip route add default via 172.31.2.1",
-                "ip -6 route add default via fd31:2::1",
-                "ethtool -K s0 tx off gro on",
-            ],
-        );
-        run(&node, &["ethtool -K n0 tx off", "ethtool -K n1 tx off"]);
+        client.exec_lines(&[
+            "ip link set c0 up",
+            "ip addr add 172.31.1.2/24 dev c0",
+            "ip -6 addr add fd31:1::2/64 dev c0 nodad",
+            "ip route add default via 172.31.1.1",
+            "ip -6 route add default via fd31:1::1",
+            "ethtool -K c0 tx off gro on",
+        ]);
+        server.exec_lines(&[
+            "ip link set s0 up",
+            "ip addr add 172.31.2.2/24 dev s0",
+            "ip -6 addr add fd31:2::2/64 dev s0 nodad",
+            "ip route add default via 172.31.2.1",
+            "ip -6 route add default via fd31:2::1",
+            "ethtool -K s0 tx off gro on",
+        ]);
+        node.exec_lines(&["ethtool -K n0 tx off", "ethtool -K n1 tx off"]);
         Self { client, node, server }
     }
 

@@ -13,7 +13,7 @@ fn pair() -> (NetNs, NetNs, String) {
     let rx = NetNs::new("xlbpr");
     tx.exec(&["ip", "link", "add", "g0", "type", "veth", "peer", "name", "r0", "netns", &rx.name]);
     tx.exec(&["ip", "link", "set", "g0", "up"]);
-    for c in [
+    rx.exec_lines(&[
         "ip link set r0 up",
         "ip addr add 10.1.0.2/24 dev r0",
         "sysctl -qw net.ipv4.conf.all.rp_filter=0",
@@ -22,13 +22,8 @@ fn pair() -> (NetNs, NetNs, String) {
         "ip route add default dev r0",
         // A veth without GRO or an XDP program drops XDP-redirected frames.
         "ethtool -K r0 gro on",
-    ] {
-        rx.exec(&c.split(' ').collect::<Vec<_>>());
-    }
-    let mac = {
-        let _in = rx.enter();
-        bpf_tests::mac_str(&xlb::pktgen::mac_of("r0").unwrap())
-    };
+    ]);
+    let mac = rx.mac("r0");
     (tx, rx, mac)
 }
 

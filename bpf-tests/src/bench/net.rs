@@ -37,19 +37,12 @@ pub struct Net {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
     pub sent: Sent,
-    /// Frames that reached the backend; those of them DNATed to it (port
-    /// 8080), and those still addressed to the service port (80).
-    pub arrived: u64,
+    /// Frames that reached the backend DNATed to it (port 8080), and those
+    /// still addressed to the service port (80).
     pub dnated: u64,
     pub undnated: u64,
     /// Softirq CPU time (all CPUs) during the run, in ns.
     pub softirq_ns: u64,
-}
-
-fn run(ns: &NetNs, cmds: &[&str]) {
-    for c in cmds {
-        ns.exec(&c.split(' ').collect::<Vec<_>>());
-    }
 }
 
 impl Net {
@@ -61,37 +54,35 @@ impl Net {
             node.exec(&["ip", "link", "add", ours, "type", "veth", "peer", "name", peer]);
             node.exec(&["ip", "link", "set", peer, "netns", &ns.name]);
         }
-        run(&gen_ns, &["ip link set g0 up", "ip addr add 10.99.0.2/24 dev g0", "ip route add default via 10.99.0.1"]);
-        run(
-            &backend,
-            &[
-                "ip link set b0 up",
-                "ip addr add 10.98.0.2/24 dev b0",
-                "ip addr add 10.98.0.3/24 dev b0",
-                "ip route add default via 10.98.0.1",
-            ],
-        );
-        let b0_mac = mac_in(&backend, "b0");
-        run(
-            &node,
-            &[
-                "ip link set n0 up",
-                "ip link set n1 up",
-                "ip addr add 10.99.0.1/24 dev n0",
-                "ip addr add 10.98.0.1/24 dev n1",
-                "sysctl -qw net.ipv4.conf.all.forwarding=1",
-                "sysctl -qw net.ipv4.conf.all.rp_filter=0",
-                "sysctl -qw net.ipv4.conf.default.rp_filter=0",
-                "sysctl -qw net.ipv4.conf.n0.rp_filter=0",
-                // Replies and the generator's source range go back to the generator.
-                "ip route add 10.200.0.0/14 via 10.99.0.2 dev n0",
-                // What the XDP forwarder (no DNAT) routes the load-balancer IPs to.
-                "ip route add 198.18.0.0/15 via 10.98.0.2 dev n1",
-                // Without GRO (or an XDP program) a veth drops XDP-redirected frames.
-                "ethtool -K n0 gro on",
-                "ethtool -K n1 gro on",
-            ],
-        );
+        gen_ns.exec_lines(&[
+            "ip link set g0 up",
+            "ip addr add 10.99.0.2/24 dev g0",
+            "ip route add default via 10.99.0.1",
+        ]);
+        backend.exec_lines(&[
+            "ip link set b0 up",
+            "ip addr add 10.98.0.2/24 dev b0",
+            "ip addr add 10.98.0.3/24 dev b0",
+            "ip route add default via 10.98.0.1",
+        ]);
+        let b0_mac = backend.mac("b0");
+        node.exec_lines(&[
+            "ip link set n0 up",
+            "ip link set n1 up",
+            "ip addr add 10.99.0.1/24 dev n0",
+            "ip addr add 10.98.0.1/24 dev n1",
+            "sysctl -qw net.ipv4.conf.all.forwarding=1",
+            "sysctl -qw net.ipv4.conf.all.rp_filter=0",
+            "sysctl -qw net.ipv4.conf.default.rp_filter=0",
+            "sysctl -qw net.ipv4.conf.n0.rp_filter=0",
+            // Replies and the generator's source range go back to the generator.
+            "ip route add 10.200.0.0/14 via 10.99.0.2 dev n0",
+            // What the XDP forwarder (no DNAT) routes the load-balancer IPs to.
+            "ip route add 198.18.0.0/15 via 10.98.0.2 dev n1",
+            // Without GRO (or an XDP program) a veth drops XDP-redirected frames.
+            "ethtool -K n0 gro on",
+            "ethtool -K n1 gro on",
+        ]);
         for a in BACKENDS {
             node.exec(&["ip", "neigh", "replace", &a.to_string(), "lladdr", &b0_mac, "nud", "permanent", "dev", "n1"]);
         }
@@ -110,7 +101,7 @@ impl Net {
 
     /// n0's MAC, the generator's next hop.
     pub fn n0_mac(&self) -> [u8; 6] {
-        xlb::cli::parse_mac(&mac_in(&self.node, "n0")).unwrap()
+        xlb::cli::parse_mac(&self.node.mac("n0")).unwrap()
     }
 
     /// Prepares the generator for traffic to `dst`:80 over `flows` flows.
@@ -130,10 +121,11 @@ impl Net {
         Ok(())
     }
 
-    fn sink_counts(&self) -> [u64; 3] {
+    /// Sink counters 1 and 2: DNATed, and still addressed to the service port.
+    fn sink_counts(&self) -> [u64; 2] {
         let m: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.sink.map("SINK").unwrap()).unwrap();
         let sum = |i| m.get(&i, 0).map(|v| v.iter().map(|c| c.packets).sum::<u64>()).unwrap_or(0);
-        [sum(0), sum(1), sum(2)]
+        [sum(1), sum(2)]
     }
 
     /// Sends for `secs` from one generator thread (pinned to the last CPU)
@@ -150,13 +142,7 @@ impl Net {
         };
         let cpu1 = softirq_ns();
         let c1 = self.sink_counts();
-        Ok(Sample {
-            sent,
-            arrived: c1[0] - c0[0],
-            dnated: c1[1] - c0[1],
-            undnated: c1[2] - c0[2],
-            softirq_ns: cpu1.saturating_sub(cpu0),
-        })
+        Ok(Sample { sent, dnated: c1[0] - c0[0], undnated: c1[1] - c0[1], softirq_ns: cpu1.saturating_sub(cpu0) })
     }
 }
 
@@ -168,11 +154,6 @@ impl Default for Net {
 
 fn last_cpu() -> usize {
     std::thread::available_parallelism().map(|n| n.get() - 1).unwrap_or(0)
-}
-
-fn mac_in(ns: &NetNs, dev: &str) -> String {
-    let _in = ns.enter();
-    crate::mac_str(&pktgen::mac_of(dev).expect("interface MAC"))
 }
 
 /// Softirq time of all CPUs so far (/proc/stat, USER_HZ ticks), in ns.
