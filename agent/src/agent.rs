@@ -47,6 +47,7 @@ pub struct Settings {
     pub snat_v4: Option<IpAddr>,
     pub snat_v6: Option<IpAddr>,
     pub snat_ports: (u16, u16),
+    pub reply_rate: u32,
     pub http_address: Option<SocketAddr>,
 }
 
@@ -159,6 +160,8 @@ fn config(s: &Settings, node: &NodeInfo) -> Config {
         snat_port_min: s.snat_ports.0,
         snat_port_max: s.snat_ports.1,
         flags: 0,
+        reply_rate: s.reply_rate,
+        _pad: 0,
     }
 }
 

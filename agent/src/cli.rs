@@ -219,6 +219,11 @@ pub struct AgentArgs {
     /// Source ports for SNAT (keep them out of net.ipv4.ip_local_port_range).
     #[arg(long, env = "XLB_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = agent::port_range)]
     pub snat_port_range: (u16, u16),
+    /// Rejects (TCP RST, ICMP port unreachable) and packet-too-big answers
+    /// each CPU may send per second (a token bucket with a burst of as many).
+    #[arg(long, env = "XLB_REPLY_RATE", default_value_t = datapath_common::REPLY_RATE_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub reply_rate: u32,
     /// Frontends (SERVICES entries and frontend ids).
     #[arg(long, env = "XLB_MAX_SERVICES", default_value_t = MapSizes::default().services)]
     pub max_services: u32,
@@ -301,6 +306,7 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         snat_v4: a.snat_ipv4,
         snat_v6: a.snat_ipv6,
         snat_ports: a.snat_port_range,
+        reply_rate: a.reply_rate,
         http_address,
     })
 }

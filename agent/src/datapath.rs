@@ -164,6 +164,20 @@ fn open_pin(dir: &Path, name: &'static str) -> Result<MapData> {
     Ok(data)
 }
 
+/// True for a pinned map that a new datapath may replace when its layout
+/// changed: CONFIG (the agent writes it whole at start) and VERDICTS
+/// (counters; a newer datapath may count more reasons). Flow and service
+/// state is never replaced.
+fn replaceable(dir: &Path, name: &'static str) -> bool {
+    let stale = |data: MapData| {
+        let Ok(info) = data.info() else { return false };
+        let (_, k, v) = LAYOUT.iter().find(|(n, ..)| *n == name).copied().unwrap_or_default();
+        (info.key_size(), info.value_size()) != (k as u32, v as u32)
+            || (name == maps::VERDICTS && info.max_entries() < verdict::COUNT)
+    };
+    matches!(name, maps::CONFIG | maps::VERDICTS) && MapData::from_pin(dir.join(name)).map(stale).unwrap_or(false)
+}
+
 fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(data: MapData, name: &'static str) -> Result<T> {
     T::try_from(aya::maps::Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
 }
@@ -500,6 +514,13 @@ impl Datapath {
         if let Some(dir) = pin_dir {
             for name in maps::PINNED {
                 let path = dir.join(name);
+                if path.exists() && replaceable(dir, name) {
+                    tracing::info!(
+                        map = name,
+                        "pinned map from an older datapath; replacing it (it holds no flow state)"
+                    );
+                    let _ = std::fs::remove_file(&path);
+                }
                 if path.exists() {
                     let max = open_pin(dir, name)?.info().map_err(map_err(name))?.max_entries();
                     match name {

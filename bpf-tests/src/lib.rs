@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cluster;
+pub mod fixtures;
 pub mod packet;
 pub mod topo;
 
@@ -265,7 +266,13 @@ impl Lb {
     }
 
     pub fn config_snat(&mut self, v4: &str, v6: &str, min: u16, max: u16) {
-        let cfg = Config { snat_v4: addr16(v4), snat_v6: addr16(v6), snat_port_min: min, snat_port_max: max, flags: 0 };
+        let cfg = Config {
+            snat_v4: addr16(v4),
+            snat_v6: addr16(v6),
+            snat_port_min: min,
+            snat_port_max: max,
+            ..Config::default()
+        };
         self.dp.set_config(&cfg).expect("set config");
     }
 }

@@ -172,6 +172,41 @@ impl Pkt {
     }
 }
 
+/// An ICMP error (IPv4) or ICMPv6 error (IPv6) from `src` to `dst`, as a
+/// router or host sends it: type, code and the 4 bytes after the checksum
+/// (unused, or the next-hop MTU / MTU), quoting the first `quote` bytes of
+/// `offending`'s IP packet (its Ethernet header left off).
+pub fn icmp_error(src: &str, dst: &str, ty: u8, code: u8, rest: [u8; 4], offending: &[u8], quote: usize) -> Vec<u8> {
+    let l3 = if u16::from_be_bytes([offending[12], offending[13]]) == 0x8100 { 18 } else { 14 };
+    let quoted = &offending[l3..(l3 + quote).min(offending.len())];
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC);
+    let mut out = Vec::new();
+    match (ip(src), ip(dst)) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            eth.ipv4(s.octets(), d.octets(), 64).icmpv4_raw(ty, code, rest).write(&mut out, quoted).unwrap()
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            eth.ipv6(s.octets(), d.octets(), 64).icmpv6_raw(ty, code, rest).write(&mut out, quoted).unwrap()
+        }
+        _ => panic!("mixed address families"),
+    }
+    out
+}
+
+/// Sets the MACs of a built frame (source, destination) and decrements its
+/// TTL / hop limit, as a router forwards it.
+pub fn routed(mut frame: Vec<u8>, smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    frame[..6].copy_from_slice(&dmac);
+    frame[6..12].copy_from_slice(&smac);
+    if frame[14] >> 4 == 4 {
+        frame[14 + 8] -= 1;
+        fix_ipv4_checksum(&mut frame, 14);
+    } else {
+        frame[14 + 7] -= 1;
+    }
+    frame
+}
+
 /// Inserts `n` bytes of NOP options (plus EOL) after the IPv4 header.
 pub fn insert_ipv4_options(frame: &mut Vec<u8>, l3: usize, n: usize) {
     assert!(n.is_multiple_of(4) && n <= 40);

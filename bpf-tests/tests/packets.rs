@@ -6,129 +6,16 @@
 //! verified independently.
 
 use bpf_tests::{
-    FibEnv, Lb, NEIGH_MAC, OUT_MAC, Prog, Verdict, addr16,
+    NEIGH_MAC, OUT_MAC, Prog, Verdict, addr16,
+    fixtures::*,
     packet::{ACK, CLIENT_MAC, FIN, L4, NODE_MAC, PSH, Pkt, RST, SYN, fix_ipv4_checksum, verify_checksums},
     svc_key,
 };
 use datapath_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CFG_F_KEEP_TTL, CT_F_REPLY,
-    CT_F_SNAT, Config, CtKey, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ct,
+    CT_F_SNAT, Config, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SVC_F_AFFINITY,
+    SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, ct,
 };
-use xlb::{ServiceSpec, select};
-
-const VIP4: &str = "10.96.0.10";
-const VIP6: &str = "fd00:96::10";
-const CLIENT4: &str = "192.0.2.100";
-const CLIENT6: &str = "2001:db8::100";
-const NODE4: &str = "192.0.2.1";
-const NODE6: &str = "2001:db8::1";
-/// IPv4 backends 1..=4 are 10.0.1.11..14, IPv6 backends 11..=14 are fd00::11..14.
-const NEIGHBOURS: &[&str] = &[
-    "10.0.1.11",
-    "10.0.1.12",
-    "10.0.1.13",
-    "10.0.1.14",
-    "fd00::11",
-    "fd00::12",
-    "fd00::13",
-    "fd00::14",
-    CLIENT4,
-    CLIENT6,
-];
-
-fn family(v6: bool) -> (&'static str, &'static str) {
-    if v6 { (VIP6, CLIENT6) } else { (VIP4, CLIENT4) }
-}
-
-fn backend_addr(id: u32) -> String {
-    if id >= 11 { format!("fd00::{id}") } else { format!("10.0.1.{}", 10 + id) }
-}
-
-fn scope(prog: Prog) -> u8 {
-    match prog {
-        Prog::Xdp => SCOPE_EXTERNAL,
-        Prog::TcIngress | Prog::TcEgress => SCOPE_INTERNAL,
-    }
-}
-
-struct World {
-    env: FibEnv,
-    lb: Lb,
-}
-
-/// Backends 1-4 (IPv4) and 11-14 (IPv6) on port 8080, all active; no SNAT
-/// address configured (so XDP flows keep the client address).
-fn world() -> World {
-    let env = FibEnv::new(NEIGHBOURS);
-    let mut lb = Lb::new();
-    for id in 1..=4 {
-        lb.backend(id, &backend_addr(id), 8080, BACKEND_ACTIVE, 0);
-    }
-    for id in 11..=14 {
-        lb.backend(id, &backend_addr(id), 8080, BACKEND_ACTIVE, 0);
-    }
-    World { env, lb }
-}
-
-fn spec(id: u32, scheduler: u8, flags: u8, backends: &[u32]) -> ServiceSpec {
-    ServiceSpec { id, scheduler, flags, affinity_timeout_s: 10800, backends: backends.to_vec(), maglev_size: None }
-}
-
-fn backends(v6: bool) -> Vec<u32> {
-    if v6 { vec![11, 12] } else { vec![1, 2] }
-}
-
-/// Programs the VIP:80 service (TCP and UDP) for `prog`'s scope; returns its key.
-fn vip_service(w: &mut World, prog: Prog, v6: bool, sched: u8, flags: u8, list: &[u32]) -> ServiceKey {
-    let (vip, _) = family(v6);
-    let id = if v6 { 20 } else { 10 };
-    for (i, proto) in [PROTO_TCP, PROTO_UDP].into_iter().enumerate() {
-        let k = svc_key(vip, 80, proto, scope(prog));
-        w.lb.dp.set_service(k, &spec(id + i as u32, sched, flags, list)).expect("set service");
-    }
-    svc_key(vip, 80, PROTO_TCP, scope(prog))
-}
-
-/// Which backend the host mirror says a new flow gets.
-fn expected_backend(w: &World, key: &ServiceKey, p: &Pkt) -> u32 {
-    let svc = w.lb.dp.service(key).expect("service programmed");
-    let slots = w.lb.dp.region_slots(&svc).unwrap();
-    let proto = match p.l4 {
-        L4::Tcp { .. } => PROTO_TCP,
-        L4::Udp => PROTO_UDP,
-    };
-    match select::pick(&svc, &slots, &addr16(&p.src.to_string()), p.sport.to_be(), p.dport.to_be(), proto, 0) {
-        select::Pick::Maglev { backend, .. } | select::Pick::List { backend, .. } => backend,
-        select::Pick::Reject => panic!("no backend"),
-    }
-}
-
-/// The packet as the datapath must emit it after DNAT to `backend` and FIB
-/// redirect (routed: TTL / hop limit one less).
-fn dnatted(p: &Pkt, backend: u32) -> Vec<u8> {
-    p.clone().dst(&backend_addr(backend), 8080).macs(OUT_MAC, NEIGH_MAC).hop().build()
-}
-
-/// The CONNTRACK key of a TCP packet src:sport → dst:dport.
-fn tcp_key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
-    CtKey {
-        src: addr16(src),
-        dst: addr16(dst),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    }
-}
-
-fn both_families_both_hooks(f: impl Fn(Prog, bool)) {
-    for prog in Prog::ALL {
-        for v6 in [false, true] {
-            f(prog, v6);
-        }
-    }
-}
 
 #[test]
 fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {

@@ -186,7 +186,11 @@ pub struct CtEntry {
     /// `ct::REFRESH_NS` old; route and neighbour changes apply within that.
     pub fib_ifindex: u32,
     pub fib_macs: [u8; 12],
-    pub _pad: u32,
+    /// With the cached FIB result: a packet length (IP header and payload,
+    /// host order) known to fit the egress route's MTU. A longer packet
+    /// takes a fresh lookup, which checks the MTU.
+    pub fib_mtu: u16,
+    pub _pad: u16,
 }
 
 /// AFFINITY (LRU hash): {client address, frontend id} → [`AffinityValue`], for
@@ -266,7 +270,15 @@ pub struct Config {
     pub snat_port_max: u16,
     /// `CFG_F_*`.
     pub flags: u32,
+    /// Rejects (RST, ICMP unreachable) and packet-too-big answers each CPU
+    /// may send per second, with a burst of as many; 0 means the default,
+    /// [`REPLY_RATE_DEFAULT`].
+    pub reply_rate: u32,
+    pub _pad: u32,
 }
+
+/// [`Config::reply_rate`] when the agent sets none: 1,000 per second per CPU.
+pub const REPLY_RATE_DEFAULT: u32 = 1000;
 
 /// [`Config::flags`]: forward without decrementing TTL / hop limit (a
 /// transparent NAT rather than a router hop). Off by default; the
@@ -274,7 +286,7 @@ pub struct Config {
 pub const CFG_F_KEEP_TTL: u32 = 1 << 0;
 
 /// VERDICTS (per-CPU array): reason → packets. Every packet a program sees is
-/// counted under exactly one of the reasons 0..=10; `FIB_PASS` comes on top.
+/// counted under exactly one reason; `FIB_PASS` comes on top.
 pub mod verdict {
     /// Not for a service and not a tracked reply: passed unchanged.
     pub const PASS: u32 = 0;
@@ -302,8 +314,25 @@ pub mod verdict {
     /// Counted *in addition* to the packet's reason: rewritten, but the FIB had
     /// no usable route or neighbour, so the kernel routes it (XDP_PASS / TC_ACT_OK).
     pub const FIB_PASS: u32 = 11;
+    /// An ICMP / ICMPv6 error quoting a tracked flow, translated to follow
+    /// it (outer destination, inner addresses and ports, every checksum).
+    pub const ICMP_ERROR_NAT: u32 = 12;
+    /// An ICMP / ICMPv6 error quoting no tracked flow: passed unchanged.
+    pub const ICMP_ERROR_PASS: u32 = 13;
+    /// IPv6 with a header xlb must not rewrite behind (a Routing header with
+    /// segments left, AH, ESP): passed unchanged.
+    pub const EXT_HEADER_PASS: u32 = 14;
+    /// Too big for the egress MTU with DF set (or IPv6): answered with ICMP
+    /// fragmentation needed / packet too big, before any rewrite.
+    pub const FRAG_NEEDED: u32 = 15;
+    /// A reject or packet-too-big answer not sent (the per-CPU rate limit):
+    /// the packet was dropped.
+    pub const REPLY_LIMITED: u32 = 16;
+    /// Counted *in addition* to the packet's reason: too big for the egress
+    /// MTU without DF, so it went to the kernel to be fragmented.
+    pub const MTU_PASS: u32 = 17;
     /// Number of reasons (size of VERDICTS).
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 18;
     /// Names in index order, for `xlb dump stats` and the tests.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -318,6 +347,12 @@ pub mod verdict {
         "source_range_drop",
         "rewrite_failed",
         "fib_pass",
+        "icmp_error_nat",
+        "icmp_error_pass",
+        "ext_header_pass",
+        "frag_needed",
+        "reply_limited",
+        "mtu_pass",
     ];
 }
 
@@ -365,7 +400,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SourceRangeKey>() == 20);
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Config>() == 48);
     assert!(core::mem::size_of::<FrontendInfo>() == 124);
     assert!(core::mem::size_of::<PktgenConfig>() == 104);
 };

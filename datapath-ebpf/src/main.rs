@@ -5,6 +5,7 @@
 #![no_main]
 
 mod hook;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;

@@ -9,9 +9,21 @@
 //! Fragments: a first fragment (offset 0) carries the L4 header and is
 //! balanced by its ports like any packet of its flow. Later fragments carry no
 //! ports; they are passed to the kernel unchanged and counted as `fragment`.
+//!
+//! ICMP / ICMPv6 errors (`IcmpError`) get their outer header parsed here; the
+//! quoted packet inside is `icmp.rs`'s business. IPv6 packets with a header
+//! that a rewrite behind it would break (a Routing header with segments left:
+//! the destination is not final; AH: its ICV covers the addresses; ESP: the
+//! ports are encrypted) are `ExtHeader`, passed untouched.
 
 use crate::{hook::Hook, nat::load_word};
 use datapath_common::{PROTO_TCP, PROTO_UDP};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+const PROTO_AH: u8 = 51;
+const PROTO_ESP: u8 = 50;
+const PROTO_ROUTING: u8 = 43;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -53,6 +65,12 @@ pub enum Parsed {
     Fragment,
     /// A TCP/UDP packet; the `Flow` was filled in.
     Flow,
+    /// An ICMP error (v4 types 3, 11, 12) or ICMPv6 error (types 1-4): the
+    /// `Flow`'s addresses, offsets and lengths describe the outer packet,
+    /// `l4` is the ICMP header, `proto` the ICMP protocol; no ports.
+    IcmpError,
+    /// IPv6 behind a Routing header with segments left, AH or ESP.
+    ExtHeader,
 }
 
 /// A `T` at `off` in the packet (one typed load; see `nat::load_word`).
@@ -151,7 +169,7 @@ fn parse_v4(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
     if ihl < 20 || total < ihl || l3 + total > pkt_len || h + ihl > hook.data_end() {
         return Parsed::Malformed;
     }
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Parsed::Other;
     }
     if frag & 0x1fff != 0 {
@@ -165,7 +183,25 @@ fn parse_v4(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
     f.proto = proto;
     f.ihl = ihl;
     f.l4_len = total - ihl;
+    if proto == PROTO_ICMP {
+        return icmp(hook, f, |t| t == 3 || t == 11 || t == 12);
+    }
     l4(hook, f)
+}
+
+/// An ICMP message: an error of a kind `is_error` accepts, or `Other`.
+#[inline(always)]
+fn icmp(hook: &impl Hook, f: &mut Flow, is_error: impl Fn(u8) -> bool) -> Parsed {
+    f.sport = 0;
+    f.dport = 0;
+    f.tcp_flags = 0;
+    // Type and code together: a 1-byte bounds check compiles to a compare the
+    // verifier cannot use.
+    match load::<[u8; 2]>(hook, f.l4) {
+        Some([t, _]) if is_error(t) => Parsed::IcmpError,
+        Some(_) => Parsed::Other,
+        None => Parsed::Malformed,
+    }
 }
 
 #[inline(always)]
@@ -188,23 +224,20 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
     let end = l3 + 40 + payload;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
-            PROTO_TCP | PROTO_UDP => break,
+            PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => break,
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
-            0 | 43 | 60 => {
-                let Some(e) = load::<[u8; 2]>(hook, off) else {
+            0 | PROTO_ROUTING | 60 => {
+                let Some(e) = load::<[u8; 4]>(hook, off) else {
                     return Parsed::Malformed;
                 };
+                if next == PROTO_ROUTING && e[3] != 0 {
+                    // Segments left: the destination address is not the final one.
+                    return Parsed::ExtHeader;
+                }
                 next = e[0];
                 off += (e[1] as usize + 1) * 8;
             }
-            // Authentication header: (len + 2) * 4 bytes.
-            51 => {
-                let Some(e) = load::<[u8; 2]>(hook, off) else {
-                    return Parsed::Malformed;
-                };
-                next = e[0];
-                off += (e[1] as usize + 2) * 4;
-            }
+            PROTO_AH | PROTO_ESP => return Parsed::ExtHeader,
             // Fragment header: 8 bytes; offset in the top 13 bits of bytes 2-3.
             44 => {
                 let Some(e) = load::<u32>(hook, off) else {
@@ -223,10 +256,11 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
             return Parsed::Malformed;
         }
     }
-    if next != PROTO_TCP && next != PROTO_UDP {
+    if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
         // Still inside an extension chain after the limit: a bogus or hostile chain.
         return match next {
-            0 | 43 | 60 | 51 | 44 => Parsed::Malformed,
+            0 | PROTO_ROUTING | 60 | 44 => Parsed::Malformed,
+            PROTO_AH | PROTO_ESP => Parsed::ExtHeader,
             _ => Parsed::Other,
         };
     }
@@ -238,6 +272,9 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
     f.proto = next;
     f.ihl = 0;
     f.l4_len = end - off;
+    if next == PROTO_ICMPV6 {
+        return icmp(hook, f, |t| (1..=4).contains(&t));
+    }
     l4(hook, f)
 }
 
@@ -263,8 +300,14 @@ fn l4(hook: &impl Hook, f: &mut Flow) -> Parsed {
             return Parsed::Malformed;
         }
         // SAFETY: the 8-byte UDP header was bounds-checked above.
-        let (p, ulen) = unsafe { (load_word::<u32>(h), u16::from_be(load_word::<u16>(h + 4)) as usize) };
+        let (p, ulen, sum) =
+            unsafe { (load_word::<u32>(h), u16::from_be(load_word::<u16>(h + 4)) as usize, load_word::<u16>(h + 6)) };
         if ulen < 8 || ulen > f.l4_len {
+            return Parsed::Malformed;
+        }
+        if f.v6 && sum == 0 {
+            // No checksum is not allowed over IPv6 (RFC 8200 §8.1): the
+            // receiver drops it, so it is not ours to forward.
             return Parsed::Malformed;
         }
         ports = p;

@@ -4,6 +4,7 @@
 
 use crate::{
     hook::{Action, Hook},
+    icmp,
     maps::{
         AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REV_NAT, RR_CURSOR, SCRATCH, SERVICE_STATS, SERVICES,
         SLOTS, SOURCE_RANGES, count, count_verdict,
@@ -57,6 +58,8 @@ pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
         Parsed::Other => return done(verdict::PASS, Action::Pass),
         Parsed::Malformed => return done(verdict::MALFORMED, Action::Pass),
         Parsed::Fragment => return done(verdict::FRAGMENT, Action::Pass),
+        Parsed::ExtHeader => return done(verdict::EXT_HEADER_PASS, Action::Pass),
+        Parsed::IcmpError => return icmp::error(hook, flow),
     }
     // Bytes for the counters from the parsed lengths: no helper call.
     let len = (flow.l4 + flow.l4_len) as u32;
@@ -104,43 +107,56 @@ fn ct_key(flow: &Flow) -> CtKey {
 /// tracked flow".
 #[inline(never)]
 fn conntrack(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target) -> Step {
-    let Some(e) = CONNTRACK.get_ptr_mut(&ct_key(flow)) else {
+    let key = ct_key(flow);
+    let Some(e) = CONNTRACK.get_ptr_mut(&key) else {
         return Step::Pass(verdict::PASS);
     };
     // SAFETY: a live map value; concurrent updates race benignly (last writer wins).
     let e = unsafe { &mut *e };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let reply = e.flags & CT_F_REPLY != 0;
+    let stale = if reply {
+        ct::expired(e.state, e.last_seen_ns, now)
+    } else {
+        ct::starts_new_flow(flow.proto, e.state, e.last_seen_ns, now, flow.tcp_flags)
+    };
+    if stale || !target(e, &key, t) {
+        return Step::Pass(verdict::PASS);
+    }
+    refresh(e, flow, reply, now);
+    if !reply {
+        count(&SERVICE_STATS, e.rev_nat_id, len);
+        count(&BACKEND_STATS, e.backend_id, len);
+    }
+    Step::Done(nat_cached(hook, flow, t, e))
+}
+
+/// The translation conntrack entry `e` gives a packet with tuple `k`: a reply
+/// entry comes from the frontend (to the original client if the flow was
+/// SNATed), a forward entry goes to its backend (from the SNAT source if
+/// SNATed). False when the entry no longer has a frontend or a backend (a
+/// deleted backend: the flow is balanced again).
+#[inline(always)]
+pub fn target(e: &CtEntry, k: &CtKey, t: &mut Target) -> bool {
+    let snat = e.flags & CT_F_SNAT != 0;
     if e.flags & CT_F_REPLY != 0 {
-        if ct::expired(e.state, e.last_seen_ns, now) {
-            return Step::Pass(verdict::PASS);
-        }
         let Some(rev) = REV_NAT.get(e.rev_nat_id) else {
-            return Step::Pass(verdict::PASS);
+            return false;
         };
-        refresh(e, flow, true, now);
         t.src = rev.addr;
         t.sport = rev.port;
-        (t.dst, t.dport) = if e.flags & CT_F_SNAT != 0 { (e.nat_addr, e.nat_port) } else { (flow.dst, flow.dport) };
-        return Step::Done(nat_cached(hook, flow, t, e));
+        (t.dst, t.dport) = if snat { (e.nat_addr, e.nat_port) } else { (k.dst, k.dport) };
+        return true;
     }
-    if ct::starts_new_flow(flow.proto, e.state, e.last_seen_ns, now, flow.tcp_flags) {
-        return Step::Pass(verdict::PASS);
-    }
-    let Some(b) = BACKENDS.get(e.backend_id) else {
-        return Step::Pass(verdict::PASS);
+    let b = match BACKENDS.get(e.backend_id) {
+        Some(b) if b.state != BACKEND_EMPTY => b,
+        _ => return false,
     };
-    if b.state == BACKEND_EMPTY {
-        // The backend was deleted (not just terminating): pick a new one.
-        return Step::Pass(verdict::PASS);
-    }
-    refresh(e, flow, false, now);
-    count(&SERVICE_STATS, e.rev_nat_id, len);
-    count(&BACKEND_STATS, e.backend_id, len);
-    (t.src, t.sport) = if e.flags & CT_F_SNAT != 0 { (e.nat_addr, e.nat_port) } else { (flow.src, flow.sport) };
+    (t.src, t.sport) = if snat { (e.nat_addr, e.nat_port) } else { (k.src, k.sport) };
     t.dst = b.addr;
     t.dport = b.port;
-    Step::Done(nat_cached(hook, flow, t, e))
+    true
 }
 
 /// Rewrites and forwards a tracked packet, by the entry's cached FIB result
