@@ -232,10 +232,19 @@ pub fn fix_ipv4_checksum(frame: &mut [u8], l3: usize) {
 
 /// Inserts an 8-byte hop-by-hop header (PadN) after the IPv6 header.
 pub fn insert_hop_by_hop(frame: &mut Vec<u8>, l3: usize) {
+    insert_ipv6_ext(frame, l3, 0, &[0, 1, 4, 0, 0, 0, 0]);
+}
+
+/// Inserts an IPv6 extension header of protocol `proto` right after the
+/// IPv6 header: its next-header byte, then `rest` (its other bytes).
+pub fn insert_ipv6_ext(frame: &mut Vec<u8>, l3: usize, proto: u8, rest: &[u8]) {
     let next = frame[l3 + 6];
-    frame.splice(l3 + 40..l3 + 40, [next, 0, 1, 4, 0, 0, 0, 0]);
-    frame[l3 + 6] = 0;
-    let plen = u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]]) + 8;
+    let mut h = vec![next];
+    h.extend_from_slice(rest);
+    let n = h.len() as u16;
+    frame.splice(l3 + 40..l3 + 40, h);
+    frame[l3 + 6] = proto;
+    let plen = u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]]) + n;
     frame[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
 }
 

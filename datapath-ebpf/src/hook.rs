@@ -17,6 +17,10 @@ use aya_ebpf::{
 };
 use datapath_common::csum;
 
+/// `bpf_l4_csum_replace`: the checksum belongs to an IPv6 packet (uapi
+/// `BPF_F_IPV6`, not in aya's bindings yet).
+const BPF_F_IPV6: u64 = 1 << 7;
+
 /// A pipeline outcome, turned into the hook's own return code by [`Hook::verdict`].
 #[derive(Clone, Copy)]
 pub enum Action {
@@ -40,7 +44,9 @@ pub trait Hook {
     fn pull(&mut self, want: u32);
     /// Adds `diff` (see `csum`) to the L4 checksum at `off`: `addr` is the
     /// pseudo-header part (addresses), `ports` the part inside the L4 header.
-    fn l4_csum(&mut self, off: usize, addr: u32, ports: u32, udp_v4: bool) -> Result<(), ()>;
+    /// For UDP a result of zero is sent as 0xffff (zero means "no checksum",
+    /// which stays zero over IPv4; over IPv6 `parse` refuses it).
+    fn l4_csum(&mut self, off: usize, addr: u32, ports: u32, udp: bool, v6: bool) -> Result<(), ()>;
     /// Grows the packet by `delta` bytes at the front.
     fn grow_head(&mut self, delta: u32) -> Result<(), ()>;
     /// Cuts the packet to `new_len` bytes.
@@ -71,7 +77,7 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn pull(&mut self, _want: u32) {}
     #[inline(always)]
-    fn l4_csum(&mut self, off: usize, addr: u32, ports: u32, udp_v4: bool) -> Result<(), ()> {
+    fn l4_csum(&mut self, off: usize, addr: u32, ports: u32, udp: bool, _v6: bool) -> Result<(), ()> {
         let p = self.data() + off;
         if p + 2 > self.data_end() {
             return Err(());
@@ -81,7 +87,7 @@ impl Hook for XdpContext {
         unsafe {
             let old = p.read_unaligned();
             let diff = csum::add(addr, ports);
-            let new = if udp_v4 { csum::apply_udp(old, diff) } else { csum::apply(old, diff) };
+            let new = if udp { csum::apply_udp(old, diff) } else { csum::apply(old, diff) };
             p.write_unaligned(new);
         }
         Ok(())
@@ -164,16 +170,22 @@ impl<const EGRESS: bool> Hook for Tc<EGRESS> {
         }
     }
     #[inline(always)]
-    fn l4_csum(&mut self, off: usize, addr: u32, ports: u32, udp_v4: bool) -> Result<(), ()> {
-        let mangled = if udp_v4 { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    fn l4_csum(&mut self, off: usize, addr: u32, ports: u32, udp: bool, v6: bool) -> Result<(), ()> {
+        let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         let skb = self.0.skb.skb;
         // Size 0 in the flags: `to` is a precomputed diff. The address part is a
         // pseudo-header change (also applied to CHECKSUM_PARTIAL skbs), the port part is not.
         // SAFETY: plain helper calls; the kernel bounds-checks `off`.
         unsafe {
-            if addr != 0 && bpf_l4_csum_replace(skb, off as u32, 0, addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled) != 0
-            {
-                return Err(());
+            if addr != 0 {
+                let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
+                // BPF_F_IPV6: over IPv6 the pseudo-header change is no change of
+                // the packet's sum, so a CHECKSUM_COMPLETE skb's csum must stay
+                // as it is. A kernel without the flag refuses it: then without.
+                let done = v6 && bpf_l4_csum_replace(skb, off as u32, 0, addr as u64, pseudo | BPF_F_IPV6) == 0;
+                if !done && bpf_l4_csum_replace(skb, off as u32, 0, addr as u64, pseudo) != 0 {
+                    return Err(());
+                }
             }
             if ports != 0 && bpf_l4_csum_replace(skb, off as u32, 0, ports as u64, mangled) != 0 {
                 return Err(());

@@ -104,8 +104,7 @@ pub fn rewrite(hook: &mut impl Hook, flow: &Flow, t: &Target) -> Result<(), ()> 
         store_word(ports, new_ports);
         csum::add(!old, new_ports)
     };
-    let udp_v4 = flow.proto == PROTO_UDP && !flow.v6;
-    hook.l4_csum(csum_off, addr_diff, port_diff, udp_v4)
+    hook.l4_csum(csum_off, addr_diff, port_diff, flow.proto == PROTO_UDP, flow.v6)
 }
 
 const AF_INET: u8 = 2;
