@@ -195,15 +195,28 @@ pub fn icmp_error(src: &str, dst: &str, ty: u8, code: u8, rest: [u8; 4], offendi
 
 /// Sets the MACs of a built frame (source, destination) and decrements its
 /// TTL / hop limit, as a router forwards it.
-pub fn routed(mut frame: Vec<u8>, smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
-    frame[..6].copy_from_slice(&dmac);
-    frame[6..12].copy_from_slice(&smac);
+pub fn routed(frame: Vec<u8>, smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    let mut frame = with_macs(frame, smac, dmac);
     if frame[14] >> 4 == 4 {
         frame[14 + 8] -= 1;
         fix_ipv4_checksum(&mut frame, 14);
     } else {
         frame[14 + 7] -= 1;
     }
+    frame
+}
+
+/// A built frame with other MACs (source, destination).
+pub fn with_macs(mut frame: Vec<u8>, smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    frame[..6].copy_from_slice(&dmac);
+    frame[6..12].copy_from_slice(&smac);
+    frame
+}
+
+/// Clears "don't fragment" on a built IPv4 frame (etherparse's builder sets it).
+pub fn clear_df(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[14 + 6] &= !0x40;
+    fix_ipv4_checksum(&mut frame, 14);
     frame
 }
 

@@ -52,6 +52,12 @@ pub trait Hook {
     /// Cuts the packet to `new_len` bytes.
     fn truncate(&mut self, new_len: u32) -> Result<(), ()>;
     fn fib_lookup(&mut self, params: &mut FibParams, len: u32) -> i64;
+    /// The FIB lookup checks the MTU against the skb itself when `tot_len`
+    /// is 0 (TC: GSO-aware, `mtu_result` set on success); XDP has no skb
+    /// and checks `tot_len`.
+    const SKB: bool;
+    /// The GSO segment size of the packet (0: not a GSO packet).
+    fn gso_size(&self) -> u32;
     fn verdict(&self, action: Action) -> u32;
 }
 
@@ -116,6 +122,11 @@ impl Hook for XdpContext {
     fn fib_lookup(&mut self, params: &mut FibParams, len: u32) -> i64 {
         // SAFETY: params is a valid, fully initialised struct of the size passed.
         unsafe { bpf_fib_lookup(self.ctx.cast(), params, len as i32, 0) }
+    }
+    const SKB: bool = false;
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        0
     }
     #[inline(always)]
     fn verdict(&self, action: Action) -> u32 {
@@ -213,6 +224,12 @@ impl<const EGRESS: bool> Hook for Tc<EGRESS> {
     fn fib_lookup(&mut self, params: &mut FibParams, len: u32) -> i64 {
         // SAFETY: params is a valid, fully initialised struct of the size passed.
         unsafe { bpf_fib_lookup(self.0.skb.skb.cast(), params, len as i32, 0) }
+    }
+    const SKB: bool = true;
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        // SAFETY: reading a field of the context the kernel gave us.
+        unsafe { (*self.0.skb.skb).gso_size }
     }
     #[inline(always)]
     fn verdict(&self, action: Action) -> u32 {

@@ -56,6 +56,18 @@ pub struct Scratch {
     pub rkey: CtKey,
 }
 
+/// The token bucket of the answers a CPU builds (rejects, packet too big):
+/// tokens left times 10^9 (so refilling needs no division), and the time of
+/// the last refill. Datapath-internal, not pinned: a restart refills it.
+#[repr(C)]
+pub struct ReplyBucket {
+    pub credit: u64,
+    pub last_ns: u64,
+}
+
+#[map]
+pub static REPLY_BUCKET: PerCpuArray<ReplyBucket> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 

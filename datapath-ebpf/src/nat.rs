@@ -58,8 +58,10 @@ pub struct Target {
     pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    /// Set by `forward` on success: the MACs it wrote (destination, source).
+    /// Set by `lookup` on success: the MACs to write (destination, source),
+    /// and a packet length known to fit the route's MTU.
     pub macs: [u8; 12],
+    pub fits: u16,
 }
 
 /// Rewrites source and destination of `flow`'s packet. On `Err` nothing was
@@ -110,11 +112,44 @@ pub fn rewrite(hook: &mut impl Hook, flow: &Flow, t: &Target) -> Result<(), ()> 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const FIB_SUCCESS: i64 = 0;
+/// BPF_FIB_LKUP_RET_FRAG_NEEDED.
+const FIB_FRAG_NEEDED: i64 = 8;
 
-/// After a rewrite to `dst`: look the route up and redirect with fresh MACs,
-/// or let the kernel route the packet when the FIB cannot resolve it.
+/// Where [`lookup`] sends a packet.
+#[derive(Clone, Copy)]
+pub enum Route {
+    /// Out of this interface, with `Target::macs`.
+    Out(u32),
+    /// The FIB cannot resolve it (no route or neighbour): the kernel routes it.
+    Kernel,
+    /// Longer than the egress MTU (given), and not a GSO packet whose
+    /// segments would fit.
+    TooBig(u32),
+}
+
+/// The IP length of `flow`'s packet, or for a GSO packet the length of its
+/// segments (headers plus the segment size), as the MTU is checked.
+#[inline(always)]
+pub fn mtu_len(hook: &impl Hook, flow: &Flow) -> u32 {
+    let gso = hook.gso_size();
+    if gso == 0 {
+        return (flow.l4 + flow.l4_len - flow.l3) as u32;
+    }
+    let l4_hdr = if flow.proto == PROTO_UDP {
+        8
+    } else {
+        // SAFETY: `parse` bounds-checked the 20-byte TCP header.
+        ptr::<u8>(hook, flow.l4 + 12).map(|p| unsafe { (load_word::<u8>(p as usize) >> 4) as u32 * 4 }).unwrap_or(60)
+    };
+    (flow.l4 - flow.l3) as u32 + l4_hdr + gso
+}
+
+/// Looks up the route to `t.dst` (from `t.src`, ports as rewritten) before
+/// the packet is rewritten, with the MTU check: XDP checks the packet's
+/// length; TC lets the kernel check the skb, which passes a GSO packet whose
+/// segments fit.
 #[inline(never)]
-pub fn forward(hook: &mut impl Hook, flow: &Flow, t: &mut Target) -> Action {
+pub fn lookup<H: Hook>(hook: &mut H, flow: &Flow, t: &mut Target) -> Route {
     let (src, dst, sport, dport) = (&t.src, &t.dst, t.sport, t.dport);
     // SAFETY: an all-zero bpf_fib_lookup is a valid input.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
@@ -122,9 +157,10 @@ pub fn forward(hook: &mut impl Hook, flow: &Flow, t: &mut Target) -> Action {
     p.sport = sport;
     p.dport = dport;
     p.ifindex = hook.ifindex();
+    let len = (flow.l4 + flow.l4_len - flow.l3) as u16;
+    p.__bindgen_anon_1.tot_len = if H::SKB { 0 } else { len };
     if flow.v6 {
         p.family = AF_INET6;
-        p.__bindgen_anon_1.tot_len = (40 + flow.l4_len) as u16;
         // SAFETY: plain byte reinterpretation of two 16-byte arrays.
         unsafe {
             p.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(*src);
@@ -132,17 +168,43 @@ pub fn forward(hook: &mut impl Hook, flow: &Flow, t: &mut Target) -> Action {
         }
     } else {
         p.family = AF_INET;
-        p.__bindgen_anon_1.tot_len = (flow.ihl + flow.l4_len) as u16;
         p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(v4(src));
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4(dst));
     }
-    if hook.fib_lookup(&mut p, core::mem::size_of::<FibParams>() as u32) != FIB_SUCCESS {
-        count_verdict(verdict::FIB_PASS);
-        return Action::Pass;
+    match hook.fib_lookup(&mut p, core::mem::size_of::<FibParams>() as u32) {
+        FIB_SUCCESS => {
+            t.macs[..6].copy_from_slice(&p.dmac);
+            t.macs[6..].copy_from_slice(&p.smac);
+            // SAFETY: a union of two u16s.
+            t.fits = if H::SKB { unsafe { p.__bindgen_anon_1.mtu_result } } else { len };
+            Route::Out(p.ifindex)
+        }
+        // SAFETY: a union of two u16s; the kernel set mtu_result.
+        FIB_FRAG_NEEDED => Route::TooBig(unsafe { p.__bindgen_anon_1.mtu_result } as u32),
+        _ => Route::Kernel,
     }
-    t.macs[..6].copy_from_slice(&p.dmac);
-    t.macs[6..].copy_from_slice(&p.smac);
-    route_out(hook, flow, &t.macs, p.ifindex)
+}
+
+/// Sends a rewritten packet where [`lookup`] said.
+#[inline(always)]
+pub fn emit(hook: &mut impl Hook, flow: &Flow, t: &Target, route: Route) -> Action {
+    match route {
+        Route::Out(ifindex) => route_out(hook, flow, &t.macs, ifindex),
+        Route::Kernel | Route::TooBig(_) => {
+            count_verdict(verdict::FIB_PASS);
+            Action::Pass
+        }
+    }
+}
+
+/// After a rewrite to `dst`: look the route up and redirect with fresh MACs,
+/// or let the kernel route the packet when the FIB cannot resolve it (for
+/// packets xlb builds or translates itself, such as ICMP errors, which are
+/// never too big for the route they came by).
+#[inline(never)]
+pub fn forward(hook: &mut impl Hook, flow: &Flow, t: &mut Target) -> Action {
+    let route = lookup(hook, flow, t);
+    emit(hook, flow, t, route)
 }
 
 /// Sends a rewritten packet out of `ifindex` as a router would: TTL / hop

@@ -6,12 +6,12 @@ use crate::{
     hook::{Action, Hook},
     icmp,
     maps::{
-        AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REV_NAT, RR_CURSOR, SCRATCH, SERVICE_STATS, SERVICES,
-        SLOTS, SOURCE_RANGES, count, count_verdict,
+        AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REPLY_BUCKET, REV_NAT, RR_CURSOR, SCRATCH, SERVICE_STATS,
+        SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
     },
-    nat::{Target, forward, rewrite, route_out, word},
+    nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, word},
     parse::{Flow, Parsed, parse},
-    reject::reject,
+    reject::{NO_BACKEND, reject},
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -20,8 +20,9 @@ use aya_ebpf::{
 };
 use datapath_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT,
-    CtEntry, CtKey, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_AFFINITY,
-    SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRangeKey, ct, hash::flow_hash, verdict,
+    CtEntry, CtKey, REPLY_RATE_DEFAULT, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRangeKey, ct, hash::flow_hash,
+    verdict,
 };
 
 /// SNAT ports probed for a free one before the flow is dropped.
@@ -29,9 +30,9 @@ const SNAT_TRIES: u32 = 16;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// What the conntrack / new-flow stages decided; `process` acts on it.
-/// Only `process` calls `reject`, and `forward` is called from `process` or
-/// `conntrack`, so the deepest call chain stays within the verifier's
-/// 512-byte stack budget.
+/// Only `process` calls `reject`, once (the verifier walks a function again
+/// at every call site), and the deepest call chain stays within the
+/// verifier's 512-byte stack budget.
 #[derive(Clone, Copy)]
 enum Step {
     /// Handled completely (verdict counted): return this action.
@@ -44,6 +45,9 @@ enum Step {
     Drop(u32),
     /// No usable backend: send a reject back.
     Reject,
+    /// Too big for the egress MTU (given), with DF set or over IPv6: answer
+    /// "fragmentation needed" / "packet too big".
+    TooBig(u32),
 }
 
 #[inline(always)]
@@ -72,22 +76,94 @@ pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
         Step::Pass(verdict::PASS) => new_flow(flow, scope, len, t),
         step => step,
     };
-    match step {
-        Step::Done(action) => action,
+    let answer = match step {
+        Step::Done(action) => return action,
         Step::Nat(reason) => {
-            if rewrite(hook, flow, t).is_err() {
-                return done(verdict::REWRITE_FAILED, Action::Drop);
+            let route = lookup(hook, flow, t);
+            match translate(hook, flow, t, route, reason) {
+                Step::TooBig(mtu) => mtu,
+                Step::Done(action) => return action,
+                _ => return done(verdict::REWRITE_FAILED, Action::Drop),
             }
-            count_verdict(reason);
-            forward(hook, flow, t)
         }
-        Step::Pass(reason) => done(reason, Action::Pass),
-        Step::Drop(reason) => done(reason, Action::Drop),
-        Step::Reject => match reject(hook, flow) {
-            Ok(()) => done(verdict::NO_BACKEND_REJECT, Action::Tx),
-            Err(()) => done(verdict::REWRITE_FAILED, Action::Drop),
-        },
+        Step::Pass(reason) => return done(reason, Action::Pass),
+        Step::Drop(reason) => return done(reason, Action::Drop),
+        Step::Reject => NO_BACKEND,
+        Step::TooBig(mtu) => mtu,
+    };
+    // A reject, or "fragmentation needed" / "packet too big" with the MTU,
+    // from the address the sender sent to and quoting its own packet, so its
+    // path-MTU discovery works through the VIP (the kernel's own answer,
+    // after a DNAT, would quote the backend's address, which the sender
+    // ignores). Rate-limited.
+    if !reply_allowed() {
+        return done(verdict::REPLY_LIMITED, Action::Drop);
     }
+    match reject(hook, flow, answer) {
+        Ok(()) => {
+            done(if answer == NO_BACKEND { verdict::NO_BACKEND_REJECT } else { verdict::FRAG_NEEDED }, Action::Tx)
+        }
+        Err(()) => done(verdict::REWRITE_FAILED, Action::Drop),
+    }
+}
+
+/// Rewrites the packet to `t` and sends it by `route`, counted under
+/// `reason` (`Step::Done`). A packet too big for the route, decided before
+/// any rewrite: with DF set (IPv4), and always over IPv6 (routers never
+/// fragment it), the sender is to be answered (`Step::TooBig`); without DF
+/// a router fragments, so the packet is rewritten and the kernel fragments
+/// and sends it.
+#[inline(always)]
+fn translate(hook: &mut impl Hook, flow: &Flow, t: &Target, route: Route, reason: u32) -> Step {
+    if let Route::TooBig(mtu) = route
+        && dont_fragment(hook, flow)
+    {
+        return Step::TooBig(mtu);
+    }
+    if rewrite(hook, flow, t).is_err() {
+        return Step::Done(done(verdict::REWRITE_FAILED, Action::Drop));
+    }
+    count_verdict(reason);
+    if let Route::TooBig(_) = route {
+        return Step::Done(done(verdict::MTU_PASS, Action::Pass));
+    }
+    Step::Done(emit(hook, flow, t, route))
+}
+
+/// IPv6, or IPv4 with DF set.
+#[inline(always)]
+fn dont_fragment(hook: &impl Hook, flow: &Flow) -> bool {
+    // SAFETY (of the load): `parse` bounds-checked the IPv4 header.
+    flow.v6
+        || ptr::<u16>(hook, flow.l3 + 6)
+            .is_ok_and(|p| unsafe { load_word::<u16>(p as usize) }.to_ne_bytes()[0] & 0x40 != 0)
+}
+
+/// The per-CPU token bucket for the answers xlb builds (rejects, packet too
+/// big): `Config::reply_rate` per second with a burst of as many, so a
+/// spoofed flood is not reflected at line rate.
+#[inline(always)]
+fn reply_allowed() -> bool {
+    let Some(b) = REPLY_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    let b = unsafe { &mut *b };
+    let rate = match CONFIG.get(0).map(|c| c.reply_rate) {
+        Some(r) if r != 0 => r as u64,
+        _ => REPLY_RATE_DEFAULT as u64,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let full = rate * NS_PER_SEC;
+    let elapsed = now.wrapping_sub(b.last_ns);
+    b.last_ns = now;
+    b.credit = if elapsed >= NS_PER_SEC { full } else { (b.credit + elapsed * rate).min(full) };
+    if b.credit < NS_PER_SEC {
+        return false;
+    }
+    b.credit -= NS_PER_SEC;
+    true
 }
 
 #[inline(always)]
@@ -129,7 +205,7 @@ fn conntrack(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target) -> Ste
         count(&SERVICE_STATS, e.rev_nat_id, len);
         count(&BACKEND_STATS, e.backend_id, len);
     }
-    Step::Done(nat_cached(hook, flow, t, e))
+    nat_cached(hook, flow, t, e)
 }
 
 /// The translation conntrack entry `e` gives a packet with tuple `k`: a reply
@@ -160,22 +236,24 @@ pub fn target(e: &CtEntry, k: &CtKey, t: &mut Target) -> bool {
 }
 
 /// Rewrites and forwards a tracked packet, by the entry's cached FIB result
-/// when there is one, else by a FIB lookup whose result is cached.
+/// when there is one and the packet is known to fit its MTU, else by a FIB
+/// lookup whose result is cached.
 #[inline(never)]
-fn nat_cached(hook: &mut impl Hook, flow: &Flow, t: &mut Target, e: &mut CtEntry) -> Action {
-    if rewrite(hook, flow, t).is_err() {
-        return done(verdict::REWRITE_FAILED, Action::Drop);
-    }
-    count_verdict(if e.flags & CT_F_REPLY != 0 { verdict::REVERSE_NAT } else { verdict::CT_HIT });
-    if e.fib_ifindex != 0 {
-        return route_out(hook, flow, &e.fib_macs, e.fib_ifindex);
-    }
-    let action = forward(hook, flow, t);
-    if let Action::Redirect(ifindex) = action {
-        e.fib_macs = t.macs;
-        e.fib_ifindex = ifindex;
-    }
-    action
+fn nat_cached(hook: &mut impl Hook, flow: &Flow, t: &mut Target, e: &mut CtEntry) -> Step {
+    let reason = if e.flags & CT_F_REPLY != 0 { verdict::REVERSE_NAT } else { verdict::CT_HIT };
+    let route = if e.fib_ifindex != 0 && mtu_len(hook, flow) <= e.fib_mtu as u32 {
+        t.macs = e.fib_macs;
+        Route::Out(e.fib_ifindex)
+    } else {
+        let route = lookup(hook, flow, t);
+        if let Route::Out(ifindex) = route {
+            e.fib_macs = t.macs;
+            e.fib_ifindex = ifindex;
+            e.fib_mtu = t.fits;
+        }
+        route
+    };
+    translate(hook, flow, t, route, reason)
 }
 
 #[inline(always)]
@@ -275,6 +353,7 @@ fn track(flow: &Flow, req: &Track, t: &mut Target) -> u32 {
     fwd.flags = 0;
     fwd.fib_ifindex = 0;
     fwd.fib_macs = [0; 12];
+    fwd.fib_mtu = 0;
     fwd._pad = 0;
     sc.rep = sc.fwd;
     sc.rep.flags = CT_F_REPLY;

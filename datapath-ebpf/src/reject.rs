@@ -1,9 +1,16 @@
 // SPDX-License-Identifier: MIT OR GPL-2.0
-//! Rejection of a flow to a service without a usable backend, the way
-//! kube-proxy's REJECT rules do it (upstream e2e expects a refusal, not a
-//! timeout): a TCP segment gets a RST, a UDP datagram an ICMP / ICMPv6
-//! port unreachable. The reply is built in place and sent back (XDP_TX, or a
-//! redirect to the ingress device in TC), from the VIP to the client.
+//! Answers xlb builds in place and sends back out of the ingress device,
+//! from the address the packet was sent to:
+//! - rejection of a flow to a service without a usable backend, the way
+//!   kube-proxy's REJECT rules do it (upstream e2e expects a refusal, not a
+//!   timeout): a TCP segment gets a RST, a UDP datagram an ICMP / ICMPv6
+//!   port unreachable;
+//! - "fragmentation needed" / "packet too big" for a packet longer than the
+//!   egress MTU (Katran's `send_icmp_too_big`).
+//!
+//! The ICMP answers quote the offending packet's IP header, its extension
+//! headers and 8 bytes of its L4 header (what the sender's stack needs to
+//! find the socket), up to `MAX_QUOTE` bytes.
 
 use crate::{hook::Hook, nat::ptr, parse::Flow};
 use datapath_common::{
@@ -73,11 +80,18 @@ fn pseudo_sum(v6: bool, src: &[u8; 16], dst: &[u8; 16], proto: u8, len: u16) -> 
     csum::add(s, sum_bytes(0, &[0, proto]) + sum_bytes(0, &len.to_be_bytes()))
 }
 
-/// Turns the packet into the reject reply. `Err` means the packet may be
+/// What to answer, as [`reject`]'s `too_big` argument: no backend (a TCP
+/// RST, or ICMP port unreachable for UDP). Any other value is "too big"
+/// with that MTU. A plain number, not an enum: LLVM passes an enum's
+/// payload register uninitialised for the variant without one, and the
+/// verifier refuses to read it.
+pub const NO_BACKEND: u32 = 0;
+
+/// Turns the packet into the answer. `Err` means the packet may be
 /// half-written: the caller drops it.
 #[inline(never)]
-pub fn reject(hook: &mut impl Hook, flow: &Flow) -> Result<(), ()> {
-    if flow.proto == PROTO_TCP { tcp_rst(hook, flow) } else { icmp_unreachable(hook, flow) }
+pub fn reject(hook: &mut impl Hook, flow: &Flow, too_big: u32) -> Result<(), ()> {
+    if too_big == NO_BACKEND && flow.proto == PROTO_TCP { tcp_rst(hook, flow) } else { icmp_error(hook, flow, too_big) }
 }
 
 #[inline(always)]
@@ -121,17 +135,19 @@ fn tcp_rst(hook: &mut impl Hook, flow: &Flow) -> Result<(), ()> {
     hook.truncate((l3 + ip_len + 20) as u32)
 }
 
-/// Bytes of the offending packet quoted after the ICMPv6 header: its IPv6
-/// header and the 8 bytes behind it.
-const V6_QUOTE: usize = 48;
+/// Most bytes of the offending packet an answer quotes (IPv4 needs at most
+/// 60 + 8; IPv6 40, its extension headers, and 8).
+const MAX_QUOTE: usize = 128;
 
 #[inline(always)]
-fn icmp_unreachable(hook: &mut impl Hook, flow: &Flow) -> Result<(), ()> {
+fn icmp_error(hook: &mut impl Hook, flow: &Flow, too_big: u32) -> Result<(), ()> {
     let l3 = flow.l3;
     // The new IP + ICMP headers go in front of the original IP header, which
     // becomes the quoted part: grow the head by exactly their size and move
     // the Ethernet header to the new front.
-    let (grow, quote) = if flow.v6 { (40 + 8, V6_QUOTE) } else { (20 + 8, flow.ihl + 8) };
+    let grow = if flow.v6 { 40 + 8 } else { 20 + 8 };
+    let quote = flow.l4 - flow.l3 + 8;
+    let quote = if quote > MAX_QUOTE { MAX_QUOTE } else { quote };
     let macs: [u8; 12] = load(hook, 0)?;
     let tag: [u8; 4] = if l3 == 18 { load(hook, 12)? } else { [0; 4] };
     hook.grow_head(grow as u32)?;
@@ -143,27 +159,34 @@ fn icmp_unreachable(hook: &mut impl Hook, flow: &Flow) -> Result<(), ()> {
         store(hook, 12, tag)?;
     }
     let icmp_off = l3 + grow - 8;
-    // Sum of the quoted bytes, read 2 at a time with a bounded loop.
+    // Sum of the quoted bytes (a multiple of 4 long), read 4 at a time with a
+    // bounded loop.
     let mut s = 0u32;
     let start = l3 + grow;
-    for i in 0..34usize {
-        if 2 * i >= quote {
+    for i in 0..MAX_QUOTE / 4 {
+        if 4 * i >= quote {
             break;
         }
-        let w: u16 = load(hook, start + 2 * i)?;
-        s = csum::add(s, w as u32);
+        let w: u32 = load(hook, start + 4 * i)?;
+        s = csum::add(s, csum::add(w & 0xffff, w >> 16));
     }
     let icmp_len = (8 + quote) as u16;
     let mut icmp = [0u8; 8];
+    let (t, code, rest) = match (too_big, flow.v6) {
+        (NO_BACKEND, false) => (3, 3, 0),
+        (NO_BACKEND, true) => (1, 4, 0),
+        // Fragmentation needed, the next-hop MTU in the low 16 bits.
+        (mtu, false) => (3, 4, mtu & 0xffff),
+        (mtu, true) => (2, 0, mtu),
+    };
+    icmp[0] = t;
+    icmp[1] = code;
+    icmp[4..8].copy_from_slice(&rest.to_be_bytes());
     if flow.v6 {
-        icmp[0] = 1; // destination unreachable
-        icmp[1] = 4; // port unreachable
         s = csum::add(s, pseudo_sum(true, &flow.dst, &flow.src, IPPROTO_ICMPV6, icmp_len));
         store(hook, l3 - 2, 0x86ddu16.to_be())?;
         store(hook, l3, ipv6_header(icmp_len, IPPROTO_ICMPV6, &flow.dst, &flow.src))?;
     } else {
-        icmp[0] = 3; // destination unreachable
-        icmp[1] = 3; // port unreachable
         store(hook, l3 - 2, 0x0800u16.to_be())?;
         store(hook, l3, ipv4_header(20 + icmp_len, IPPROTO_ICMP, &flow.dst, &flow.src))?;
     }
