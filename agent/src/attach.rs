@@ -93,6 +93,13 @@ pub enum Attached {
 
 /// Attaches the XDP program to `ifname` (or swaps the pinned link to it).
 pub fn xdp(dp: &mut Datapath, dir: &Path, ifname: &str, mode: XdpAttachMode) -> anyhow::Result<Attached> {
+    if driver(ifname).as_deref() == Some("veth") {
+        tracing::warn!(
+            ifname,
+            "XDP on a veth: its peer must fill in checksums (`ethtool -K <peer> tx off`); a veth hands XDP the \
+             peer's CHECKSUM_PARTIAL frames as if complete, and xlb would forward them with wrong checksums"
+        );
+    }
     let prog: &mut Xdp = dp.program_mut(XDP_PROGRAM).context("no XDP program")?.try_into().context("program type")?;
     let path = link_path(dir, "xdp", ifname);
     if let Some(link) = pinned(&path) {
@@ -202,6 +209,46 @@ pub fn cleanup(dir: &Path) -> anyhow::Result<usize> {
         let _ = fs::remove_dir(dir.join(sub));
     }
     Ok(removed)
+}
+
+/// The driver of interface `ifname` (ETHTOOL_GDRVINFO, as `ethtool -i`
+/// prints it), if the kernel tells.
+pub fn driver(ifname: &str) -> Option<String> {
+    /// `struct ethtool_drvinfo`.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 4 * 5],
+    }
+    /// `struct ifreq` with `ifr_data`.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    if ifname.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 32 * 4 + 12 + 4 * 5] };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut info, _pad: [0; 16] };
+    req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+    // SAFETY: a plain socket and an ioctl on structs laid out as the kernel's;
+    // the socket is closed before returning.
+    let ok = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let r = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+        libc::close(fd);
+        r == 0
+    };
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    ok.then(|| String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 /// True when `ifname` matches one of the glob `patterns`.

@@ -116,14 +116,14 @@ impl Cluster {
             echo_ports: echo_ports.to_vec(),
             veths: vec![0; nodes + 1],
         };
-        c.uplink(&c.external, "x0", EXTERNAL4, EXTERNAL6);
+        c.uplink(&c.external, "x0", EXTERNAL4, EXTERNAL6, false);
         for r in ["198.51.100.0/24", "80.11.12.0/24"] {
             c.external.exec(&["ip", "route", "add", r, "via", &node_addr4(1)]);
         }
         c.external.exec(&["ip", "-6", "route", "add", "2001:db8:5::/64", "via", &node_addr6(1)]);
         for i in 1..=nodes {
             let ns = NetNs::new("xlbn");
-            c.uplink(&ns, &format!("u{i}"), &node_addr4(i), &node_addr6(i));
+            c.uplink(&ns, &format!("u{i}"), &node_addr4(i), &node_addr6(i), true);
             ns.exec_lines(&["sysctl -qw net.ipv4.conf.all.forwarding=1", "sysctl -qw net.ipv6.conf.all.forwarding=1"]);
             for j in 1..=nodes {
                 if j != i {
@@ -136,24 +136,30 @@ impl Cluster {
         c
     }
 
-    /// Connects `ns` to the bridge with its interface named `eth0`.
-    fn uplink(&self, ns: &NetNs, fabric_side: &str, a4: &str, a6: &str) {
+    /// Connects `ns` to the bridge with its interface named `eth0` (`xdp`:
+    /// a node's, where the agent attaches XDP).
+    fn uplink(&self, ns: &NetNs, fabric_side: &str, a4: &str, a6: &str, xdp: bool) {
         let tmp = format!("{fabric_side}p");
         self.fabric.exec_lines(&[&format!("ip link add {fabric_side} type veth peer name {tmp}")]);
         self.fabric.exec(&["ip", "link", "set", &tmp, "netns", &ns.name]);
-        // XDP on the node's eth0 sees frames before checksums are completed:
-        // the sending peer must not offload them; GRO on lets it receive
-        // frames the node redirects back out (XDP_TX / redirect).
+        // XDP on a node's eth0 sees frames before checksums are completed: a
+        // veth hands XDP its peer's CHECKSUM_PARTIAL frames with no way to
+        // tell (a physical NIC delivers complete checksums), so the sending
+        // peer, the bridge port, fills them in (tx off; TSO goes with it and
+        // the port segments in software). The one exception to the kernel's
+        // offload defaults; the external client has no XDP. GRO on lets a
+        // veth receive frames redirected to it.
+        let tx = if xdp { "tx off " } else { "" };
         self.fabric.exec_lines(&[
             &format!("ip link set {fabric_side} master br0 up"),
-            &format!("ethtool -K {fabric_side} tx off gro on"),
+            &format!("ethtool -K {fabric_side} {tx}gro on"),
         ]);
         ns.exec_lines(&[
             &format!("ip link set {tmp} name eth0"),
             "ip link set eth0 up",
             &format!("ip addr add {a4}/24 dev eth0"),
             &format!("ip -6 addr add {a6}/64 dev eth0 nodad"),
-            "ethtool -K eth0 tx off gro on",
+            "ethtool -K eth0 gro on",
         ]);
     }
 
@@ -177,7 +183,7 @@ impl Cluster {
             "ip route add 169.254.1.1 dev eth0 scope link",
             "ip route add default via 169.254.1.1 dev eth0",
             "ip -6 route add default via fe80::1 dev eth0",
-            "ethtool -K eth0 tx off gro on",
+            "ethtool -K eth0 gro on",
         ]);
         n.exec_lines(&[
             &format!("ip link set {veth} up"),
@@ -185,7 +191,7 @@ impl Cluster {
             &format!("ip -6 addr add fe80::1/64 dev {veth} nodad"),
             &format!("ip route add {ip4}/32 dev {veth}"),
             &format!("ip -6 route add {ip6}/128 dev {veth}"),
-            &format!("ethtool -K {veth} tx off gro on"),
+            &format!("ethtool -K {veth} gro on"),
         ]);
         let echo = (!app.is_empty()).then(|| {
             let mut cmd = Command::new("nsenter");

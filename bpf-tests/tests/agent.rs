@@ -112,9 +112,16 @@ fn agent_args(pins: &PinDir, dir: &TempDir, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// The three namespaces, ready for the agent's XDP on n0 and n1.
+fn xdp_topology() -> Topology {
+    let topo = Topology::new();
+    topo.xdp_senders_fill_checksums();
+    topo
+}
+
 #[test]
 fn established_connection_survives_agent_restart() {
-    let topo = Topology::new();
+    let topo = xdp_topology();
     let pins = PinDir::new();
     let dir = TempDir::new();
     std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
@@ -122,6 +129,7 @@ fn established_connection_survives_agent_restart() {
     let vip: SocketAddr = format!("{NODE_ADDR}:30007").parse().unwrap();
 
     let mut first = Agent::start(&topo.node, dir.path.join("agent1.log"), &agent_args(&pins, &dir, &[]));
+    assert!(first.log_text().contains("XDP on a veth: its peer must fill in checksums"), "{}", first.log_text());
     let mut conn = Conn::open(&topo, vip);
     let client_port = conn.w.local_addr().unwrap().port();
     let echo = conn.say("before");
@@ -158,7 +166,7 @@ fn established_connection_survives_agent_restart() {
 
 #[test]
 fn file_edits_reach_the_maps_and_bad_services_are_isolated() {
-    let topo = Topology::new();
+    let topo = xdp_topology();
     let pins = PinDir::new();
     let dir = TempDir::new();
     let file = dir.path.join("echo.yaml");
@@ -205,7 +213,7 @@ fn file_edits_reach_the_maps_and_bad_services_are_isolated() {
 
 #[test]
 fn tc_follows_interfaces_matching_the_pattern() {
-    let topo = Topology::new();
+    let topo = xdp_topology();
     let pins = PinDir::new();
     let dir = TempDir::new();
     std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
@@ -236,7 +244,7 @@ fn http_get(topo: &Topology, addr: &str, path: &str) -> (u16, String) {
 
 #[test]
 fn metrics_readiness_and_the_local_traffic_health_check() {
-    let topo = Topology::new();
+    let topo = xdp_topology();
     let pins = PinDir::new();
     let dir = TempDir::new();
     let file = dir.path.join("echo.yaml");
@@ -289,7 +297,7 @@ fn metrics_readiness_and_the_local_traffic_health_check() {
 
 #[test]
 fn dump_explain_predicts_where_a_flow_lands() {
-    let topo = Topology::new();
+    let topo = xdp_topology();
     let pins = PinDir::new();
     let dir = TempDir::new();
     // Two backends: a second address on the server.
@@ -385,7 +393,7 @@ fn connect_from(src: &str, dst: &str) -> TcpStream {
 
 #[test]
 fn xdp_falls_back_to_generic_mode_where_native_is_missing() {
-    let topo = Topology::new();
+    let topo = xdp_topology();
     let pins = PinDir::new();
     let dir = TempDir::new();
     std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
