@@ -112,6 +112,54 @@ spec:
     assert!(from.starts_with(EXTERNAL4) || from.starts_with(&node_addr4(2)));
 }
 
+/// A UDP client of a ClusterIP whose endpoints have no socket on the target
+/// port gets ECONNREFUSED, as through kube-proxy: each backend's ICMP port
+/// unreachable quotes client → backend, and xlb translates it (reversed
+/// quote → conntrack) to come from the VIP quoting client → VIP, as
+/// netfilter's `nf_nat_icmp_reply_translation` does for a RELATED packet.
+/// The backends are on the client's node (TC translates) and on the other
+/// node (XDP on the uplink translates), in both families.
+#[test]
+fn udp_to_a_port_without_a_socket_is_refused() {
+    let closed = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: closed, namespace: demo}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.0.60
+  clusterIPs: [10.96.0.60, "fd96::60"]
+  selector: {app: web}
+  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5999}]
+"#;
+    let c = two_nodes(&[closed], &[]);
+    let client = c.pod("client");
+    // Six per family: a backend's kernel sends a burst of about six port
+    // unreachables to one peer, then one a second (icmp_ratelimit).
+    for vip in ["10.96.0.60", "fd96::60"] {
+        for i in 0..6 {
+            let any = if vip.contains(':') { "[::]:0" } else { "0.0.0.0:0" };
+            let s = in_ns(&client.ns, || std::net::UdpSocket::bind(any)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.connect(sa(vip, 53)).unwrap();
+            s.send(format!("q{i}").as_bytes()).unwrap();
+            let err = s.recv(&mut [0u8; 64]).expect_err("no answer from a closed port");
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{vip} datagram {i}: {err}");
+        }
+    }
+    // Every refusal was translated on the client's node; the remote
+    // backend's passed node 2 untranslated (no flow there), so that path was
+    // taken too (and the local one with all but certainty: 12 flows, 2 backends).
+    let verdicts = |node| {
+        let v: serde_json::Value = serde_json::from_str(&c.dump(node, &["-o", "json", "stats"])).unwrap();
+        v["verdicts"].clone()
+    };
+    let (one, two) = (verdicts(1), verdicts(2));
+    assert!(one["icmp_error_nat"].as_u64().unwrap() >= 12, "node 1: {one:#}");
+    assert!(two["icmp_error_pass"].as_u64().unwrap() >= 1, "node 2: {two:#}");
+}
+
 /// "should be able to reach pod on ipv4 and ipv6 ip" (dual-stack suite,
 /// test/e2e/network/dual_stack.go): one dual-stack Service, both families
 /// from a pod and from outside; and "should create service with ipv6
