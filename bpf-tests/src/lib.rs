@@ -260,6 +260,23 @@ impl Lb {
         self.verdicts()[name]
     }
 
+    /// One TCP service `vip:80` in `scope` (TC: internal, XDP: external) with
+    /// the single backend `addr:8080` (id 1), Maglev.
+    pub fn tcp_vip_to(&mut self, vip: &str, addr: &str, tc: bool) {
+        use datapath_common::{BACKEND_ACTIVE, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL, SCOPE_INTERNAL};
+        self.backend(1, addr, 8080, BACKEND_ACTIVE, 0);
+        let scope = if tc { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
+        let spec = xlb::ServiceSpec {
+            id: 1,
+            scheduler: SCHED_MAGLEV,
+            flags: 0,
+            affinity_timeout_s: 0,
+            backends: vec![1],
+            maglev_size: None,
+        };
+        self.dp.set_service(svc_key(vip, 80, PROTO_TCP, scope), &spec).expect("set service");
+    }
+
     pub fn backend(&mut self, id: u32, addr: &str, port: u16, state: u8, flags: u8) {
         let b = Backend { addr: addr16(addr), port: port.to_be(), state, flags };
         self.dp.set_backend(id, &b).expect("set backend");

@@ -6,25 +6,13 @@
 
 use std::net::SocketAddr;
 
-use bpf_tests::{Lb, svc_key, topo::*};
-use datapath_common::{BACKEND_ACTIVE, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL, SCOPE_INTERNAL};
-use xlb::ServiceSpec;
+use bpf_tests::{Lb, topo::*};
 
 fn through_vip(tc: bool, v6: bool) {
     let topo = Topology::new();
     let mut lb = Lb::new();
     let (vip, server, client) = if v6 { ("fd96::10", SERVER6, CLIENT6) } else { ("10.96.0.10", SERVER4, CLIENT4) };
-    lb.backend(1, server, 8080, BACKEND_ACTIVE, 0);
-    let scope = if tc { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
-    let spec = ServiceSpec {
-        id: 1,
-        scheduler: SCHED_MAGLEV,
-        flags: 0,
-        affinity_timeout_s: 0,
-        backends: vec![1],
-        maglev_size: None,
-    };
-    lb.dp.set_service(svc_key(vip, 80, PROTO_TCP, scope), &spec).unwrap();
+    lb.tcp_vip_to(vip, server, tc);
     // The client routes the VIP to the node (its default route); the node
     // itself has no route or address for it: only xlb makes it reachable.
     if tc {

@@ -25,9 +25,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
-use bpf_tests::{Lb, NetNs, svc_key};
-use datapath_common::{BACKEND_ACTIVE, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL, SCOPE_INTERNAL};
-use xlb::ServiceSpec;
+use bpf_tests::{Lb, NetNs};
 
 const MB: usize = 1 << 20;
 
@@ -145,17 +143,7 @@ fn transfer_both_ways(tc: bool, v6: bool) {
         "mtu",
         "1280",
     ]);
-    lb.backend(1, server, 8080, BACKEND_ACTIVE, 0);
-    let scope = if tc { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
-    let spec = ServiceSpec {
-        id: 1,
-        scheduler: SCHED_MAGLEV,
-        flags: 0,
-        affinity_timeout_s: 0,
-        backends: vec![1],
-        maglev_size: None,
-    };
-    lb.dp.set_service(svc_key(vip, 80, PROTO_TCP, scope), &spec).unwrap();
+    lb.tcp_vip_to(vip, server, tc);
     net.attach(&mut lb, tc);
 
     let listener = {
