@@ -286,7 +286,7 @@ pub const REPLY_RATE_DEFAULT: u32 = 1000;
 pub const CFG_F_KEEP_TTL: u32 = 1 << 0;
 
 /// VERDICTS (per-CPU array): reason → packets. Every packet a program sees is
-/// counted under exactly one reason; `FIB_PASS` comes on top.
+/// counted under exactly one reason; `FIB_PASS` or `MTU_PASS` comes on top.
 pub mod verdict {
     /// Not for a service and not a tracked reply: passed unchanged.
     pub const PASS: u32 = 0;
