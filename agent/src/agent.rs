@@ -240,6 +240,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         let how = attach::tc_ingress(&mut dp, &s.pin_dir, ifname).with_context(|| format!("TC on {ifname}"))?;
         tracing::info!(ifname, ?how, "TC attached");
     }
+    // Only now: the pinned links run the new programs (see `pin_tail_calls`).
+    dp.pin_tail_calls(&s.pin_dir).context("pinning the tail-call tables")?;
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
     if !s.tc_patterns.is_empty() {
         spawn_link_watcher(link_tx).context("watching links")?;

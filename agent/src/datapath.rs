@@ -17,13 +17,16 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray,
+        lpm_trie::Key,
+    },
     programs::Program,
     util::nr_cpus,
 };
 use datapath_common::{
     AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat, SCHED_MAGLEV, Service,
-    ServiceKey, SourceRangeKey, maps, v4_mapped, verdict,
+    ServiceKey, SourceRangeKey, maps, tail, v4_mapped, verdict,
 };
 
 use crate::{
@@ -59,8 +62,14 @@ pub enum Error {
          incompatible version; remove it with `xlb agent --cleanup` (this breaks open connections)"
     )]
     Incompatible { path: PathBuf, found: (u32, u32), expected: (u32, u32) },
-    #[error("opening pinned map {path}: {source}")]
+    #[error("pinned map {path}: {source}")]
     Pin { path: PathBuf, source: MapError },
+    #[error(transparent)]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(String),
+    #[error("adding {name} to its tail-call table: {source}")]
+    TailCall { name: String, source: MapError },
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -77,6 +86,8 @@ pub struct MapSizes {
     pub conntrack: u32,
     pub affinity: u32,
     pub source_ranges: u32,
+    /// FRAGS: fragmented datagrams in flight whose later fragments follow the first.
+    pub fragments: u32,
 }
 
 impl Default for MapSizes {
@@ -88,6 +99,7 @@ impl Default for MapSizes {
             conntrack: 262_144,
             affinity: 65_536,
             source_ranges: 16_384,
+            fragments: 8192,
         }
     }
 }
@@ -551,6 +563,7 @@ impl Datapath {
             .map_max_entries(maps::AFFINITY, sizes.affinity)
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
             .map_max_entries(maps::FRONTENDS, sizes.services)
+            .map_max_entries(maps::FRAGS, sizes.fragments)
             .load(OBJECT)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         Ok(Self {
@@ -568,10 +581,52 @@ impl Datapath {
         self.sizes
     }
 
-    /// Loads (verifies) every program of the object. Like libbpf, retries a
-    /// load the verifier abandoned with EAGAIN (it gives up when a signal is
-    /// pending, e.g. a child process exiting during a long verification).
-    pub fn load_programs(&mut self) -> Result<(), aya::programs::ProgramError> {
+    /// Loads (verifies) every program of the object and fills the
+    /// tail-call tables (`datapath_common::tail`) with them.
+    pub fn load_programs(&mut self) -> Result<()> {
+        self.verify_programs()?;
+        let programs = tail::HOOKS.iter().flat_map(|&(main, table, first)| {
+            tail::SUFFIXES
+                .iter()
+                .enumerate()
+                .map(move |(i, suffix)| (table, first + i as u32, format!("{main}{suffix}")))
+        });
+        for (table, slot, name) in programs {
+            let prog = self.ebpf.program(&name).ok_or_else(|| Error::MissingProgram(name.clone()))?;
+            let fd = prog.fd()?.try_clone().map_err(|io_error| Error::TailCall {
+                name: name.clone(),
+                source: MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }),
+            })?;
+            let map = self.ebpf.map_mut(table).ok_or(Error::MissingMap(table))?;
+            let mut calls = ProgramArray::try_from(map).map_err(map_err(table))?;
+            calls.set(slot, &fd, 0).map_err(|source| Error::TailCall { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Pins the tail-call tables under `progs/`, replacing an earlier
+    /// agent's. A table is emptied when its last pin or descriptor goes, so
+    /// this comes after the new programs are attached: until then the old
+    /// programs still run with the old tables.
+    pub fn pin_tail_calls(&mut self, dir: &Path) -> Result<()> {
+        for name in [maps::XDP_CALLS, maps::TC_CALLS] {
+            let path = dir.join("progs").join(name);
+            let _ = std::fs::remove_file(&path);
+            let map = self.ebpf.map(name).ok_or(Error::MissingMap(name))?;
+            let data = match map {
+                aya::maps::Map::ProgramArray(d) => d,
+                _ => return Err(Error::MissingMap(name)),
+            };
+            data.pin(&path)
+                .map_err(|error| Error::Pin { path: path.clone(), source: MapError::PinError { name: None, error } })?;
+        }
+        Ok(())
+    }
+
+    /// Like libbpf, retries a load the verifier abandoned with EAGAIN (it
+    /// gives up when a signal is pending, e.g. a child process exiting
+    /// during a long verification).
+    fn verify_programs(&mut self) -> Result<()> {
         for (name, prog) in self.ebpf.programs_mut() {
             let mut tries = 0;
             loop {
@@ -589,7 +644,7 @@ impl Datapath {
                     }
                     Err(e) => {
                         eprintln!("loading {name} failed after {tries} EAGAIN retries");
-                        return Err(e);
+                        return Err(e.into());
                     }
                     Ok(()) => break,
                 }

@@ -49,8 +49,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Check => {
             let mut dp = Datapath::load(MapSizes::default()).context("loading the datapath")?;
             dp.load_programs().context("verifying the programs")?;
-            for (name, _) in dp.ebpf.programs() {
-                println!("{name}: loaded");
+            for (name, prog) in dp.ebpf.programs() {
+                // The verifier's effort per program, against its limit of 1,000,000.
+                match prog.info().ok().and_then(|i| i.verified_instruction_count()) {
+                    Some(n) => println!("{name}: loaded, {n} instructions verified"),
+                    None => println!("{name}: loaded"),
+                }
             }
         }
         Cmd::Dump { pin_dir, output, what } => print!("{}", dump::run(&pin_dir, &what, output)?),

@@ -196,7 +196,15 @@ pub enum Verdict {
 
 /// Map sizes small enough to load many datapaths side by side in tests.
 pub fn test_sizes() -> MapSizes {
-    MapSizes { services: 4096, backends: 4096, slots: 1 << 18, conntrack: 16_384, affinity: 4096, source_ranges: 1024 }
+    MapSizes {
+        services: 4096,
+        backends: 4096,
+        slots: 1 << 18,
+        conntrack: 16_384,
+        affinity: 4096,
+        source_ranges: 1024,
+        fragments: 1024,
+    }
 }
 
 /// A loaded datapath with every program loaded (not attached).

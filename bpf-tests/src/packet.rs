@@ -300,3 +300,68 @@ pub fn verify_checksums(frame: &[u8]) {
     let c = pseudo.add_slice(seg).ones_complement();
     assert_eq!(c, 0, "L4 checksum (proto {proto})");
 }
+
+/// Fragments a built frame (Ethernet, no VLAN; IPv4 or IPv6 without
+/// extension headers) as a sender's IP layer does: the IP payload in pieces
+/// of `size` bytes (a multiple of 8; the last piece has the rest), each with
+/// the IP header, identification `id`, its offset and "more fragments" on
+/// all but the last. IPv4 fragments have DF clear (a DF packet is never
+/// fragmented); IPv6 ones carry a fragment header.
+pub fn fragment(frame: &[u8], size: usize, id: u32) -> Vec<Vec<u8>> {
+    assert!(size.is_multiple_of(8) && size > 0);
+    let v6 = frame[14] >> 4 == 6;
+    let hdr = if v6 { 40 } else { (frame[14] & 0x0f) as usize * 4 };
+    let payload = &frame[14 + hdr..];
+    let pieces: Vec<&[u8]> = payload.chunks(size).collect();
+    let n = pieces.len();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let offset = (i * size / 8) as u16;
+            let more = i + 1 < n;
+            let mut f = frame[..14 + hdr].to_vec();
+            if v6 {
+                let next = f[14 + 6];
+                f[14 + 6] = 44;
+                let bits = offset << 3 | more as u16;
+                f.extend_from_slice(&[next, 0]);
+                f.extend_from_slice(&bits.to_be_bytes());
+                f.extend_from_slice(&id.to_be_bytes());
+                f[14 + 4..14 + 6].copy_from_slice(&(8 + piece.len() as u16).to_be_bytes());
+            } else {
+                f[14 + 2..14 + 4].copy_from_slice(&((hdr + piece.len()) as u16).to_be_bytes());
+                f[14 + 4..14 + 6].copy_from_slice(&(id as u16).to_be_bytes());
+                let bits = offset | if more { 0x2000 } else { 0 };
+                f[14 + 6..14 + 8].copy_from_slice(&bits.to_be_bytes());
+                fix_ipv4_checksum(&mut f, 14);
+            }
+            f.extend_from_slice(piece);
+            f
+        })
+        .collect()
+}
+
+/// Joins fragments made like [`fragment`]'s (in order) back into one
+/// frame, for [`verify_checksums`]: the first fragment's headers, without
+/// the fragment header or flags, and every fragment's payload.
+pub fn reassemble(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let first = &fragments[0];
+    let v6 = first[14] >> 4 == 6;
+    let hdr = if v6 { 40 } else { (first[14] & 0x0f) as usize * 4 };
+    let skip = if v6 { 8 } else { 0 };
+    let mut out = first[..14 + hdr].to_vec();
+    for f in fragments {
+        out.extend_from_slice(&f[14 + hdr + skip..]);
+    }
+    let len = out.len() - 14;
+    if v6 {
+        out[14 + 6] = first[14 + 40];
+        out[14 + 4..14 + 6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+    } else {
+        out[14 + 2..14 + 4].copy_from_slice(&(len as u16).to_be_bytes());
+        out[14 + 6..14 + 8].copy_from_slice(&[0, 0]);
+        fix_ipv4_checksum(&mut out, 14);
+    }
+    out
+}

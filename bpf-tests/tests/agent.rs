@@ -139,6 +139,9 @@ fn established_connection_survives_agent_restart() {
     first.stop();
     assert!(first.log_text().contains("programs stay attached"), "{}", first.log_text());
     assert!(conn.say("between").ends_with(" between"));
+    // New connections too: the new-flow program is reached through the
+    // tail-call table, which lives as long as its pin.
+    assert!(Conn::open(&topo, vip).say("new while stopped").ends_with(" new while stopped"));
 
     // A new agent takes over from the pins without touching the flow.
     let second = Agent::start(&topo.node, dir.path.join("agent2.log"), &agent_args(&pins, &dir, &[]));

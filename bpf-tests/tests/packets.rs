@@ -147,43 +147,6 @@ fn vlan_ipv4_options_and_ipv6_extension_headers_are_balanced() {
 }
 
 #[test]
-fn fragments_first_follows_the_flow_later_ones_pass_and_are_counted() {
-    for prog in Prog::ALL {
-        let mut w = world();
-        let _in = w.env.enter();
-        let key = vip_service(&mut w, prog, false, SCHED_MAGLEV, 0, &backends(false));
-        // First fragment (MF set, offset 0): balanced by its ports.
-        let p = Pkt::udp(CLIENT4, 7000, VIP4, 80).payload(&[7u8; 64]);
-        let b = expected_backend(&w, &key, &p);
-        let mut first = p.build();
-        first[14 + 6] = 0x20; // MF
-        fix_ipv4_checksum(&mut first, 14);
-        let (v, out) = w.lb.run(prog, &first);
-        assert_eq!(v, Verdict::Redirect);
-        let mut want = dnatted(&p, b);
-        want[14 + 6] = 0x20;
-        fix_ipv4_checksum(&mut want, 14);
-        assert_eq!(out, want);
-        // A later fragment (offset 8 × 8 bytes) carries no ports: passed unchanged.
-        let mut later = Pkt::udp(CLIENT4, 7000, VIP4, 80).payload(&[7u8; 64]).build();
-        later[14 + 7] = 8;
-        fix_ipv4_checksum(&mut later, 14);
-        let (v, out) = w.lb.run(prog, &later);
-        assert_eq!((v, out), (Verdict::Pass, later));
-        assert_eq!(w.lb.verdict("fragment"), 1);
-        // IPv6: a fragment header with a non-zero offset.
-        let mut v6 = Pkt::udp(CLIENT6, 7000, VIP6, 80).build();
-        v6.splice(14 + 40..14 + 40, [17u8, 0, 0, 8, 0, 0, 0, 1]);
-        v6[14 + 6] = 44;
-        let plen = u16::from_be_bytes([v6[18], v6[19]]) + 8;
-        v6[18..20].copy_from_slice(&plen.to_be_bytes());
-        let (v, out) = w.lb.run(prog, &v6);
-        assert_eq!((v, out), (Verdict::Pass, v6));
-        assert_eq!(w.lb.verdict("fragment"), 2);
-    }
-}
-
-#[test]
 fn no_backend_tcp_gets_a_rst_and_udp_an_icmp_port_unreachable() {
     both_families_both_hooks(|prog, v6| {
         let mut w = world();

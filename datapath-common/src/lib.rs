@@ -193,6 +193,31 @@ pub struct CtEntry {
     pub _pad: u16,
 }
 
+/// FRAGS (LRU hash): the ports of a fragmented datagram, recorded by its
+/// first fragment when xlb translates it, so that its later fragments (which
+/// carry no L4 header) find the same conntrack entry (Cilium's
+/// IPV4_FRAG_DATAGRAMS). Datapath-internal and not pinned: a restart loses
+/// only datagrams in flight.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragKey {
+    /// The fragment's own addresses (as it arrived), network order, IPv4 mapped.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification, as loaded.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of FRAGS: the first fragment's ports, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 /// AFFINITY (LRU hash): {client address, frontend id} → [`AffinityValue`], for
 /// sessionAffinity ClientIP.
 #[repr(C, align(4))]
@@ -300,7 +325,8 @@ pub mod verdict {
     pub const NO_BACKEND_REJECT: u32 = 4;
     /// Malformed header (truncated, bad length, bad extension chain, …): passed unchanged.
     pub const MALFORMED: u32 = 5;
-    /// Non-first IP fragment: carries no ports, passed unchanged.
+    /// Non-first IP fragment of no datagram xlb translated (or arriving before
+    /// its first fragment): passed unchanged.
     pub const FRAGMENT: u32 = 6;
     /// Conntrack insert failed: the flow went on by its consistent hash alone.
     pub const CT_FULL: u32 = 7;
@@ -331,8 +357,15 @@ pub mod verdict {
     /// Counted *in addition* to the packet's reason: too big for the egress
     /// MTU without DF, so it went to the kernel to be fragmented.
     pub const MTU_PASS: u32 = 17;
+    /// A later fragment of a datagram whose first fragment xlb translated,
+    /// given the same translation (addresses only: it has no L4 header).
+    pub const FRAGMENT_NAT: u32 = 18;
+    /// The program for a rarer path (ICMP error, later fragment, answer) is
+    /// missing from the tail-call table (an agent stopped before it pinned
+    /// the table): passed unchanged.
+    pub const TAIL_CALL_FAILED: u32 = 19;
     /// Number of reasons (size of VERDICTS).
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
     /// Names in index order, for `xlb dump stats` and the tests.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -353,6 +386,8 @@ pub mod verdict {
         "frag_needed",
         "reply_limited",
         "mtu_pass",
+        "fragment_nat",
+        "tail_call_failed",
     ];
 }
 
@@ -371,6 +406,12 @@ pub mod maps {
     pub const VERDICTS: &str = "VERDICTS";
     pub const CONFIG: &str = "CONFIG";
     pub const FRONTENDS: &str = "FRONTENDS";
+    /// Not pinned with the others: see [`super::FragKey`].
+    pub const FRAGS: &str = "FRAGS";
+    /// The tail-call tables (see [`super::tail`]): replaced by every agent
+    /// that loads new programs, pinned under `progs/` once they are attached.
+    pub const XDP_CALLS: &str = "XDP_CALLS";
+    pub const TC_CALLS: &str = "TC_CALLS";
     /// Every map the loader pins, in load order.
     pub const PINNED: [&str; 13] = [
         SERVICES,
@@ -389,7 +430,36 @@ pub mod maps {
     ];
 }
 
+/// The tail-call tables. Each hook's main program handles the packets of
+/// established and new flows itself and tail-calls a program of its own for
+/// the rarer paths, so that each program stays within the verifier's budget
+/// (one million instructions explored per program). XDP programs use
+/// `XDP_CALLS`; the TC ingress programs `TC_CALLS` from 0, the TC egress ones
+/// from [`tail::PER_HOOK`].
+pub mod tail {
+    /// An ICMP / ICMPv6 error (`icmp.rs`).
+    pub const ICMP_ERROR: u32 = 0;
+    /// A later fragment (`fragment.rs`).
+    pub const FRAGMENT: u32 = 1;
+    /// A packet of no live tracked flow: service lookup and balancing.
+    pub const NEW_FLOW: u32 = 2;
+    /// A reject or packet-too-big answer (`reject.rs`).
+    pub const ANSWER: u32 = 3;
+    /// Slots per hook.
+    pub const PER_HOOK: u32 = 4;
+    /// The programs of each hook, by slot, after the main program's name.
+    pub const SUFFIXES: [&str; PER_HOOK as usize] = ["_icmp_error", "_fragment", "_new_flow", "_answer"];
+    /// (main program, its table, its first slot).
+    pub const HOOKS: [(&str, &str, u32); 3] = [
+        ("xlb_xdp", super::maps::XDP_CALLS, 0),
+        ("xlb_tc_ingress", super::maps::TC_CALLS, 0),
+        ("xlb_tc_egress", super::maps::TC_CALLS, PER_HOOK),
+    ];
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<FragPorts>() == 4);
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<Service>() == 28);
     assert!(core::mem::size_of::<Backend>() == 20);
@@ -468,4 +538,6 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FrontendInfo {}
     unsafe impl aya::Pod for PktgenConfig {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
 }

@@ -4,18 +4,19 @@
 //! skb's CHECKSUM_PARTIAL / COMPLETE state, XDP sees raw frames), resolve
 //! routes and spell their verdicts; everything else is written once.
 
+use crate::maps::{TC_CALLS, XDP_CALLS};
 use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
         xdp_action,
     },
     helpers::{
-        bpf_fib_lookup, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_pull_data,
-        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
+        bpf_csum_update, bpf_fib_lookup, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
     },
     programs::{TcContext, XdpContext},
 };
-use datapath_common::csum;
+use datapath_common::{csum, tail};
 
 /// `bpf_l4_csum_replace`: the checksum belongs to an IPv6 packet (uapi
 /// `BPF_F_IPV6`, not in aya's bindings yet).
@@ -47,6 +48,9 @@ pub trait Hook {
     /// For UDP a result of zero is sent as 0xffff (zero means "no checksum",
     /// which stays zero over IPv4; over IPv6 `parse` refuses it).
     fn l4_csum(&mut self, off: usize, addr: u32, ports: u32, udp: bool, v6: bool) -> Result<(), ()>;
+    /// The packet's bytes changed by `diff` (see `csum`) with no checksum
+    /// field compensating: a CHECKSUM_COMPLETE skb's sum is updated (TC).
+    fn csum_changed(&mut self, diff: u32);
     /// Grows the packet by `delta` bytes at the front.
     fn grow_head(&mut self, delta: u32) -> Result<(), ()>;
     /// Cuts the packet to `new_len` bytes.
@@ -59,6 +63,9 @@ pub trait Hook {
     /// The GSO segment size of the packet (0: not a GSO packet).
     fn gso_size(&self) -> u32;
     fn verdict(&self, action: Action) -> u32;
+    /// Continues in the hook's program for tail-call `slot` (`tail::*`);
+    /// returns only if that slot is empty.
+    fn tail_call(&self, slot: u32);
 }
 
 impl Hook for XdpContext {
@@ -98,6 +105,8 @@ impl Hook for XdpContext {
         }
         Ok(())
     }
+    #[inline(always)]
+    fn csum_changed(&mut self, _diff: u32) {}
     #[inline(always)]
     fn grow_head(&mut self, delta: u32) -> Result<(), ()> {
         // SAFETY: plain helper call on our context.
@@ -146,6 +155,11 @@ impl Hook for XdpContext {
                 unsafe { bpf_redirect(ifindex, 0) as u32 }
             }
         }
+    }
+    #[inline(always)]
+    fn tail_call(&self, slot: u32) {
+        // SAFETY: the table holds XDP programs only (the kernel enforces it).
+        unsafe { XDP_CALLS.tail_call(self, slot) }
     }
 }
 
@@ -205,6 +219,12 @@ impl<const EGRESS: bool> Hook for Tc<EGRESS> {
         Ok(())
     }
     #[inline(always)]
+    fn csum_changed(&mut self, diff: u32) {
+        // SAFETY: plain helper call; it does nothing (-ENOTSUPP) unless the
+        // skb is CHECKSUM_COMPLETE.
+        unsafe { bpf_csum_update(self.0.skb.skb, diff) };
+    }
+    #[inline(always)]
     fn grow_head(&mut self, delta: u32) -> Result<(), ()> {
         // SAFETY: plain helper call.
         match unsafe { bpf_skb_change_head(self.0.skb.skb, delta, 0) } {
@@ -246,5 +266,11 @@ impl<const EGRESS: bool> Hook for Tc<EGRESS> {
             // SAFETY: plain helper call.
             Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
         }
+    }
+    #[inline(always)]
+    fn tail_call(&self, slot: u32) {
+        let slot = if EGRESS { tail::PER_HOOK + slot } else { slot };
+        // SAFETY: the table holds TC programs only (the kernel enforces it).
+        unsafe { TC_CALLS.tail_call(&self.0, slot) }
     }
 }

@@ -28,7 +28,7 @@ use crate::{
     hook::{Action, Hook},
     maps::{CONNTRACK, SCRATCH, count_verdict},
     nat::{Target, forward, load_word, ptr, store_word, word},
-    parse::Flow,
+    parse::{Flow, Parsed, parse},
     pipeline::target,
 };
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
@@ -52,6 +52,20 @@ struct Quote {
     /// the quoted addresses' diff (for the quoted L4 checksum).
     icmp_diff: u32,
     inner_diff: u32,
+}
+
+/// The program behind `tail::ICMP_ERROR`: the packet parsed again, then
+/// [`error`].
+#[inline(always)]
+pub fn program(hook: &mut impl Hook) -> Action {
+    let mut flow = core::mem::MaybeUninit::<Flow>::uninit();
+    // SAFETY: only read after `parse` reported an ICMP error, for which it
+    // wrote every field.
+    let flow = unsafe { &mut *flow.as_mut_ptr() };
+    if parse(hook, flow) != Parsed::IcmpError {
+        return pass();
+    }
+    error(hook, flow)
 }
 
 /// Translates an ICMP error that quotes a tracked flow and forwards it;

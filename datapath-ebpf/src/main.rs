@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod fragment;
 mod hook;
 mod icmp;
 mod maps;
@@ -20,30 +21,102 @@ use aya_ebpf::{
 use datapath_common::{SCOPE_EXTERNAL, SCOPE_INTERNAL};
 use hook::{Hook, Tc};
 
+// Each hook has a main program and, in its tail-call table, one program per
+// rarer path (`datapath_common::tail`; the loader finds them by name: the
+// main program's name and `tail::SUFFIXES`).
+
 /// North-south: NodePort, LoadBalancer ingress IPs and externalIPs arriving on
 /// node interfaces, plus replies coming back from remote backends.
 #[xdp]
 pub fn xlb_xdp(mut ctx: XdpContext) -> u32 {
-    let action = pipeline::process(&mut ctx, SCOPE_EXTERNAL);
+    let action = pipeline::process(&mut ctx);
     ctx.verdict(action)
 }
 
-/// East-west: packets from pods (ClusterIP) and replies from local backends,
-/// on the pod-facing side of an interface.
-#[classifier]
-pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
-    let mut hook = Tc::<false>(ctx);
-    let action = pipeline::process(&mut hook, SCOPE_INTERNAL);
-    hook.verdict(action) as i32
+#[xdp]
+pub fn xlb_xdp_icmp_error(mut ctx: XdpContext) -> u32 {
+    let action = icmp::program(&mut ctx);
+    ctx.verdict(action)
 }
 
-/// The same pipeline on the egress side (host-originated traffic to services).
-#[classifier]
-pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
-    let mut hook = Tc::<true>(ctx);
-    let action = pipeline::process(&mut hook, SCOPE_INTERNAL);
-    hook.verdict(action) as i32
+#[xdp]
+pub fn xlb_xdp_fragment(mut ctx: XdpContext) -> u32 {
+    let action = fragment::follow(&mut ctx);
+    ctx.verdict(action)
 }
+
+#[xdp]
+pub fn xlb_xdp_new_flow(mut ctx: XdpContext) -> u32 {
+    let action = pipeline::new_flow_program(&mut ctx, SCOPE_EXTERNAL);
+    ctx.verdict(action)
+}
+
+#[xdp]
+pub fn xlb_xdp_answer(mut ctx: XdpContext) -> u32 {
+    let action = pipeline::answer_program(&mut ctx);
+    ctx.verdict(action)
+}
+
+/// The programs of one TC side: `$egress` tells which.
+macro_rules! tc_programs {
+    ($egress:literal, $main:ident, $icmp:ident, $frag:ident, $new:ident, $answer:ident) => {
+        #[classifier]
+        pub fn $main(ctx: TcContext) -> i32 {
+            let mut hook = Tc::<$egress>(ctx);
+            let action = pipeline::process(&mut hook);
+            hook.verdict(action) as i32
+        }
+
+        #[classifier]
+        pub fn $icmp(ctx: TcContext) -> i32 {
+            let mut hook = Tc::<$egress>(ctx);
+            let action = icmp::program(&mut hook);
+            hook.verdict(action) as i32
+        }
+
+        #[classifier]
+        pub fn $frag(ctx: TcContext) -> i32 {
+            let mut hook = Tc::<$egress>(ctx);
+            let action = fragment::follow(&mut hook);
+            hook.verdict(action) as i32
+        }
+
+        #[classifier]
+        pub fn $new(ctx: TcContext) -> i32 {
+            let mut hook = Tc::<$egress>(ctx);
+            let action = pipeline::new_flow_program(&mut hook, SCOPE_INTERNAL);
+            hook.verdict(action) as i32
+        }
+
+        #[classifier]
+        pub fn $answer(ctx: TcContext) -> i32 {
+            let mut hook = Tc::<$egress>(ctx);
+            let action = pipeline::answer_program(&mut hook);
+            hook.verdict(action) as i32
+        }
+    };
+}
+
+// East-west: packets from pods (ClusterIP) and replies from local backends,
+// on the pod-facing side of an interface.
+tc_programs!(
+    false,
+    xlb_tc_ingress,
+    xlb_tc_ingress_icmp_error,
+    xlb_tc_ingress_fragment,
+    xlb_tc_ingress_new_flow,
+    xlb_tc_ingress_answer
+);
+
+// The same pipeline on the egress side (host-originated traffic to services).
+tc_programs!(
+    true,
+    xlb_tc_egress,
+    xlb_tc_egress_icmp_error,
+    xlb_tc_egress_fragment,
+    xlb_tc_egress_new_flow,
+    xlb_tc_egress_answer
+);
 
 /// Benchmark floor: swap MAC addresses and send the frame back. No lookups.
 #[xdp]

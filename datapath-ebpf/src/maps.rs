@@ -5,11 +5,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat, Service, ServiceKey,
-    SourceRangeKey, verdict,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey, FragPorts, FrontendInfo, RevNat,
+    Service, ServiceKey, SourceRangeKey, tail, verdict,
 };
 
 #[map]
@@ -42,6 +42,14 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 pub static FRONTENDS: HashMap<u32, FrontendInfo> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(1, 0);
+/// The tail-call tables, filled by the loader (`datapath_common::tail`).
+#[map]
+pub static XDP_CALLS: ProgramArray = ProgramArray::with_max_entries(tail::PER_HOOK, 0);
+#[map]
+pub static TC_CALLS: ProgramArray = ProgramArray::with_max_entries(2 * tail::PER_HOOK, 0);
+
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_F_MMAPABLE: u32 = 1024;
 
@@ -54,6 +62,10 @@ pub struct Scratch {
     pub rep: CtEntry,
     pub key: CtKey,
     pub rkey: CtKey,
+    /// What the answer program is to send (`reject::reject`'s `too_big`),
+    /// set by the program that tail-calls it.
+    pub answer: u32,
+    pub _pad: u32,
 }
 
 /// The token bucket of the answers a CPU builds (rejects, packet too big):

@@ -72,6 +72,23 @@ pub fn rewrite(hook: &mut impl Hook, flow: &Flow, t: &Target) -> Result<(), ()> 
     let ports = ptr::<u32>(hook, flow.l4)? as usize;
     let csum_off = flow.l4 + if flow.proto == PROTO_UDP { 6 } else { 16 };
     ptr::<u16>(hook, csum_off)?;
+    let addr_diff = rewrite_addresses(hook, flow, t)?;
+    // Source and destination port as one word, in memory order.
+    let new_ports = t.sport as u32 | (t.dport as u32) << 16;
+    // SAFETY: bounds-checked by `ptr`.
+    let port_diff = unsafe {
+        let old = load_word::<u32>(ports);
+        store_word(ports, new_ports);
+        csum::add(!old, new_ports)
+    };
+    hook.l4_csum(csum_off, addr_diff, port_diff, flow.proto == PROTO_UDP, flow.v6)
+}
+
+/// Rewrites the IP source and destination (and the IPv4 header checksum);
+/// returns the checksum diff of the address change, which the L4 checksum
+/// (its pseudo header) needs. On `Err` nothing was written.
+#[inline(always)]
+pub fn rewrite_addresses(hook: &mut impl Hook, flow: &Flow, t: &Target) -> Result<u32, ()> {
     let mut addr_diff = 0;
     if flow.v6 {
         let a = ptr::<[u32; 8]>(hook, flow.l3 + 8)? as usize;
@@ -98,15 +115,7 @@ pub fn rewrite(hook: &mut impl Hook, flow: &Flow, t: &Target) -> Result<(), ()> 
             store_word(h + 10, csum::apply(old, addr_diff));
         }
     }
-    // Source and destination port as one word, in memory order.
-    let new_ports = t.sport as u32 | (t.dport as u32) << 16;
-    // SAFETY: bounds-checked by `ptr`.
-    let port_diff = unsafe {
-        let old = load_word::<u32>(ports);
-        store_word(ports, new_ports);
-        csum::add(!old, new_ports)
-    };
-    hook.l4_csum(csum_off, addr_diff, port_diff, flow.proto == PROTO_UDP, flow.v6)
+    Ok(addr_diff)
 }
 
 const AF_INET: u8 = 2;

@@ -6,9 +6,13 @@
 //! anything inconsistent is `Malformed` and the pipeline passes it unchanged
 //! (the kernel's own validation then deals with it) and counts it.
 //!
-//! Fragments: a first fragment (offset 0) carries the L4 header and is
-//! balanced by its ports like any packet of its flow. Later fragments carry no
-//! ports; they are passed to the kernel unchanged and counted as `fragment`.
+//! Fragments: a first fragment (offset 0, more fragments) carries the L4
+//! header and is balanced by its ports like any packet of its flow; its UDP
+//! length covers the whole datagram, so it exceeds the fragment's payload.
+//! A later fragment (offset ≠ 0) carries no L4 header: it is `Fragment`, with
+//! the `Flow`'s addresses, protocol, offsets and fragment id filled in and no
+//! ports (`fragment.rs` finds them). An IPv6 fragment header with offset 0
+//! and no more fragments (an atomic fragment, RFC 6946) is no fragmentation.
 //!
 //! ICMP / ICMPv6 errors (`IcmpError`) get their outer header parsed here; the
 //! quoted packet inside is `icmp.rs`'s business. IPv6 packets with a header
@@ -51,10 +55,14 @@ pub struct Flow {
     /// Ports, network order.
     pub sport: u16,
     pub dport: u16,
+    /// IPv4 identification or IPv6 fragment id, as loaded (fragments only).
+    pub frag_id: u32,
     pub v6: bool,
     pub proto: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// The first fragment of a fragmented datagram.
+    pub first_fragment: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -62,6 +70,8 @@ pub enum Parsed {
     /// Not IPv4/IPv6, or not TCP/UDP: none of our business.
     Other,
     Malformed,
+    /// A later fragment: the `Flow` has addresses, protocol, offsets (`l4`
+    /// is where its payload starts), lengths and `frag_id`; no ports.
     Fragment,
     /// A TCP/UDP packet; the `Flow` was filled in.
     Flow,
@@ -149,10 +159,11 @@ fn parse_v4(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
         return Parsed::Malformed;
     }
     // SAFETY: the 20-byte fixed header was bounds-checked above.
-    let (vihl, total, frag, proto, saddr, daddr) = unsafe {
+    let (vihl, total, id, frag, proto, saddr, daddr) = unsafe {
         (
             load_word::<u8>(h),
             u16::from_be(load_word::<u16>(h + 2)) as usize,
+            load_word::<u16>(h + 4),
             u16::from_be(load_word::<u16>(h + 6)),
             load_word::<u8>(h + 9),
             load_word::<u32>(h + 12),
@@ -172,9 +183,6 @@ fn parse_v4(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Parsed::Other;
     }
-    if frag & 0x1fff != 0 {
-        return Parsed::Fragment;
-    }
     set_v4_mapped(&mut f.src, saddr);
     set_v4_mapped(&mut f.dst, daddr);
     f.l3 = l3;
@@ -183,6 +191,12 @@ fn parse_v4(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
     f.proto = proto;
     f.ihl = ihl;
     f.l4_len = total - ihl;
+    f.frag_id = id as u32;
+    // Offset in the low 13 bits, "more fragments" above it.
+    f.first_fragment = frag & 0x3fff == 0x2000;
+    if frag & 0x1fff != 0 {
+        return Parsed::Fragment;
+    }
     if proto == PROTO_ICMP {
         return icmp(hook, f, |t| t == 3 || t == 11 || t == 12);
     }
@@ -222,6 +236,9 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
     }
     let mut off = l3 + 40;
     let end = l3 + 40 + payload;
+    f.first_fragment = false;
+    f.frag_id = 0;
+    let mut later = false;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => break,
@@ -238,17 +255,22 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
                 off += (e[1] as usize + 1) * 8;
             }
             PROTO_AH | PROTO_ESP => return Parsed::ExtHeader,
-            // Fragment header: 8 bytes; offset in the top 13 bits of bytes 2-3.
+            // Fragment header: 8 bytes; offset in the top 13 bits of bytes
+            // 2-3, "more fragments" in the lowest bit, then the 32-bit id.
             44 => {
-                let Some(e) = load::<u32>(hook, off) else {
+                let Some(e) = load::<[u32; 2]>(hook, off) else {
                     return Parsed::Malformed;
                 };
-                let e = e.to_ne_bytes();
-                if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
-                    return Parsed::Fragment;
-                }
-                next = e[0];
+                let b = e[0].to_ne_bytes();
+                let bits = u16::from_be_bytes([b[2], b[3]]);
+                f.frag_id = e[1];
+                f.first_fragment = bits == 1;
+                next = b[0];
                 off += 8;
+                if bits & 0xfff8 != 0 {
+                    later = true;
+                    break;
+                }
             }
             _ => return Parsed::Other,
         }
@@ -256,7 +278,11 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
             return Parsed::Malformed;
         }
     }
-    if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
+    if later {
+        if off > end {
+            return Parsed::Malformed;
+        }
+    } else if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
         // Still inside an extension chain after the limit: a bogus or hostile chain.
         return match next {
             0 | PROTO_ROUTING | 60 | 44 => Parsed::Malformed,
@@ -272,6 +298,9 @@ fn parse_v6(hook: &impl Hook, l3: usize, f: &mut Flow) -> Parsed {
     f.proto = next;
     f.ihl = 0;
     f.l4_len = end - off;
+    if later {
+        return Parsed::Fragment;
+    }
     if next == PROTO_ICMPV6 {
         return icmp(hook, f, |t| (1..=4).contains(&t));
     }
@@ -302,7 +331,9 @@ fn l4(hook: &impl Hook, f: &mut Flow) -> Parsed {
         // SAFETY: the 8-byte UDP header was bounds-checked above.
         let (p, ulen, sum) =
             unsafe { (load_word::<u32>(h), u16::from_be(load_word::<u16>(h + 4)) as usize, load_word::<u16>(h + 6)) };
-        if ulen < 8 || ulen > f.l4_len {
+        // A first fragment's UDP length is the whole datagram's: longer
+        // than this fragment's payload (more fragments follow), never within it.
+        if ulen < 8 || (ulen > f.l4_len) != f.first_fragment {
             return Parsed::Malformed;
         }
         if f.v6 && sum == 0 {

@@ -3,13 +3,13 @@
 //! parse → conntrack → service lookup → select → NAT → forward.
 
 use crate::{
+    fragment,
     hook::{Action, Hook},
-    icmp,
     maps::{
         AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REPLY_BUCKET, REV_NAT, RR_CURSOR, SCRATCH, SERVICE_STATS,
         SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
     },
-    nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, word},
+    nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, rewrite_addresses, word},
     parse::{Flow, Parsed, parse},
     reject::{NO_BACKEND, reject},
 };
@@ -22,19 +22,19 @@ use datapath_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT,
     CtEntry, CtKey, REPLY_RATE_DEFAULT, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRangeKey, ct, hash::flow_hash,
-    verdict,
+    tail, verdict,
 };
 
 /// SNAT ports probed for a free one before the flow is dropped.
 const SNAT_TRIES: u32 = 16;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// What the conntrack / new-flow stages decided; `process` acts on it.
-/// Only `process` calls `reject`, once (the verifier walks a function again
-/// at every call site), and the deepest call chain stays within the
-/// verifier's 512-byte stack budget.
+/// What the conntrack / new-flow stages decided; the programs act on it.
+/// Only the answer program calls `reject`, once (the verifier walks a
+/// function again at every call site), and the deepest call chain stays
+/// within the verifier's 512-byte stack budget.
 #[derive(Clone, Copy)]
-enum Step {
+pub enum Step {
     /// Handled completely (verdict counted): return this action.
     Done(Action),
     /// Rewrite to the `Target` and forward; counted under the reason.
@@ -50,10 +50,13 @@ enum Step {
     TooBig(u32),
 }
 
+/// The main program of a hook: established flows end here; new flows,
+/// answers and the rarer paths continue in programs of their own
+/// (`datapath_common::tail`), each within its own verifier budget.
 #[inline(always)]
-pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
+pub fn process(hook: &mut impl Hook) -> Action {
     // Not zero-initialised: `parse` writes every field before `Parsed::Flow`,
-    // and zeroing 88 bytes per packet is measurable.
+    // and zeroing 80 bytes per packet is measurable.
     let mut flow = core::mem::MaybeUninit::<Flow>::uninit();
     // SAFETY: only written until `parse` reports a complete Flow.
     let flow = unsafe { &mut *flow.as_mut_ptr() };
@@ -61,41 +64,86 @@ pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
         Parsed::Flow => {}
         Parsed::Other => return done(verdict::PASS, Action::Pass),
         Parsed::Malformed => return done(verdict::MALFORMED, Action::Pass),
-        Parsed::Fragment => return done(verdict::FRAGMENT, Action::Pass),
         Parsed::ExtHeader => return done(verdict::EXT_HEADER_PASS, Action::Pass),
-        Parsed::IcmpError => return icmp::error(hook, flow),
+        Parsed::Fragment => return tail_call(hook, tail::FRAGMENT),
+        Parsed::IcmpError => return tail_call(hook, tail::ICMP_ERROR),
     }
     // Bytes for the counters from the parsed lengths: no helper call.
     let len = (flow.l4 + flow.l4_len) as u32;
-    // Every `Step::Nat` / `Step::Done` path sets src, dst and ports before use;
-    // `macs` is only read after `forward` wrote it.
+    // Every `Step::Done` path sets src, dst and ports before use; `macs` is
+    // only read after `lookup` wrote it.
     let mut t = core::mem::MaybeUninit::<Target>::uninit();
     // SAFETY: see above; no field is read before it is written.
     let t = unsafe { &mut *t.as_mut_ptr() };
-    let step = match conntrack(hook, flow, len, t) {
-        Step::Pass(verdict::PASS) => new_flow(flow, scope, len, t),
-        step => step,
-    };
-    let answer = match step {
-        Step::Done(action) => return action,
+    match conntrack::<false>(hook, flow, len, t) {
+        Step::Done(action) => action,
+        Step::Pass(verdict::PASS) => tail_call(hook, tail::NEW_FLOW),
+        Step::TooBig(mtu) => answer_with(hook, mtu),
+        Step::Pass(reason) => done(reason, Action::Pass),
+        _ => done(verdict::REWRITE_FAILED, Action::Drop),
+    }
+}
+
+/// The program behind `tail::NEW_FLOW`: a packet of no live tracked flow
+/// (parsed again), balanced if it is for a service.
+#[inline(always)]
+pub fn new_flow_program(hook: &mut impl Hook, scope: u8) -> Action {
+    let mut flow = core::mem::MaybeUninit::<Flow>::uninit();
+    // SAFETY: only read after `parse` reported a complete Flow.
+    let flow = unsafe { &mut *flow.as_mut_ptr() };
+    if parse(hook, flow) != Parsed::Flow {
+        return done(verdict::PASS, Action::Pass);
+    }
+    let len = (flow.l4 + flow.l4_len) as u32;
+    let mut t = core::mem::MaybeUninit::<Target>::uninit();
+    // SAFETY: `new_flow` sets src, dst and ports before `Step::Nat`; `macs`
+    // is only read after `lookup` wrote it.
+    let t = unsafe { &mut *t.as_mut_ptr() };
+    match new_flow(flow, scope, len, t) {
         Step::Nat(reason) => {
             let route = lookup(hook, flow, t);
-            match translate(hook, flow, t, route, reason) {
-                Step::TooBig(mtu) => mtu,
-                Step::Done(action) => return action,
-                _ => return done(verdict::REWRITE_FAILED, Action::Drop),
+            match translate::<false>(hook, flow, t, route, reason) {
+                Step::Done(action) => action,
+                Step::TooBig(mtu) => answer_with(hook, mtu),
+                _ => done(verdict::REWRITE_FAILED, Action::Drop),
             }
         }
-        Step::Pass(reason) => return done(reason, Action::Pass),
-        Step::Drop(reason) => return done(reason, Action::Drop),
-        Step::Reject => NO_BACKEND,
-        Step::TooBig(mtu) => mtu,
+        Step::Reject => answer_with(hook, NO_BACKEND),
+        Step::Pass(reason) => done(reason, Action::Pass),
+        Step::Drop(reason) => done(reason, Action::Drop),
+        _ => done(verdict::REWRITE_FAILED, Action::Drop),
+    }
+}
+
+/// Continues in the answer program with `answer` (see `reject`).
+#[inline(always)]
+fn answer_with(hook: &mut impl Hook, answer: u32) -> Action {
+    if let Some(sc) = SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU memory; the tail call runs on this CPU next.
+        unsafe { (*sc).answer = answer };
+        return tail_call(hook, tail::ANSWER);
+    }
+    done(verdict::REWRITE_FAILED, Action::Drop)
+}
+
+/// The program behind `tail::ANSWER`: a reject, or "fragmentation needed" /
+/// "packet too big" with the MTU (`Scratch::answer`), from the address the
+/// sender sent to and quoting its own packet, so its path-MTU discovery
+/// works through the VIP (the kernel's own answer, after a DNAT, would quote
+/// the backend's address, which the sender ignores). Rate-limited.
+#[inline(always)]
+pub fn answer_program(hook: &mut impl Hook) -> Action {
+    let mut flow = core::mem::MaybeUninit::<Flow>::uninit();
+    // SAFETY: only read after `parse` reported a complete Flow.
+    let flow = unsafe { &mut *flow.as_mut_ptr() };
+    let Some(sc) = SCRATCH.get_ptr(0) else {
+        return done(verdict::REWRITE_FAILED, Action::Drop);
     };
-    // A reject, or "fragmentation needed" / "packet too big" with the MTU,
-    // from the address the sender sent to and quoting its own packet, so its
-    // path-MTU discovery works through the VIP (the kernel's own answer,
-    // after a DNAT, would quote the backend's address, which the sender
-    // ignores). Rate-limited.
+    // SAFETY: per-CPU memory, written by the program that tail-called this one.
+    let answer = unsafe { (*sc).answer };
+    if parse(hook, flow) != Parsed::Flow {
+        return done(verdict::REWRITE_FAILED, Action::Drop);
+    }
     if !reply_allowed() {
         return done(verdict::REPLY_LIMITED, Action::Drop);
     }
@@ -107,21 +155,45 @@ pub fn process(hook: &mut impl Hook, scope: u8) -> Action {
     }
 }
 
+/// Continues in the hook's program for `slot`; counts the packet as passed
+/// if the table has none.
+#[inline(always)]
+fn tail_call(hook: &mut impl Hook, slot: u32) -> Action {
+    hook.tail_call(slot);
+    done(verdict::TAIL_CALL_FAILED, Action::Pass)
+}
+
 /// Rewrites the packet to `t` and sends it by `route`, counted under
 /// `reason` (`Step::Done`). A packet too big for the route, decided before
 /// any rewrite: with DF set (IPv4), and always over IPv6 (routers never
 /// fragment it), the sender is to be answered (`Step::TooBig`); without DF
 /// a router fragments, so the packet is rewritten and the kernel fragments
-/// and sends it.
+/// and sends it. `LATER`: a later fragment, which has no L4 header to
+/// rewrite and is never answered (it goes to the kernel when too big).
 #[inline(always)]
-fn translate(hook: &mut impl Hook, flow: &Flow, t: &Target, route: Route, reason: u32) -> Step {
+fn translate<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, t: &Target, route: Route, reason: u32) -> Step {
     if let Route::TooBig(mtu) = route
+        && !LATER
         && dont_fragment(hook, flow)
     {
         return Step::TooBig(mtu);
     }
-    if rewrite(hook, flow, t).is_err() {
+    let rewritten = if LATER {
+        // Over IPv6 no checksum covers the addresses of a later fragment
+        // (its first fragment's L4 checksum does, and was updated there).
+        rewrite_addresses(hook, flow, t).map(|diff| {
+            if flow.v6 {
+                hook.csum_changed(diff);
+            }
+        })
+    } else {
+        rewrite(hook, flow, t)
+    };
+    if rewritten.is_err() {
         return Step::Done(done(verdict::REWRITE_FAILED, Action::Drop));
+    }
+    if !LATER && flow.first_fragment {
+        fragment::record(flow);
     }
     count_verdict(reason);
     if let Route::TooBig(_) = route {
@@ -167,7 +239,7 @@ fn reply_allowed() -> bool {
 }
 
 #[inline(always)]
-fn done(reason: u32, action: Action) -> Action {
+pub fn done(reason: u32, action: Action) -> Action {
     count_verdict(reason);
     action
 }
@@ -180,9 +252,10 @@ fn ct_key(flow: &Flow) -> CtKey {
 /// Existing flows: a live forward entry DNATs to its backend (and SNATs if
 /// the flow was SNATed), a live reply entry reverse-NATs; both forward by
 /// the entry's cached FIB result when it has one. `Pass(PASS)` means "not a
-/// tracked flow".
+/// tracked flow". `LATER`: `flow` is a later fragment, with the ports its
+/// first fragment recorded.
 #[inline(never)]
-fn conntrack(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target) -> Step {
+pub fn conntrack<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target) -> Step {
     let key = ct_key(flow);
     let Some(e) = CONNTRACK.get_ptr_mut(&key) else {
         return Step::Pass(verdict::PASS);
@@ -205,7 +278,7 @@ fn conntrack(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target) -> Ste
         count(&SERVICE_STATS, e.rev_nat_id, len);
         count(&BACKEND_STATS, e.backend_id, len);
     }
-    nat_cached(hook, flow, t, e)
+    nat_cached::<LATER>(hook, flow, t, e)
 }
 
 /// The translation conntrack entry `e` gives a packet with tuple `k`: a reply
@@ -239,8 +312,14 @@ pub fn target(e: &CtEntry, k: &CtKey, t: &mut Target) -> bool {
 /// when there is one and the packet is known to fit its MTU, else by a FIB
 /// lookup whose result is cached.
 #[inline(never)]
-fn nat_cached(hook: &mut impl Hook, flow: &Flow, t: &mut Target, e: &mut CtEntry) -> Step {
-    let reason = if e.flags & CT_F_REPLY != 0 { verdict::REVERSE_NAT } else { verdict::CT_HIT };
+fn nat_cached<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, t: &mut Target, e: &mut CtEntry) -> Step {
+    let reason = if LATER {
+        verdict::FRAGMENT_NAT
+    } else if e.flags & CT_F_REPLY != 0 {
+        verdict::REVERSE_NAT
+    } else {
+        verdict::CT_HIT
+    };
     let route = if e.fib_ifindex != 0 && mtu_len(hook, flow) <= e.fib_mtu as u32 {
         t.macs = e.fib_macs;
         Route::Out(e.fib_ifindex)
@@ -253,7 +332,7 @@ fn nat_cached(hook: &mut impl Hook, flow: &Flow, t: &mut Target, e: &mut CtEntry
         }
         route
     };
-    translate(hook, flow, t, route, reason)
+    translate::<LATER>(hook, flow, t, route, reason)
 }
 
 #[inline(always)]

@@ -326,6 +326,7 @@ fn xlb_sizes(n: u32) -> MapSizes {
         conntrack: MapSizes::default().conntrack,
         affinity: 1024,
         source_ranges: 1024,
+        fragments: 1024,
     }
 }
 
