@@ -14,7 +14,10 @@
 //! to the VIP, quoting VIP → client, and only reaches the server because xlb
 //! translates it (the flow's reversed quote, RFC 5508), as netfilter's
 //! `nf_nat_icmp_reply_translation` does for kube-proxy. Without that the
-//! download would stall (a PMTU black hole). Offloads stay on everywhere but
+//! download would stall (a PMTU black hole). With SNAT (the XDP NodePort
+//! case of a backend on another node) the same error must reach the server
+//! as one about its packets to the node's SNAT address and port. Offloads
+//! stay on everywhere but
 //! on the senders into XDP-attached links (see `Topology::attach_xdp`).
 
 use std::{
@@ -129,7 +132,11 @@ fn pattern(i: usize) -> u8 {
     (i * 7 + i / 251) as u8
 }
 
-fn transfer_both_ways(tc: bool, v6: bool) {
+/// `snat`: the backend counts as on another node (XDP, external traffic
+/// under policy Cluster), so the flow is SNATed to the node's address on n1
+/// and the router's error, quoting VIP → client, must reach the server as
+/// one about server → node:SNAT port.
+fn transfer_both_ways(tc: bool, v6: bool, snat: bool) {
     let net = Net::new();
     let mut lb = Lb::new();
     let (vip, server) = if v6 { ("fd96::10", "fd31:2::2") } else { ("10.96.0.10", "172.31.2.2") };
@@ -144,6 +151,9 @@ fn transfer_both_ways(tc: bool, v6: bool) {
         "1280",
     ]);
     lb.tcp_vip_to(vip, server, tc);
+    if snat {
+        lb.config_snat("172.31.2.1", "fd31:2::1", 30000, 32767);
+    }
     net.attach(&mut lb, tc);
 
     let listener = {
@@ -151,13 +161,13 @@ fn transfer_both_ways(tc: bool, v6: bool) {
         TcpListener::bind(SocketAddr::new(server.parse().unwrap(), 8080)).expect("bind")
     };
     let srv = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
+        let (mut s, peer) = listener.accept().expect("accept");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut got = Vec::with_capacity(MB);
         s.read_to_end(&mut got).expect("server read");
         let back: Vec<u8> = (0..MB).map(pattern).collect();
         s.write_all(&back).expect("server write");
-        got
+        (got, peer)
     });
     let mut c = {
         let _in = net.client.enter();
@@ -169,7 +179,9 @@ fn transfer_both_ways(tc: bool, v6: bool) {
     c.shutdown(Shutdown::Write).unwrap();
     let mut down = Vec::with_capacity(MB);
     c.read_to_end(&mut down).unwrap_or_else(|e| panic!("tc={tc} v6={v6}: download: {e} after {} bytes", down.len()));
-    let got = srv.join().expect("server thread");
+    let (got, peer) = srv.join().expect("server thread");
+    let node = if v6 { "fd31:2::1" } else { "172.31.2.1" };
+    assert_eq!(peer.ip().to_string() == node, snat, "tc={tc} v6={v6} snat={snat}: the server saw {peer}");
     assert!(got == up, "tc={tc} v6={v6}: upload intact ({} of {MB} bytes)", got.len());
     assert!(
         down.len() == MB && down.iter().enumerate().all(|(i, &b)| b == pattern(i)),
@@ -182,20 +194,30 @@ fn transfer_both_ways(tc: bool, v6: bool) {
 
 #[test]
 fn path_mtu_discovery_through_xdp_ipv4() {
-    transfer_both_ways(false, false);
+    transfer_both_ways(false, false, false);
 }
 
 #[test]
 fn path_mtu_discovery_through_xdp_ipv6() {
-    transfer_both_ways(false, true);
+    transfer_both_ways(false, true, false);
 }
 
 #[test]
 fn path_mtu_discovery_through_tc_ipv4() {
-    transfer_both_ways(true, false);
+    transfer_both_ways(true, false, false);
 }
 
 #[test]
 fn path_mtu_discovery_through_tc_ipv6() {
-    transfer_both_ways(true, true);
+    transfer_both_ways(true, true, false);
+}
+
+#[test]
+fn path_mtu_discovery_through_xdp_with_snat_ipv4() {
+    transfer_both_ways(false, false, true);
+}
+
+#[test]
+fn path_mtu_discovery_through_xdp_with_snat_ipv6() {
+    transfer_both_ways(false, true, true);
 }
