@@ -408,13 +408,19 @@ pub fn tcp_request_port(ns: &NetNs, to: SocketAddr, msg: &str) -> std::io::Resul
 
 /// One UDP request from `ns` to `to`.
 pub fn udp_request(ns: &NetNs, to: SocketAddr, msg: &str) -> std::io::Result<(String, String)> {
+    parse_echo(&udp_echo(ns, to, msg)?)
+}
+
+/// One datagram to an echo server and its whole answer (`xlb-echo`'s
+/// `NAME <client> <port> <msg>`), from a fresh socket.
+pub fn udp_echo(ns: &NetNs, to: SocketAddr, msg: &str) -> std::io::Result<String> {
     let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
     let s = in_ns(ns, || UdpSocket::bind(any))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     s.send_to(msg.as_bytes(), to)?;
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     let (n, _) = s.recv_from(&mut buf)?;
-    parse_echo(&String::from_utf8_lossy(&buf[..n]))
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 fn parse_echo(line: &str) -> std::io::Result<(String, String)> {

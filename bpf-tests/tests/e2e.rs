@@ -160,6 +160,56 @@ spec:
     assert!(two["icmp_error_pass"].as_u64().unwrap() >= 1, "node 2: {two:#}");
 }
 
+/// 8 KiB UDP requests and 8 KiB answers, six IP fragments each way on
+/// 1500-byte links, through a ClusterIP from a pod and a NodePort from
+/// outside, to the local and the remote (SNATed) backend, in both
+/// families. Netfilter's NAT under kube-proxy reassembles the datagram
+/// first; xlb translates each fragment (the later ones by their first
+/// fragment's ports). What DNS over UDP with large answers (EDNS0, DNSSEC)
+/// needs from a proxy.
+#[test]
+fn large_udp_datagrams_arrive_whole_both_ways() {
+    let big = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: big, namespace: demo}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.0.54
+  clusterIPs: [10.96.0.54, "fd96::54"]
+  selector: {app: web}
+  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30054}]
+"#;
+    let c = two_nodes(&[big], &[]);
+    let client = c.pod("client");
+    let msg: String = (0..8192).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let targets = [
+        (&client.ns, sa("10.96.0.54", 53)),
+        (&client.ns, sa("fd96::54", 53)),
+        (&c.external, sa(&node_addr4(1), 30054)),
+        (&c.external, sa(&node_addr6(1), 30054)),
+    ];
+    for (from, to) in targets {
+        let mut pods = Vec::new();
+        for i in 0..16 {
+            let answer = udp_echo(from, to, &msg).unwrap_or_else(|e| panic!("{to} datagram {i}: {e}"));
+            let mut it = answer.splitn(4, ' ');
+            let (pod, _, _, echoed) = (it.next(), it.next(), it.next(), it.next());
+            assert!(echoed == Some(msg.as_str()), "{to} datagram {i}: {} bytes back, not the 8 KiB sent", answer.len());
+            pods.push(pod.unwrap().to_string());
+        }
+        assert_eq!(spread(&pods).len(), 2, "{to}: local and remote backends: {:?}", spread(&pods));
+    }
+    for node in 1..=2 {
+        let v: serde_json::Value = serde_json::from_str(&c.dump(node, &["-o", "json", "stats"])).unwrap();
+        let v = &v["verdicts"];
+        assert!(v["fragment_nat"].as_u64().unwrap() > 0 || node == 2, "node {node}: {v:#}");
+        assert_eq!(v["malformed"].as_u64().unwrap(), 0, "node {node}: {v:#}");
+    }
+}
+
 /// "should be able to reach pod on ipv4 and ipv6 ip" (dual-stack suite,
 /// test/e2e/network/dual_stack.go): one dual-stack Service, both families
 /// from a pod and from outside; and "should create service with ipv6

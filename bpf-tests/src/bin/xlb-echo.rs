@@ -48,7 +48,7 @@ fn main() {
         });
         let n = name.clone();
         thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while let Ok((len, peer)) = udp.recv_from(&mut buf) {
                 let msg = String::from_utf8_lossy(&buf[..len]);
                 let out = format!("{n} {} {port} {}", canonical(peer), msg.trim_end());
