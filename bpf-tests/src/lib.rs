@@ -271,15 +271,20 @@ impl Lb {
     /// One TCP service `vip:80` in `scope` (TC: internal, XDP: external) with
     /// the single backend `addr:8080` (id 1), Maglev.
     pub fn tcp_vip_to(&mut self, vip: &str, addr: &str, tc: bool) {
+        self.tcp_vip_to_id(1, 1, vip, addr, tc);
+    }
+
+    /// As [`Lb::tcp_vip_to`], with the backend and frontend ids to use.
+    pub fn tcp_vip_to_id(&mut self, backend: u32, id: u32, vip: &str, addr: &str, tc: bool) {
         use datapath_common::{BACKEND_ACTIVE, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL, SCOPE_INTERNAL};
-        self.backend(1, addr, 8080, BACKEND_ACTIVE, 0);
+        self.backend(backend, addr, 8080, BACKEND_ACTIVE, 0);
         let scope = if tc { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
         let spec = xlb::ServiceSpec {
-            id: 1,
+            id,
             scheduler: SCHED_MAGLEV,
             flags: 0,
             affinity_timeout_s: 0,
-            backends: vec![1],
+            backends: vec![backend],
             maglev_size: None,
         };
         self.dp.set_service(svc_key(vip, 80, PROTO_TCP, scope), &spec).expect("set service");

@@ -48,7 +48,13 @@ fn smoke_run_measures_every_system_and_writes_the_report() {
     report::write_all(&r, &dir.path).expect("write the report");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path.join("results.json")).unwrap()).unwrap();
-    for key in ["schema", "machine", "conntrack", "throughput", "skipped", "control_plane", "test_run", "memory"] {
+    for st in &r.tcp_stream {
+        assert!(st.gbit_s > 0.1, "a TCP stream barely moved: {st:?}");
+    }
+    assert_eq!(r.tcp_stream.len(), 4, "floor and ClusterIP, both families: {:?}", r.tcp_stream);
+    for key in
+        ["schema", "machine", "conntrack", "throughput", "skipped", "control_plane", "test_run", "memory", "tcp_stream"]
+    {
         assert!(json.get(key).is_some(), "results.json lacks {key}");
     }
     let t = &json["throughput"][0];

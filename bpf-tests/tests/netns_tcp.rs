@@ -57,3 +57,20 @@ fn tcp_through_tc_ipv4() {
 fn tcp_through_tc_ipv6() {
     through_vip(true, true);
 }
+
+/// A bulk TCP stream from a pod to a ClusterIP, with TSO/GSO on (64 KiB
+/// segments on the pod's veth), stays on xlb's path: conntrack hits one way,
+/// reverse NAT the other, and no packet left to the kernel as too big for
+/// the MTU (a GSO packet is checked by its segments' size) or unroutable.
+/// The bench reports the same streams' Gbit/s (`tcp_stream`).
+#[test]
+fn bulk_tcp_from_a_pod_to_a_cluster_ip_stays_on_xlbs_path() {
+    let s = bpf_tests::bench::stream::measure(1.0, 1).expect("streams");
+    for st in &s.streams {
+        assert!(st.bytes > 10 << 20, "{st:?}: barely moved");
+        eprintln!("{} {}: {:.1} Gbit/s", st.family, st.path, st.gbit_s);
+    }
+    let v = &s.verdicts;
+    assert!(v["ct_hit"] > 1000 && v["reverse_nat"] > 1000, "{v:?}");
+    assert_eq!((v["fib_pass"], v["mtu_pass"], v["frag_needed"]), (0, 0, 0), "{v:?}");
+}

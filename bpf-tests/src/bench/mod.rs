@@ -11,6 +11,7 @@
 pub mod model;
 pub mod net;
 pub mod report;
+pub mod stream;
 pub mod test_run;
 
 use std::{
@@ -184,6 +185,11 @@ pub struct Results {
     /// ns/packet per datapath path (`<path>` at 1 service, `<path>_<N>_services`).
     pub test_run: BTreeMap<String, f64>,
     pub memory: Vec<Memory>,
+    /// Bulk TCP from a pod (offloads on): to a ClusterIP through xlb, and
+    /// straight to the backend (the floor), per family, same run.
+    pub tcp_stream: Vec<stream::Stream>,
+    /// `pod_to_cluster_ip` over `pod_to_pod` Gbit/s, per family.
+    pub tcp_stream_ratio: BTreeMap<&'static str, f64>,
     /// Cilium's default Maglev table (M = 16381) per service, for comparison.
     pub cilium_maglev_bytes_per_service: u64,
 }
@@ -209,6 +215,8 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
         control_plane: Vec::new(),
         test_run: BTreeMap::new(),
         memory: Vec::new(),
+        tcp_stream: Vec::new(),
+        tcp_stream_ratio: BTreeMap::new(),
         cilium_maglev_bytes_per_service: 16_381 * 4,
     };
     if plan.systems.contains(&System::Ipvs)
@@ -271,6 +279,12 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
                 res.control_plane.push(ControlPlane { system, services: n, program_seconds, endpoint_change_ms: ms });
             }
         }
+    }
+    if plan.systems.contains(&System::Xlb) {
+        progress.step("bulk TCP from a pod".into());
+        let s = stream::measure(plan.seconds.max(1.0), if plan.name == "smoke" { 1 } else { 3 })?;
+        res.tcp_stream = s.streams;
+        res.tcp_stream_ratio = s.ratios;
     }
     if plan.test_run_repeat > 0 {
         progress.step("BPF_PROG_TEST_RUN".into());

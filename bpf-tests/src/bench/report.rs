@@ -89,6 +89,17 @@ pub fn markdown(r: &Results) -> String {
             );
         }
     }
+    if !r.tcp_stream.is_empty() {
+        let _ = writeln!(md, "### Bulk TCP from a pod, offloads on (Gbit/s)\n");
+        let _ = writeln!(md, "| family | pod → pod (floor) | pod → ClusterIP | ratio |");
+        let _ = writeln!(md, "|---|---:|---:|---:|");
+        for (family, ratio) in &r.tcp_stream_ratio {
+            let g =
+                |path| r.tcp_stream.iter().find(|s| s.family == *family && s.path == path).map_or(0.0, |s| s.gbit_s);
+            let _ = writeln!(md, "| {family} | {:.1} | {:.1} | {ratio:.2}× |", g("pod_to_pod"), g("pod_to_cluster_ip"));
+        }
+        md.push('\n');
+    }
     let _ = writeln!(md, "### Control plane\n");
     let _ = writeln!(md, "| system | services | program all (s) | one endpoint change (ms) |");
     let _ = writeln!(md, "|---|---:|---:|---:|");

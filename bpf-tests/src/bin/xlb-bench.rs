@@ -53,8 +53,8 @@ fn main() -> anyhow::Result<()> {
     if args.iter().any(|a| a == "--no-test-run") {
         plan.test_run_repeat = 0;
     }
-    // Programming + two traffic modes + endpoint change per (size, system), then test_run.
-    let steps = plan.services.len() as u64 * bench::System::ALL.len() as u64 * 4 + 1;
+    // Programming + two traffic modes + endpoint change per (size, system), then TCP streams and test_run.
+    let steps = plan.services.len() as u64 * bench::System::ALL.len() as u64 * 4 + 2;
     let bar = ProgressBar::new(steps).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "),
     );
