@@ -833,6 +833,14 @@ impl Datapath {
         self.maps.source_ranges.insert(&key, 1, 0).map_err(map_err(maps::SOURCE_RANGES))
     }
 
+    /// Removes a conntrack entry (one direction); absent is not an error.
+    pub fn conntrack_remove(&mut self, key: &CtKey) -> Result<()> {
+        match self.maps.conntrack.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::CONNTRACK)(e)),
+        }
+    }
+
     pub fn affinity_set(&mut self, key: &AffinityKey, v: &AffinityValue) -> Result<()> {
         self.maps.affinity.insert(key, v, 0).map_err(map_err(maps::AFFINITY))
     }

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bench;
 pub mod cluster;
 pub mod fixtures;
+pub mod fuzz;
 pub mod packet;
 pub mod topo;
 

@@ -332,8 +332,9 @@ fn l4(hook: &impl Hook, f: &mut Flow) -> Parsed {
         let (p, ulen, sum) =
             unsafe { (load_word::<u32>(h), u16::from_be(load_word::<u16>(h + 4)) as usize, load_word::<u16>(h + 6)) };
         // A first fragment's UDP length is the whole datagram's: longer
-        // than this fragment's payload (more fragments follow), never within it.
-        if ulen < 8 || (ulen > f.l4_len) != f.first_fragment {
+        // than this fragment's payload (more fragments follow), never within
+        // it. Either way the header itself lies within the IP packet.
+        if ulen < 8 || f.l4_len < 8 || (ulen > f.l4_len) != f.first_fragment {
             return Parsed::Malformed;
         }
         if f.v6 && sum == 0 {

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Project workflows: `cargo xtask setup | test | demo | bench`.
+//! Project workflows: `cargo xtask setup | test | demo | bench | fuzz | clean`.
 mod bench;
 mod clean;
 mod setup;
@@ -41,6 +41,18 @@ enum Cmd {
     /// live-frames traffic, control-plane times, test_run ns/packet and map
     /// memory. `--full` is the run docs/benchmarks.md shows.
     Bench(bench::Args),
+    /// Setup, then the packet fuzzer: mutated seeds of every datapath path
+    /// through the XDP and TC programs, each result checked by an
+    /// independent oracle; ends with `fuzz: N packets, V violations` and
+    /// fails on any violation (each saved under target/fuzz as hex).
+    Fuzz {
+        /// Packets to generate (each runs through both programs).
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// The mutation sequence's seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +66,21 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "-p", "agent", "--bin", "xlb"]).context("building xlb")?;
             cargo(&["build", "--release", "-p", "bpf-tests", "--bins"]).context("building the test binaries")?;
             cargo(&["test", "--release"]).context("tests failed")
+        }
+        Cmd::Fuzz { packets, seed } => {
+            setup::run()?;
+            cargo(&["build", "--release", "--quiet", "-p", "bpf-tests", "--bin", "xlb-fuzz"])
+                .context("building the fuzzer")?;
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let status = Command::new(root.join("target/release/xlb-fuzz"))
+                .current_dir(&root)
+                .args(["--packets", &packets.to_string(), "--seed", &seed.to_string()])
+                .status()
+                .context("running xlb-fuzz")?;
+            if !status.success() {
+                bail!("the fuzzer found violations (see target/fuzz)");
+            }
+            Ok(())
         }
         Cmd::Demo => {
             setup::run()?;
