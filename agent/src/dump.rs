@@ -13,8 +13,8 @@ use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use datapath_common::{
     AffinityKey, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT, CtKey, FrontendInfo,
-    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, Service, ServiceKey, ct,
-    is_v4_mapped, verdict,
+    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, Service,
+    ServiceKey, ct, is_v4_mapped, verdict,
 };
 use serde_json::{Value, json};
 
@@ -81,6 +81,7 @@ fn flag_names(f: u8) -> String {
         (SVC_F_EXT_LOCAL, "local"),
         (SVC_F_NODEPORT, "nodeport"),
         (SVC_F_SOURCE_RANGES, "source-ranges"),
+        (SVC_F_NO_LOCAL_DROP, "drop-no-local"),
     ] {
         if f & bit != 0 {
             v.push(n);
@@ -417,6 +418,13 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
         }
         let slots = v.maps.region_slots(&svc)?;
         match pick(&svc, &slots, &caddr, sport, dport, proto, 0) {
+            Pick::Reject if svc.flags & SVC_F_NO_LOCAL_DROP != 0 => {
+                lines.push(
+                    "→ no endpoint on this node (Local policy; the Service has endpoints elsewhere): the flow is dropped"
+                        .into(),
+                );
+                answer = json!({"service": name, "backend": null, "reason": "no_local_endpoint"});
+            }
             Pick::Reject => {
                 lines.push("→ no eligible backend: the flow is rejected (TCP RST / ICMP unreachable)".into());
                 answer = json!({"service": name, "backend": null, "reason": "no_backend"});

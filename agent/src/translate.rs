@@ -244,6 +244,12 @@ pub struct Frontend {
     /// externalTrafficPolicy (external frontends) or internalTrafficPolicy
     /// (ClusterIP) is `Local`: only node-local endpoints, never SNAT.
     pub local_only: bool,
+    /// A `Local` policy whose Service has usable endpoints, none of them on
+    /// this node: new flows are dropped, not rejected (kube-proxy's DROP
+    /// "has no local endpoints"), so clients retransmit while a load
+    /// balancer's health checks move traffic elsewhere. A Service with no
+    /// usable endpoint at all is rejected.
+    pub no_local_endpoints: bool,
     /// Maglev table size (prime), 0 for other schedulers or no backends.
     pub maglev_size: u32,
     /// loadBalancerSourceRanges of a LoadBalancer frontend; empty: any source.
@@ -799,10 +805,12 @@ fn service_frontends(
         let endpoints = endpoints_for(port, proto, slices, node);
         let make = |kind: Kind, address: IpAddr, port: u16, scope: Scope, local_only: bool| {
             let v4 = address.is_ipv4();
-            let candidates: Vec<&Endpoint> =
-                endpoints.iter().filter(|e| e.address.is_ipv4() == v4 && (!local_only || e.local)).collect();
+            let family: Vec<&Endpoint> = endpoints.iter().filter(|e| e.address.is_ipv4() == v4).collect();
+            let candidates: Vec<&Endpoint> = family.iter().copied().filter(|e| !local_only || e.local).collect();
             let backends = select_backends(&candidates);
             let active = backends.iter().filter(|b| b.state == BackendState::Active).count();
+            let usable_anywhere =
+                local_only && select_backends(&family).iter().any(|b| b.state == BackendState::Active);
             let maglev_size = match (scheduler, active) {
                 (Scheduler::Maglev, n) if n > 0 => maglev_override.unwrap_or_else(|| {
                     let want = (n as u64 * 100).clamp(opts.maglev_min as u64, opts.maglev_max as u64) as u32;
@@ -818,6 +826,7 @@ fn service_frontends(
                 scheduler,
                 affinity_timeout_s,
                 local_only,
+                no_local_endpoints: active == 0 && usable_anywhere,
                 maglev_size,
                 source_ranges: if kind == Kind::LoadBalancer {
                     source_ranges.iter().filter(|n| family_matches(&n.addr(), &address)).copied().collect()
@@ -845,9 +854,10 @@ fn service_frontends(
                 }
                 Some(np) => {
                     for a in node_addrs.iter().filter(|a| families.contains(&a.is_ipv4())) {
-                        let mut f = make(Kind::NodePort, *a, np as u16, Scope::External, ext_local);
-                        f.name = name.clone();
-                        out.push(f);
+                        out.push(make(Kind::NodePort, *a, np as u16, Scope::External, ext_local));
+                        if ext_local {
+                            out.push(make(Kind::NodePort, *a, np as u16, Scope::Internal, false));
+                        }
                     }
                 }
             }
@@ -862,6 +872,13 @@ fn service_frontends(
                     continue;
                 }
                 out.push(make(kind, *a, svc_port, Scope::External, ext_local));
+                if ext_local {
+                    // kube-proxy's "pod traffic for external destinations":
+                    // pods (and, later, the host) reaching an external
+                    // address of a Local Service get the Cluster endpoints,
+                    // as if they had gone out to the load balancer and back.
+                    out.push(make(kind, *a, svc_port, Scope::Internal, false));
+                }
             }
         }
         if i == 0 {
@@ -884,10 +901,16 @@ fn service_frontends(
 }
 
 /// The endpoints of `slices` serving service port `port` (by name and
-/// protocol), deduplicated by address.
+/// protocol), one per address:port. The same address may serve on two
+/// ports (hostNetwork pods of one node behind a named targetPort); a true
+/// duplicate (an endpoint in two slices, e.g. while slices are migrated)
+/// keeps its best copy — local (as kube-proxy's endpointslicecache
+/// prefers), then ready, serving, not terminating — so the result does not
+/// depend on the order the slices arrive in.
 fn endpoints_for(port: &ServicePort, proto: Protocol, slices: &[&EndpointSlice], node: &NodeInfo) -> Vec<Endpoint> {
     let want_name = port.name.clone().unwrap_or_default();
-    let mut seen: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
+    let mut seen: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    let rank = |e: &Endpoint| (e.local, e.ready, e.serving, !e.terminating);
     for s in slices {
         if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
             continue; // FQDN slices are not load-balanced by kube-proxy either
@@ -918,11 +941,10 @@ fn endpoints_for(port: &ServicePort, proto: Protocol, slices: &[&EndpointSlice],
                     continue;
                 }
                 let ep = Endpoint { address, port: tp, ready, serving, terminating, local };
-                // A duplicate (e.g. during a slice migration): prefer the ready copy.
-                match seen.get(&address) {
-                    Some(old) if old.ready || !ready => {}
+                match seen.get(&(address, tp)) {
+                    Some(old) if rank(old) >= rank(&ep) => {}
                     _ => {
-                        seen.insert(address, ep);
+                        seen.insert((address, tp), ep);
                     }
                 }
             }

@@ -30,7 +30,7 @@ use std::{
 
 use datapath_common::{
     BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, Backend, FrontendInfo, SVC_F_AFFINITY, SVC_F_EXT_LOCAL,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey,
+    SVC_F_NO_LOCAL_DROP, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey,
 };
 use serde::Serialize;
 
@@ -482,6 +482,9 @@ impl Writer {
         }
         if !f.source_ranges.is_empty() {
             flags |= SVC_F_SOURCE_RANGES;
+        }
+        if f.no_local_endpoints {
+            flags |= SVC_F_NO_LOCAL_DROP;
         }
         let spec = ServiceSpec {
             id,

@@ -28,11 +28,17 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// The frontend of `kind` at `addr:port` in its own scope (a ClusterIP's
+/// internal, the others' external).
 fn find<'a>(d: &'a Desired, kind: Kind, addr: &str, port: u16) -> &'a Frontend {
+    find_in(d, kind, addr, port, if kind == Kind::ClusterIp { Scope::Internal } else { Scope::External })
+}
+
+fn find_in<'a>(d: &'a Desired, kind: Kind, addr: &str, port: u16, scope: Scope) -> &'a Frontend {
     d.frontends
         .iter()
-        .find(|f| f.kind == kind && f.key.address == ip(addr) && f.key.port == port)
-        .unwrap_or_else(|| panic!("no {kind:?} {addr}:{port} in {:#?}", d.frontends))
+        .find(|f| f.kind == kind && f.key.address == ip(addr) && f.key.port == port && f.key.scope == scope)
+        .unwrap_or_else(|| panic!("no {kind:?} {addr}:{port} ({scope:?}) in {:#?}", d.frontends))
 }
 
 fn active(f: &Frontend) -> Vec<String> {
@@ -301,16 +307,47 @@ fn traffic_policies_local() {
     assert_eq!(d.health_checks.len(), 1);
     assert_eq!((d.health_checks[0].port, d.health_checks[0].local_endpoints), (32000, 1));
 
-    // No local endpoint: the health check reports 0 (→ 503) and the NodePort rejects.
+    // kube-proxy's "pod traffic for external destinations": from pods the
+    // NodePort leads to every endpoint (the internal-scope view).
+    let from_pods = find_in(&d, Kind::NodePort, "192.168.1.10", 30036, Scope::Internal);
+    assert!(!from_pods.local_only && !from_pods.no_local_endpoints);
+    assert_eq!(active(from_pods).len(), 2, "Cluster endpoints for pod traffic");
+
+    // No local endpoint: the health check reports 0 (→ 503); the NodePort
+    // drops (endpoints exist elsewhere: kube-proxy's DROP, not REJECT), and
+    // pods still reach the endpoints on other nodes.
     let none = y.replace("nodeName: node-a", "nodeName: node-c");
     let d = run(&none);
     assert_eq!(d.health_checks[0].local_endpoints, 0);
-    assert!(find(&d, Kind::NodePort, "192.168.1.10", 30036).backends.is_empty());
+    let np = find(&d, Kind::NodePort, "192.168.1.10", 30036);
+    assert!(np.backends.is_empty() && np.no_local_endpoints, "{np:#?}");
+    assert_eq!(active(find_in(&d, Kind::NodePort, "192.168.1.10", 30036, Scope::Internal)).len(), 2);
 
     let itp = WEB.replace("type: ClusterIP", "type: ClusterIP\n  internalTrafficPolicy: Local");
     let d = run(&itp);
     assert_eq!(active(&d.frontends[0]), ["10.0.1.5:8080"]);
+    assert!(!d.frontends[0].no_local_endpoints);
     assert!(d.health_checks.is_empty());
+    // internalTrafficPolicy Local with the endpoints elsewhere: the ClusterIP drops too.
+    let d = run(&itp.replace("nodeName: node-a", "nodeName: node-c"));
+    assert!(d.frontends[0].backends.is_empty() && d.frontends[0].no_local_endpoints);
+}
+
+/// kube-proxy REJECTs ("has no endpoints") only a Service with no usable
+/// endpoint anywhere; Cluster policies never drop.
+#[test]
+fn no_endpoints_at_all_rejects_rather_than_drops() {
+    let y = WEB
+        .replace("type: ClusterIP", "type: NodePort\n  externalTrafficPolicy: Local")
+        .replace("targetPort: http}", "targetPort: http, nodePort: 30036}")
+        .replace("conditions: {ready: true}", "conditions: {ready: false}");
+    let d = run(&y);
+    for f in &d.frontends {
+        assert!(f.active().next().is_none() && !f.no_local_endpoints, "{f:#?}");
+    }
+    for f in &run(WEB).frontends {
+        assert!(!f.no_local_endpoints);
+    }
 }
 
 fn with_conditions(a: &str, b: &str) -> String {
@@ -404,6 +441,43 @@ fn duplicate_endpoints_across_slices_count_once() {
     let slice = WEB.split("---").nth(1).unwrap().replace("name: web-abc", "name: web-def");
     let y = format!("{WEB}---{slice}");
     assert_eq!(active(&run(&y).frontends[0]).len(), 2);
+}
+
+/// kube-proxy keys endpoints by address:port (endpointslicecache.go): two
+/// hostNetwork pods on one node share the node's address and serve on
+/// different ports behind a named targetPort; both are backends.
+#[test]
+fn one_address_on_two_ports_is_two_endpoints() {
+    let other =
+        WEB.split("---").nth(1).unwrap().replace("name: web-abc", "name: web-host").replace("port: 8080", "port: 8081");
+    let d = run(&format!("{WEB}---{other}"));
+    let mut got = active(&d.frontends[0]);
+    got.sort();
+    assert_eq!(got, ["10.0.1.5:8080", "10.0.1.5:8081", "10.0.2.5:8080", "10.0.2.5:8081"]);
+}
+
+/// A true duplicate keeps its best copy (local, then ready, serving, not
+/// terminating), whichever slice comes first: the result is the same for
+/// any slice order.
+#[test]
+fn a_duplicate_endpoint_resolves_the_same_in_any_slice_order() {
+    // The same endpoint 10.0.2.5:8080 in a second slice, claimed there by
+    // this node and not ready.
+    let dup = WEB
+        .split("---")
+        .nth(1)
+        .unwrap()
+        .replace("name: web-abc", "name: web-zzz")
+        .replace("- addresses: [10.0.1.5]\n  conditions: {ready: true}\n  nodeName: node-a\n", "")
+        .replace("conditions: {ready: true}\n  nodeName: node-b", "conditions: {ready: false}\n  nodeName: node-a");
+    assert!(dup.contains("ready: false") && !dup.contains("10.0.1.5"), "{dup}");
+    let (svc, slice) = WEB.split_once("---").unwrap();
+    let a = run(&format!("{svc}---{slice}---{dup}"));
+    let b = run(&format!("{svc}---{dup}---{slice}"));
+    assert_eq!(a, b, "slice order changed the result");
+    let f = &a.frontends[0];
+    let copy = f.backends.iter().find(|x| x.address == ip("10.0.2.5")).expect("the duplicate");
+    assert!(copy.node_local, "the local copy wins: {f:#?}");
 }
 
 #[test]

@@ -482,6 +482,15 @@ pub fn refused(ns: &NetNs, to: SocketAddr) -> bool {
     }
 }
 
+/// A TCP connect from `ns` to `to` gets no answer at all within 2 s (the
+/// SYN was dropped): neither a connection nor a refusal.
+pub fn unanswered(ns: &NetNs, to: SocketAddr) -> bool {
+    match in_ns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(2))) {
+        Err(e) => e.kind() == std::io::ErrorKind::TimedOut,
+        Ok(_) => false,
+    }
+}
+
 /// Parses an address for the request helpers.
 pub fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port)

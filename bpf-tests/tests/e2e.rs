@@ -424,10 +424,15 @@ spec:
 }
 
 /// ESIPP suite (service.go, "[sig-network] ESIPP"): "should work for
-/// type=NodePort" (the backend sees the client's address), "should only
-/// target nodes with endpoints" and "should work from pods"; plus the
-/// healthCheckNodePort answers 200 on a node with a local endpoint and 503
-/// on one without.
+/// type=LoadBalancer" / "type=NodePort" (the backend sees the client's
+/// address), "should only target nodes with endpoints" (a node without one
+/// drops: kube-proxy's DROP "has no local endpoints", so the client
+/// retransmits while the load balancer's health check catches up; not a
+/// REJECT), and "should work from pods": a pod on a node without a local
+/// endpoint reaching the LoadBalancer IP or its own node's NodePort gets the
+/// Cluster endpoints with its own address kept (kube-proxy's "pod traffic
+/// for external destinations"). Plus the healthCheckNodePort: 200 on the
+/// node with the endpoint, 503 on the other.
 #[test]
 fn external_traffic_policy_local() {
     let local = r#"
@@ -435,32 +440,44 @@ apiVersion: v1
 kind: Service
 metadata: {name: local, namespace: demo}
 spec:
-  type: NodePort
+  type: LoadBalancer
   externalTrafficPolicy: Local
   healthCheckNodePort: 32100
   clusterIP: 10.96.0.50
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30050}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}
 "#;
     let mut c = two_nodes(&[local], &[]);
-    c.set_pod_state("web-2a", PodState::Gone);
+    // The only endpoint is web-2a, on node-2; the client pod is on node-1.
+    c.set_pod_state("web-1a", PodState::Gone);
     c.write_manifests(&[]);
     c.wait_synced(2);
     for i in 0..10 {
-        let (pod, from) = tcp_request(&c.external, sa(&node_addr4(1), 30050), &format!("l{i}")).unwrap();
-        assert_eq!(pod, "web-1a");
+        let (pod, from) = tcp_request(&c.external, sa(&node_addr4(2), 30050), &format!("l{i}")).unwrap();
+        assert_eq!(pod, "web-2a");
         assert_eq!(from.rsplit_once(':').unwrap().0, EXTERNAL4, "no SNAT under Local: the real client");
     }
-    // node-2 has no local endpoint: no traffic is sent to another node.
-    assert!(refused(&c.external, sa(&node_addr4(2), 30050)), "node-2 must not forward");
-    let (code, body) = http_get(&c.external, sa(&node_addr4(1), 32100), "/");
+    // node-1 has no local endpoint: its NodePort and the LoadBalancer IP
+    // (routed to node-1) drop, without forwarding or refusing.
+    for to in [sa(&node_addr4(1), 30050), sa("198.51.100.50", 80)] {
+        assert!(unanswered(&c.external, to), "{to}: node-1 must drop, not forward or refuse");
+    }
+    let v: serde_json::Value = serde_json::from_str(&c.dump(1, &["-o", "json", "stats"])).unwrap();
+    assert!(v["verdicts"]["no_local_endpoint_drop"].as_u64().unwrap() >= 2, "{:#}", v["verdicts"]);
+    assert_eq!(v["verdicts"]["no_backend_reject"].as_u64().unwrap(), 0, "{:#}", v["verdicts"]);
+    let (code, body) = http_get(&c.external, sa(&node_addr4(2), 32100), "/");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"localEndpoints\":1"), "{body}");
-    let (code, body) = http_get(&c.external, sa(&node_addr4(2), 32100), "/");
+    let (code, body) = http_get(&c.external, sa(&node_addr4(1), 32100), "/");
     assert_eq!(code, 503, "{body}");
-    // From a pod, the ClusterIP still reaches every endpoint (Local is about external traffic).
-    let (pod, _) = tcp_request(&c.pod("client").ns, sa("10.96.0.50", 80), "x").unwrap();
-    assert_eq!(pod, "web-1a");
+    // "should work from pods": the Cluster endpoints, the pod's own address.
+    let client = c.pod("client");
+    for to in [sa("198.51.100.50", 80), sa(&node_addr4(1), 30050), sa("10.96.0.50", 80)] {
+        let (pod, from) = tcp_request(&client.ns, to, "p").unwrap_or_else(|e| panic!("{to} from a pod: {e}"));
+        assert_eq!(pod, "web-2a", "{to}");
+        assert_eq!(from.rsplit_once(':').unwrap().0, client.ip4, "{to}: the pod's own address");
+    }
 }
 
 /// loadbalancer.go "should only allow access from service loadbalancer

@@ -14,7 +14,7 @@ use bpf_tests::{
 use datapath_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CFG_F_KEEP_TTL, CT_F_REPLY,
     CT_F_SNAT, Config, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SVC_F_AFFINITY,
-    SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, ct,
+    SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_SOURCE_RANGES, ct,
 };
 
 #[test]
@@ -143,6 +143,24 @@ fn vlan_ipv4_options_and_ipv6_extension_headers_are_balanced() {
             assert_eq!(out, dnatted(&p, b));
             verify_checksums(&out);
         }
+    });
+}
+
+/// kube-proxy's DROP "has no local endpoints": a Local-policy service with
+/// endpoints only on other nodes (the agent sets SVC_F_NO_LOCAL_DROP) drops
+/// new flows silently, TCP and UDP, so clients retransmit; no RST, no ICMP.
+#[test]
+fn no_local_endpoint_drops_instead_of_rejecting() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        vip_service(&mut w, prog, v6, SCHED_MAGLEV, SVC_F_NO_LOCAL_DROP, &[]);
+        let (vip, client) = family(v6);
+        for p in [Pkt::tcp(client, 40000, vip, 80, SYN), Pkt::udp(client, 5353, vip, 80).payload(b"query")] {
+            let (v, _) = w.lb.run(prog, &p.build());
+            assert_eq!(v, Verdict::Drop, "{prog:?} v6={v6} {p:?}");
+        }
+        assert_eq!((w.lb.verdict("no_local_endpoint_drop"), w.lb.verdict("no_backend_reject")), (2, 0));
     });
 }
 

@@ -43,6 +43,10 @@ pub const SVC_F_EXT_LOCAL: u8 = 1 << 1;
 pub const SVC_F_NODEPORT: u8 = 1 << 2;
 /// loadBalancerSourceRanges set: a source must match SOURCE_RANGES or is dropped.
 pub const SVC_F_SOURCE_RANGES: u8 = 1 << 3;
+/// The service has usable endpoints, none eligible on this node (a Local
+/// policy): a new flow is dropped, not rejected (kube-proxy's DROP "has no
+/// local endpoints").
+pub const SVC_F_NO_LOCAL_DROP: u8 = 1 << 4;
 
 /// [`Backend::state`] values. `BACKEND_EMPTY` (zero) marks an unused array slot.
 pub const BACKEND_EMPTY: u8 = 0;
@@ -364,8 +368,12 @@ pub mod verdict {
     /// missing from the tail-call table (an agent stopped before it pinned
     /// the table): passed unchanged.
     pub const TAIL_CALL_FAILED: u32 = 19;
+    /// A new flow to a service whose endpoints are all on other nodes
+    /// under a Local policy (`SVC_F_NO_LOCAL_DROP`): dropped, as kube-proxy
+    /// does, so the client retransmits.
+    pub const NO_LOCAL_ENDPOINT_DROP: u32 = 20;
     /// Number of reasons (size of VERDICTS).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     /// Names in index order, for `xlb dump stats` and the tests.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -388,6 +396,7 @@ pub mod verdict {
         "mtu_pass",
         "fragment_nat",
         "tail_call_failed",
+        "no_local_endpoint_drop",
     ];
 }
 

@@ -21,8 +21,8 @@ use aya_ebpf::{
 use datapath_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT,
     CtEntry, CtKey, REPLY_RATE_DEFAULT, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRangeKey, ct, hash::flow_hash,
-    tail, verdict,
+    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRangeKey, ct,
+    hash::flow_hash, tail, verdict,
 };
 
 /// SNAT ports probed for a free one before the flow is dropped.
@@ -379,6 +379,7 @@ fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
     let backend_id = select(&svc, flow, hash);
     let b = match BACKENDS.get(backend_id) {
         Some(b) if backend_id != 0 && b.state != BACKEND_EMPTY => b,
+        _ if svc.flags & SVC_F_NO_LOCAL_DROP != 0 => return Step::Drop(verdict::NO_LOCAL_ENDPOINT_DROP),
         _ => return Step::Reject,
     };
     t.dst = b.addr;

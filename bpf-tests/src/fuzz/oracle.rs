@@ -7,7 +7,7 @@
 //! - passed unchanged (pass, malformed, fragment, icmp_error_pass,
 //!   ext_header_pass, tail_call_failed): byte-identical output;
 //! - dropped (snat_exhausted, source_range_drop, rewrite_failed,
-//!   reply_limited);
+//!   reply_limited, no_local_endpoint_drop);
 //! - translated (new_flow, ct_hit, reverse_nat, ct_full, fragment_nat;
 //!   redirected, or passed with fib_pass / mtu_pass): the same packet with
 //!   only MACs, TTL, addresses, ports and checksums changed, the addresses
@@ -76,7 +76,7 @@ pub fn judge(lb: &Lb, known: &Known, input: &[u8], v: Verdict, out: &[u8], delta
             }
             Ok(Outcome::Unchanged)
         }
-        SNAT_EXHAUSTED | SOURCE_RANGE_DROP | REWRITE_FAILED | REPLY_LIMITED => {
+        SNAT_EXHAUSTED | SOURCE_RANGE_DROP | REWRITE_FAILED | REPLY_LIMITED | NO_LOCAL_ENDPOINT_DROP => {
             if v != Verdict::Drop {
                 return Err(format!("{}: {v:?}", NAMES[reason as usize]));
             }
