@@ -266,6 +266,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     let mut last_config = None;
+    // Expected skips (headless, ExternalName …) are logged once, at debug.
+    let mut logged_skips = std::collections::HashSet::new();
     loop {
         tokio::select! {
             changed = rx.changed() => {
@@ -297,6 +299,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 m.problems.set((d.problems.len() + report.failed.len()) as i64);
                 for p in &d.problems {
                     tracing::warn!(service = %p.service, "{}", p.message);
+                }
+                for p in &d.skipped {
+                    if logged_skips.insert((p.service.clone(), p.message.clone())) {
+                        tracing::debug!(service = %p.service, "{}", p.message);
+                    }
                 }
                 for p in &report.failed {
                     tracing::error!(service = %p.service, "{}", p.message);

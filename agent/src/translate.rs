@@ -264,6 +264,43 @@ impl Frontend {
     }
 }
 
+/// A message of one Service's translation: a problem, or a skip that is
+/// expected by design (headless, ExternalName, an `ipMode: Proxy` address),
+/// which is not a problem: no warning, no Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Note {
+    expected: bool,
+    message: String,
+}
+
+impl Note {
+    fn expected(message: &str) -> Self {
+        Self { expected: true, message: message.into() }
+    }
+}
+
+impl From<String> for Note {
+    fn from(message: String) -> Self {
+        Self { expected: false, message }
+    }
+}
+
+impl From<&str> for Note {
+    fn from(message: &str) -> Self {
+        Self { expected: false, message: message.into() }
+    }
+}
+
+/// The notes of one Service's translation, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Notes(Vec<Note>);
+
+impl Notes {
+    fn push(&mut self, n: impl Into<Note>) {
+        self.0.push(n.into());
+    }
+}
+
 /// Something in the input xlb did not (fully) program, with the object it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Problem {
@@ -288,8 +325,12 @@ pub struct Desired {
     /// the same `Arc`s from one [`Translator::translate`] to the next.
     pub frontends: Vec<Arc<Frontend>>,
     pub health_checks: Vec<HealthCheck>,
-    /// Services or ports skipped (ExternalName, headless, SCTP, bad values …).
+    /// Services or ports skipped for a reason worth a warning (SCTP, bad
+    /// values, conflicts …).
     pub problems: Vec<Problem>,
+    /// Services skipped by design, not problems: headless and ExternalName
+    /// Services (DNS serves them), `ipMode: Proxy` ingress addresses.
+    pub skipped: Vec<Problem>,
 }
 
 /// An endpoint of a slice, with kube-proxy's condition defaults applied.
@@ -324,7 +365,7 @@ struct Cached {
     version: String,
     slices: Vec<(String, String)>,
     frontends: Vec<Arc<Frontend>>,
-    problems: Vec<String>,
+    problems: Notes,
     health_checks: Vec<HealthCheck>,
     /// The last [`Translator::translate`] call that saw the Service.
     seen: u64,
@@ -381,7 +422,7 @@ struct PrevService {
     /// output (`None`: another Service holds that key).
     keys: Vec<FrontendKey>,
     placed: Vec<Option<usize>>,
-    problems: Vec<String>,
+    problems: Notes,
     health_checks: Vec<HealthCheck>,
 }
 
@@ -476,7 +517,7 @@ impl Translator {
             let (svc, ps) = (&*services[i], &p.per_service[i]);
             let sl: Vec<&EndpointSlice> = ps.slices.iter().map(|&j| &*slices[j]).collect();
             let id = format!("{}/{}", namespace(&svc.metadata), svc.metadata.name.as_deref().unwrap_or(""));
-            let (mut problems, mut health) = (Vec::new(), Vec::new());
+            let (mut problems, mut health) = (Notes::default(), Vec::new());
             let frontends = service_frontends(svc, &id, &sl, node, opts, &mut problems, &mut health);
             // Only endpoints changed: the same frontends, problems and health checks.
             if frontends.len() != ps.keys.len()
@@ -545,7 +586,7 @@ impl Translator {
                 self.cache.get(&h).is_some_and(|c| c.namespace == ns && c.name == name && up_to_date(c, svc, &sl));
             if !hit {
                 let id = format!("{ns}/{name}");
-                let (mut p, mut health) = (Vec::new(), Vec::new());
+                let (mut p, mut health) = (Notes::default(), Vec::new());
                 let frontends = service_frontends(svc, &id, &sl, node, opts, &mut p, &mut health);
                 let versioned =
                     svc.metadata.resource_version.is_some() && sl.iter().all(|s| s.metadata.resource_version.is_some());
@@ -571,7 +612,10 @@ impl Translator {
             let c = self.cache.get_mut(&h).expect("cached above");
             c.seen = call;
             let id = || format!("{ns}/{name}");
-            problems.extend(c.problems.iter().map(|m| Problem { service: id(), message: m.clone() }));
+            for n in &c.problems.0 {
+                let p = Problem { service: id(), message: n.message.clone() };
+                if n.expected { out.skipped.push(p) } else { problems.push(p) }
+            }
             out.health_checks.extend(c.health_checks.iter().cloned());
             let mut mine = PrevService::default();
             if record {
@@ -669,16 +713,16 @@ fn service_frontends(
     slices: &[&EndpointSlice],
     node: &NodeInfo,
     opts: &Options,
-    problems: &mut Vec<String>,
+    problems: &mut Notes,
     health_checks: &mut Vec<HealthCheck>,
 ) -> Vec<Frontend> {
     let Some(spec) = &svc.spec else {
-        problems.push("no spec; skipped".into());
+        problems.push("no spec; skipped");
         return Vec::new();
     };
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     if ty == "ExternalName" {
-        problems.push("type ExternalName is resolved by DNS, not load-balanced; skipped".into());
+        problems.push(Note::expected("type ExternalName is resolved by DNS, not load-balanced; skipped"));
         return Vec::new();
     }
     if !matches!(ty, "ClusterIP" | "NodePort" | "LoadBalancer") {
@@ -686,7 +730,9 @@ fn service_frontends(
         return Vec::new();
     }
     if spec.cluster_ip.as_deref() == Some("None") {
-        problems.push("headless (clusterIP: None): DNS returns the endpoints, nothing to load-balance; skipped".into());
+        problems.push(Note::expected(
+            "headless (clusterIP: None): DNS returns the endpoints, nothing to load-balance; skipped",
+        ));
         return Vec::new();
     }
     // Cluster IPs, and the families the service has.
@@ -759,9 +805,9 @@ fn service_frontends(
         .filter_map(|i| {
             let ip = i.ip.as_deref()?;
             if i.ip_mode.as_deref() == Some("Proxy") {
-                problems.push(format!(
+                problems.push(Note::expected(&format!(
                     "LoadBalancer ingress {ip} has ipMode Proxy: the load balancer proxies, not bound here"
-                ));
+                )));
                 return None;
             }
             ip.parse().map_err(|_| problems.push(format!("bad LoadBalancer ingress IP {ip:?}; ignored"))).ok()
