@@ -116,19 +116,28 @@ impl Collector for MapCollector {
                 ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
             }
         }
-        let names: HashMap<u32, (String, String, &str)> = maps
+        let names: HashMap<u32, (String, String, &str, &str)> = maps
             .frontends()
             .into_iter()
             .map(|(id, i)| {
                 let name = String::from_utf8_lossy(&i.name[..i.name_len as usize]).into_owned();
                 let kind = crate::translate::Kind::from_number(i.kind).map(|k| k.name()).unwrap_or("?");
-                (id, (name, crate::dump::frontend_addr(&i.key), kind))
+                // One address can have a frontend per scope (a Local
+                // Service's external address as pods see it).
+                let scope = if i.key.scope == datapath_common::SCOPE_INTERNAL { "internal" } else { "external" };
+                (id, (name, crate::dump::frontend_addr(&i.key), kind, scope))
             })
             .collect();
         let mut stats = Vec::new();
-        for (id, (name, addr, kind)) in &names {
+        for (id, (name, addr, kind, scope)) in &names {
             if let Ok(c) = maps.service_stats(*id) {
-                stats.push(([("service", name.clone()), ("frontend", addr.clone()), ("kind", kind.to_string())], c));
+                let labels = [
+                    ("service", name.clone()),
+                    ("frontend", addr.clone()),
+                    ("kind", kind.to_string()),
+                    ("scope", scope.to_string()),
+                ];
+                stats.push((labels, c));
             }
         }
         encode_counters(&mut encoder, "xlb_service", "load-balanced per frontend", &stats)?;

@@ -281,6 +281,7 @@ fn metrics_readiness_and_the_local_traffic_health_check() {
         .lines()
         .find(|l| {
             l.starts_with("xlb_service_packets_total{service=\"test/echo:tcp\",frontend=\"172.31.1.1:30007/tcp\"")
+                && l.contains("scope=\"external\"")
         })
         .unwrap_or_else(|| panic!("{m}"));
     let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
