@@ -25,17 +25,24 @@ fn payload(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + 3) as u8).collect()
 }
 
+/// The VIP:80 service for `prog`'s scope, a 3,000-byte UDP request to it
+/// (three fragments: 1232, 1232 and 544 bytes of IP payload) and the
+/// backend it gets; run the packets while the guard lives.
+fn udp_to_vip(prog: Prog, v6: bool) -> (World, bpf_tests::Entered, Pkt, u32) {
+    let mut w = world();
+    let entered = w.env.enter();
+    vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
+    let (vip, client) = family(v6);
+    let request = Pkt::udp(client, 7000, vip, 80).payload(&payload(3000));
+    let b = expected_backend(&w, &svc_key(vip, 80, PROTO_UDP, scope(prog)), &request);
+    (w, entered, request, b)
+}
+
 #[test]
 fn a_fragmented_udp_datagram_is_translated_whole_in_both_directions() {
     both_families_both_hooks(|prog, v6| {
-        let mut w = world();
-        let _in = w.env.enter();
-        vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
+        let (mut w, _in, request, b) = udp_to_vip(prog, v6);
         let (vip, client) = family(v6);
-        let key = svc_key(vip, 80, PROTO_UDP, scope(prog));
-        // 3,000 bytes of payload: three fragments (1232, 1232, 544 bytes of IP payload).
-        let request = Pkt::udp(client, 7000, vip, 80).payload(&payload(3000));
-        let b = expected_backend(&w, &key, &request);
         let input = fragment(&request.build(), PIECE, 0x1234);
         let want = fragment(&dnatted(&request, b), PIECE, 0x1234);
         assert_eq!(input.len(), 3);
@@ -67,13 +74,8 @@ fn a_fragmented_udp_datagram_is_translated_whole_in_both_directions() {
 #[test]
 fn later_fragments_without_their_first_pass_unchanged_and_are_counted() {
     both_families_both_hooks(|prog, v6| {
-        let mut w = world();
-        let _in = w.env.enter();
-        vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
-        let (vip, client) = family(v6);
-        let key = svc_key(vip, 80, PROTO_UDP, scope(prog));
-        let request = Pkt::udp(client, 7000, vip, 80).payload(&payload(3000));
-        let b = expected_backend(&w, &key, &request);
+        let (mut w, _in, request, b) = udp_to_vip(prog, v6);
+        let (_, client) = family(v6);
         let input = fragment(&request.build(), PIECE, 77);
         // Reordered: the last fragment overtakes the first. It has nothing
         // to follow yet and goes to the kernel unchanged.
