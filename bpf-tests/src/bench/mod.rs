@@ -165,8 +165,10 @@ pub struct ControlPlane {
 #[derive(Clone, Debug, Serialize)]
 pub struct Memory {
     pub services: u32,
-    /// Map entries in use × entry size, per service (each has two
-    /// frontends, ClusterIP and LoadBalancer IP, and two backends).
+    /// Map entries in use × entry size, per service (each has three
+    /// frontends — ClusterIP, LoadBalancer IP, and the LoadBalancer IP as
+    /// pods see it, with the Cluster endpoints, since the Services are
+    /// externalTrafficPolicy Local — and two backends).
     pub bytes_per_service: f64,
     /// Kernel memory charged for all of xlb's maps as sized for this run.
     pub memlock_bytes: u64,
@@ -331,7 +333,8 @@ fn node_info() -> NodeInfo {
 }
 
 fn xlb_sizes(n: u32) -> MapSizes {
-    let frontends = 2 * n + 64;
+    // ClusterIP, LoadBalancer IP, and its internal-scope twin (Local policy).
+    let frontends = 3 * n + 64;
     MapSizes {
         services: frontends,
         backends: 2 * n + 64,
