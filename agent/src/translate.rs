@@ -832,8 +832,15 @@ fn service_frontends(
         .collect();
 
     let mut out = Vec::new();
-    let mut local_ready = 0usize;
-    for (i, port) in spec.ports.iter().flatten().enumerate() {
+    // Pods, not addresses: a dual-stack pod has one endpoint per family, so
+    // the health check counts the primary family's.
+    let primary_v4 = cluster_ips
+        .first()
+        .map(IpAddr::is_ipv4)
+        .or_else(|| spec.ip_families.as_ref().and_then(|f| f.first()).map(|f| f == "IPv4"))
+        .unwrap_or(true);
+    let mut local_ready: std::collections::BTreeSet<IpAddr> = Default::default();
+    for port in spec.ports.iter().flatten() {
         let pname = port.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| port.port.to_string());
         let name = format!("{id}:{pname}");
         let proto = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -927,21 +934,22 @@ fn service_frontends(
                 }
             }
         }
-        if i == 0 {
-            // Pods, not addresses: a dual-stack pod has one endpoint per family.
-            let primary_v4 = cluster_ips
-                .first()
-                .map(IpAddr::is_ipv4)
-                .or_else(|| spec.ip_families.as_ref().and_then(|f| f.first()).map(|f| f == "IPv4"))
-                .unwrap_or(true);
-            local_ready = endpoints.iter().filter(|e| e.local && e.ready && e.address.is_ipv4() == primary_v4).count();
-        }
+        local_ready.extend(
+            endpoints.iter().filter(|e| e.local && e.ready && e.address.is_ipv4() == primary_v4).map(|e| e.address),
+        );
     }
-    if ext_local
-        && (is_nodeport || !external_ips.is_empty())
+    // kube-proxy serves a healthCheckNodePort only for a LoadBalancer with
+    // a Local policy (`NeedsHealthCheck`), counting the distinct local ready
+    // endpoints across all the Service's ports (`LocalReadyEndpoints`).
+    if ty == "LoadBalancer"
+        && ext_local
         && let Some(port) = spec.health_check_node_port.filter(|p| *p > 0 && *p <= 65535)
     {
-        health_checks.push(HealthCheck { service: id.to_string(), port: port as u16, local_endpoints: local_ready });
+        health_checks.push(HealthCheck {
+            service: id.to_string(),
+            port: port as u16,
+            local_endpoints: local_ready.len(),
+        });
     }
     out
 }

@@ -301,7 +301,7 @@ fn session_affinity_client_ip() {
 #[test]
 fn traffic_policies_local() {
     let y = WEB
-        .replace("type: ClusterIP", "type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000")
+        .replace("type: ClusterIP", "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000")
         .replace("targetPort: http}", "targetPort: http, nodePort: 30036}");
     let d = run(&y);
     let np = find(&d, Kind::NodePort, "192.168.1.10", 30036);
@@ -509,7 +509,7 @@ apiVersion: v1
 kind: Service
 metadata: {name: ds, namespace: default}
 spec:
-  type: NodePort
+  type: LoadBalancer
   externalTrafficPolicy: Local
   healthCheckNodePort: 32001
   ipFamilies: [IPv4, IPv6]
@@ -517,6 +517,47 @@ spec:
   ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
 "#;
     assert_eq!(run(&format!("{y}{DS_SLICES}")).health_checks[0].local_endpoints, 1);
+}
+
+/// kube-proxy's health check: only a LoadBalancer with a Local policy has
+/// one (a NodePort's healthCheckNodePort field is not served), and the count
+/// is of distinct local ready endpoints across every port: a first port
+/// that is SCTP, or has no endpoints of its own, does not zero it.
+#[test]
+fn health_check_counts_every_port_and_needs_a_load_balancer() {
+    let y = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mp, namespace: default}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32002
+  clusterIP: 10.96.0.21
+  ports:
+  - {name: sctp, port: 9, protocol: SCTP, nodePort: 30009}
+  - {name: a, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: b, port: 81, targetPort: 8081, nodePort: 30081}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: mp-1, namespace: default, labels: {kubernetes.io/service-name: mp}}
+addressType: IPv4
+ports: [{name: a, port: 8080}]
+endpoints: [{addresses: [10.0.1.7], nodeName: node-a}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: mp-2, namespace: default, labels: {kubernetes.io/service-name: mp}}
+addressType: IPv4
+ports: [{name: b, port: 8081}]
+endpoints: [{addresses: [10.0.1.7], nodeName: node-a}, {addresses: [10.0.1.8], nodeName: node-a}]
+"#;
+    let d = run(y);
+    assert_eq!(d.health_checks.len(), 1);
+    assert_eq!((d.health_checks[0].port, d.health_checks[0].local_endpoints), (32002, 2), "10.0.1.7 and .8");
+    let np = y.replace("type: LoadBalancer", "type: NodePort");
+    assert!(run(&np).health_checks.is_empty(), "a NodePort's healthCheckNodePort is not served");
 }
 
 /// `WEB`-like services `a`, `b`, `c` with resourceVersions, for the translator.

@@ -253,7 +253,10 @@ fn metrics_readiness_and_the_local_traffic_health_check() {
     let file = dir.path.join("echo.yaml");
     let local = |node: &str| {
         manifests(&[SERVER4])
-            .replace("type: NodePort", "type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100")
+            .replace(
+                "type: NodePort",
+                "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100",
+            )
             .replace("nodeName: node-t", &format!("nodeName: {node}"))
     };
     std::fs::write(&file, local("node-t")).unwrap();
