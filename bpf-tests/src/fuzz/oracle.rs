@@ -169,11 +169,6 @@ fn frag_ports(lb: &Lb, ip: &Ip) -> Option<(u16, u16)> {
     frags.get(&k, 0).ok().map(|p| (u16::from_be(p.sport), u16::from_be(p.dport)))
 }
 
-fn tuple(f: &[u8], ip: &Ip, ports: (u16, u16)) -> Tuple {
-    let _ = f;
-    (ip.src, ip.dst, ports.0, ports.1)
-}
-
 /// A TCP/UDP packet (or later fragment) rewritten to its flow's translation.
 fn translated(lb: &Lb, known: &Known, input: &[u8], out: &[u8], reason: u32) -> Result<(), String> {
     let ip = wire::frame(input).ok_or("translated a frame the oracle cannot read as IP")?;
@@ -186,7 +181,7 @@ fn translated(lb: &Lb, known: &Known, input: &[u8], out: &[u8], reason: u32) -> 
     } else {
         ip.ports(input).ok_or("translated a packet without ports")?
     };
-    let t = tuple(input, &ip, ports);
+    let t: Tuple = (ip.src, ip.dst, ports.0, ports.1);
     let want = match lb.dp.conntrack_get(&key(&t, ip.proto)) {
         Some(e) => {
             let want = target(lb, known, &t, &e)?;
