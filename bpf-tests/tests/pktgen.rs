@@ -48,6 +48,17 @@ fn snmp(ns: &NetNs, proto: &str, field: &str) -> u64 {
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
+/// Frames interface `dev` inside `ns` dropped on receive (`ip -s link`).
+fn rx_dropped(ns: &NetNs, dev: &str) -> u64 {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", ns.name))
+        .args(["ip", "-s", "-j", "link", "show", dev])
+        .output()
+        .unwrap();
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links[0]["stats64"]["rx"]["dropped"].as_u64().unwrap_or_else(|| panic!("no rx stats for {dev}"))
+}
+
 #[test]
 fn udp_flows_arrive_with_valid_checksums() {
     let (tx, rx, mac) = pair();
@@ -77,14 +88,23 @@ fn udp_flows_arrive_with_valid_checksums() {
     assert_eq!(report["sent"]["bytes"], 4_000_000, "{out}");
 
     let mut flows = HashSet::new();
+    let mut datagrams = 0;
     let mut buf = [0u8; 200];
     while let Ok((n, from)) = sock.recv_from(&mut buf) {
         assert_eq!(n, 100 - 42, "payload size");
         flows.insert(from);
+        datagrams += 1;
     }
-    // Every flow arrived, once, from both source addresses, and nothing
-    // failed its checksum.
-    assert_eq!(flows.len(), 40_000);
+    // Every flow arrived once, from both source addresses, and nothing failed
+    // its checksum. The one loss a veth may show is its own: frames that find
+    // r0's 256-slot XDP ring full are dropped and counted on r0 (a burst on
+    // a busy 2-core machine lost 128 once). Those are accounted, not excused:
+    // each must be on r0's counter, and there may be only a few.
+    let ring_drops = rx_dropped(&rx, "r0");
+    let rcvbuf = snmp(&rx, "Udp", "RcvbufErrors");
+    assert_eq!(datagrams, flows.len(), "a flow arrived twice");
+    assert_eq!(flows.len() as u64 + ring_drops + rcvbuf, 40_000, "{ring_drops} ring drops, {rcvbuf} socket drops");
+    assert!(ring_drops + rcvbuf <= 400, "{ring_drops} ring drops, {rcvbuf} socket drops: more than 1 %");
     assert!(flows.iter().any(|f| f.ip().to_string() == "10.1.1.2"), "no flow past the first 32768");
     assert!(flows.iter().all(|f| (1024..1024 + 32768).contains(&f.port())));
     assert_eq!(snmp(&rx, "Udp", "InCsumErrors"), 0);

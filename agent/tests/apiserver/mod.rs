@@ -268,11 +268,11 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
     s.watches.fetch_add(1, Ordering::Relaxed);
     let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
-    let (backlog, live, gone) = {
+    let (backlog, live, gone, upto) = {
         let st = s.store.lock().unwrap();
         let gone = from < st.floor;
         let backlog: Vec<Event> = st.history.iter().filter(|e| e.kind == kind && e.rv > from).cloned().collect();
-        (backlog, s.events.subscribe(), gone)
+        (backlog, s.events.subscribe(), gone, st.rv.max(from))
     };
     if gone {
         s.gone.fetch_add(1, Ordering::Relaxed);
@@ -293,7 +293,11 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
         inner: Arc<Inner>,
         tick: tokio::time::Interval,
         q: BTreeMap<String, String>,
-        last: u64,
+        /// The resourceVersion this stream has delivered everything up to
+        /// (the backlog, then each live event of any kind). A bookmark says
+        /// no more than this, as the real API server's: a bookmark past an
+        /// event still queued would make a resumed watch skip it.
+        upto: u64,
     }
     let st = St {
         _open: Open::new(s.clone()),
@@ -302,22 +306,24 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
         inner: s.clone(),
         tick: tokio::time::interval(Duration::from_millis(100)),
         q,
-        last: from,
+        upto,
     };
     let rest = futures::stream::unfold(st, move |mut st| async move {
         loop {
             tokio::select! {
                 _ = st.stop.recv() => return None,
                 ev = st.live.recv() => match ev {
-                    Ok(e) if e.kind == kind && e.rv > st.last && matches_selector(&e.object, &st.q) => {
-                        st.last = e.rv;
-                        return Some((line(&json!({"type": e.ty, "object": e.object})), st));
+                    Ok(e) if e.rv <= st.upto => continue,
+                    Ok(e) => {
+                        st.upto = e.rv;
+                        if e.kind == kind && matches_selector(&e.object, &st.q) {
+                            return Some((line(&json!({"type": e.ty, "object": e.object})), st));
+                        }
                     }
-                    Ok(_) => continue,
                     Err(_) => return None,
                 },
                 _ = st.tick.tick(), if bookmarks => {
-                    let rv = st.inner.store.lock().unwrap().rv;
+                    let rv = st.upto;
                     st.inner.bookmarks.fetch_add(1, Ordering::Relaxed);
                     let bm = json!({"type": "BOOKMARK", "object": {"kind": kind.name(), "apiVersion": kind.api_version(),
                         "metadata": {"resourceVersion": rv.to_string()}}});
