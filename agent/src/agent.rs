@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     Datapath, MapSizes, attach,
     datapath::{Maps, map_addr},
-    metrics::{HealthChecks, Http},
+    health::{Listen, ProxyHealth, ServiceHealth},
+    metrics::Http,
     source::{self, Snapshot},
     translate::{self, Desired, NodeInfo, Options},
     writer::Writer,
@@ -49,6 +50,10 @@ pub struct Settings {
     pub snat_ports: (u16, u16),
     pub reply_rate: u32,
     pub http_address: Option<SocketAddr>,
+    /// kube-proxy's `--healthz-bind-address` (`/healthz`, `/livez`).
+    pub healthz_address: Option<SocketAddr>,
+    /// How long a change may wait for the maps before `/healthz` fails.
+    pub healthz_timeout: Duration,
 }
 
 /// Starts the source that publishes snapshots on `tx`; `client` is the
@@ -247,7 +252,16 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         spawn_link_watcher(link_tx).context("watching links")?;
     }
 
-    let http = Http::new(Maps::open_pinned(&s.pin_dir).ok());
+    let proxy_health = ProxyHealth::new(s.healthz_timeout);
+    if let Some(addr) = s.healthz_address {
+        let h = proxy_health.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::health::serve_proxy_health(addr, h).await {
+                tracing::error!(%addr, error = %e, "health server failed");
+            }
+        });
+    }
+    let http = Http::new(Maps::open_pinned(&s.pin_dir).ok(), proxy_health.clone());
     if let Some(addr) = s.http_address {
         let h = http.clone();
         tokio::spawn(async move {
@@ -256,15 +270,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             }
         });
     }
-    let mut health = HealthChecks::default();
+    let mut health = ServiceHealth::new(proxy_health.clone());
     let mut neighbours = crate::neighbours::Neighbours::default();
 
     let (tx, mut rx) = watch::channel(Snapshot::default());
+    // Changes count as queued when the source publishes them, apart from
+    // this loop, so a loop that stops syncing shows on /healthz.
+    tokio::spawn(proxy_health.clone().watch(rx.clone(), s.node_name.clone()));
     let client = client(&s).await?;
     let mut events = client.clone().map(|c| EventSink::new(c, &s.node_name));
     let mut source = spawn_source(&s, client, tx);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
     let mut last_config = None;
     // Expected skips (headless, ExternalName …) are logged once, at debug.
     let mut logged_skips = std::collections::HashSet::new();
@@ -315,13 +331,18 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                     ev.publish(&snap, &d.problems);
                     ev.publish(&snap, &report.failed);
                 }
-                health.sync(&d.health_checks).await;
+                proxy_health.updated(snap.changed_at);
+                let listen = if s.options.nodeport_cidrs.is_empty() {
+                    Listen::All
+                } else {
+                    Listen::On(node.nodeport_addresses(&s.options))
+                };
+                health.sync(&d.health_checks, &listen).await;
                 // Remote backends' next hops: resolved before the first packet needs them.
                 neighbours
                     .ensure(d.frontends.iter().flat_map(|f| f.backends.iter()).filter(|b| !b.node_local).map(|b| b.address))
                     .await;
                 http.ready.store(true, Ordering::Relaxed);
-                http.beat();
                 let quiet = report.changed + report.removed + report.failed.len() == 0 && http.metrics.syncs.get() > 1;
                 if !quiet { tracing::info!(
                     services = snap.services.len(), frontends = writer.len(), changed = report.changed, removed = report.removed,
@@ -352,7 +373,6 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 }
                 anyhow::bail!("the source stopped; the datapath keeps its last state");
             }
-            _ = tick.tick() => http.beat(),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }

@@ -242,6 +242,14 @@ pub struct AgentArgs {
     /// Address for /metrics, /healthz and /readyz; `none` disables.
     #[arg(long, env = "XLB_HTTP_ADDRESS", default_value = "0.0.0.0:10249")]
     pub http_address: String,
+    /// kube-proxy's health server (`/healthz`, `/livez`), which cloud load
+    /// balancers probe; `none` disables. `0.0.0.0` listens on IPv6 too.
+    #[arg(long, env = "XLB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// Seconds a change may wait to reach the maps before `/healthz` says
+    /// 503 (kube-proxy: twice its sync period, 60 s).
+    #[arg(long, env = "XLB_HEALTHZ_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub healthz_timeout: u64,
     /// Log format.
     #[arg(long, env = "XLB_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -274,6 +282,10 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
     let http_address = match a.http_address.as_str() {
         "none" | "" => None,
         s => Some(s.parse::<SocketAddr>().with_context(|| format!("--http-address {s:?}"))?),
+    };
+    let healthz_address = match a.healthz_bind_address.as_str() {
+        "none" | "" => None,
+        s => Some(s.parse::<SocketAddr>().with_context(|| format!("--healthz-bind-address {s:?}"))?),
     };
     if a.maglev_min > a.maglev_max || a.maglev_min < 2 {
         anyhow::bail!("--maglev-min {} / --maglev-max {}: need 2 ≤ min ≤ max", a.maglev_min, a.maglev_max);
@@ -308,5 +320,7 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         snat_ports: a.snat_port_range,
         reply_rate: a.reply_rate,
         http_address,
+        healthz_address,
+        healthz_timeout: std::time::Duration::from_secs(a.healthz_timeout),
     })
 }

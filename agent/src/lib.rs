@@ -8,6 +8,7 @@ pub mod attach;
 pub mod cli;
 pub mod datapath;
 pub mod dump;
+pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbours;

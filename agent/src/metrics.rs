@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! `/metrics` (Prometheus text format), `/healthz`, `/readyz`, and
-//! kube-proxy's per-service health check for externalTrafficPolicy Local.
+//! `/metrics` (Prometheus text format), `/healthz` and `/readyz` on the
+//! metrics port (kube-proxy's health services are in [`crate::health`]).
 //!
 //! Datapath counters are read from the pinned maps at scrape time (a
 //! [`Collector`]), so a scrape always shows the kernel's current numbers.
@@ -10,9 +10,8 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
@@ -26,7 +25,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{datapath::Maps, translate::HealthCheck};
+use crate::{datapath::Maps, health::ProxyHealth};
 
 /// The agent's own metrics, updated by the reconcile loop.
 #[derive(Debug)]
@@ -167,23 +166,19 @@ pub struct Http {
     pub metrics: Metrics,
     /// Set after the first complete sync.
     pub ready: AtomicBool,
-    /// Last time the reconcile loop was alive.
-    pub heartbeat: Mutex<Instant>,
+    /// The proxy's health, as `/livez` on the health port reports it.
+    pub health: Arc<ProxyHealth>,
 }
 
 impl Http {
     /// Metrics on the agent and on the maps pinned under `pin_dir`.
-    pub fn new(maps: Option<Maps>) -> Arc<Self> {
+    pub fn new(maps: Option<Maps>, health: Arc<ProxyHealth>) -> Arc<Self> {
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
         if let Some(maps) = maps {
             registry.register_collector(Box::new(MapCollector { maps: Mutex::new(maps) }));
         }
-        Arc::new(Self { registry, metrics, ready: AtomicBool::new(false), heartbeat: Mutex::new(Instant::now()) })
-    }
-
-    pub fn beat(&self) {
-        *self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        Arc::new(Self { registry, metrics, ready: AtomicBool::new(false), health })
     }
 
     pub fn render(&self) -> String {
@@ -198,11 +193,10 @@ async fn metrics(State(s): State<Arc<Http>>) -> impl IntoResponse {
 }
 
 async fn healthz(State(s): State<Arc<Http>>) -> impl IntoResponse {
-    let age = s.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
-    if age < Duration::from_secs(60) {
-        (StatusCode::OK, "ok\n".to_string())
+    if s.health.is_healthy() {
+        (StatusCode::OK, "ok\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("reconcile loop stuck for {}s\n", age.as_secs()))
+        (StatusCode::SERVICE_UNAVAILABLE, "a change has waited too long to reach the maps\n")
     }
 }
 
@@ -224,73 +218,4 @@ pub async fn serve(addr: SocketAddr, state: Arc<Http>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await?;
     Ok(())
-}
-
-/// One kube-proxy style health-check server.
-struct HealthServer {
-    service: Arc<Mutex<String>>,
-    local: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// The healthCheckNodePort servers of the externalTrafficPolicy Local
-/// services: `GET /` answers 200 when the node has a ready local endpoint
-/// and 503 when it has none, with kube-proxy's JSON body, so cloud load
-/// balancers only send traffic to nodes that can serve it locally.
-#[derive(Default)]
-pub struct HealthChecks {
-    servers: HashMap<u16, HealthServer>,
-}
-
-async fn health_check(State((service, local)): State<(Arc<Mutex<String>>, Arc<AtomicUsize>)>) -> impl IntoResponse {
-    let n = local.load(Ordering::Relaxed);
-    let svc = service.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let (ns, name) = svc.split_once('/').unwrap_or(("", &svc));
-    let body = serde_json::json!({
-        "service": {"namespace": ns, "name": name},
-        "localEndpoints": n,
-        "serviceProxyHealthy": true,
-    });
-    let code = if n > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, [("content-type", "application/json"), ("x-content-type-options", "nosniff")], body.to_string())
-}
-
-impl HealthChecks {
-    /// Starts, updates and stops servers to match `wanted`.
-    pub async fn sync(&mut self, wanted: &[HealthCheck]) {
-        let ports: HashMap<u16, &HealthCheck> = wanted.iter().map(|h| (h.port, h)).collect();
-        self.servers.retain(|port, s| {
-            let keep = ports.contains_key(port);
-            if !keep {
-                s.task.abort();
-            }
-            keep
-        });
-        for (port, h) in ports {
-            if let Some(s) = self.servers.get(&port) {
-                s.local.store(h.local_endpoints, Ordering::Relaxed);
-                *s.service.lock().unwrap_or_else(|e| e.into_inner()) = h.service.clone();
-                continue;
-            }
-            // Dual-stack where the host has IPv6, else IPv4 only.
-            let listener = match tokio::net::TcpListener::bind(("::", port)).await {
-                Ok(l) => l,
-                Err(_) => match tokio::net::TcpListener::bind(("0.0.0.0", port)).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(service = %h.service, port, error = %e, "cannot serve the health check");
-                        continue;
-                    }
-                },
-            };
-            let service = Arc::new(Mutex::new(h.service.clone()));
-            let local = Arc::new(AtomicUsize::new(h.local_endpoints));
-            let app = Router::new().fallback(health_check).with_state((service.clone(), local.clone()));
-            let task = tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            });
-            tracing::info!(service = %h.service, port, "serving the health check");
-            self.servers.insert(port, HealthServer { service, local, task });
-        }
-    }
 }

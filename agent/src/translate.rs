@@ -68,6 +68,15 @@ impl NodeInfo {
             .collect();
         Self { name: node.metadata.name.clone().unwrap_or_default(), addresses }
     }
+
+    /// The addresses that carry NodePorts under `opts`.
+    pub fn nodeport_addresses(&self, opts: &Options) -> Vec<IpAddr> {
+        self.addresses
+            .iter()
+            .filter(|a| opts.nodeport_cidrs.is_empty() || in_any(&opts.nodeport_cidrs, a))
+            .copied()
+            .collect()
+    }
 }
 
 /// Node-wide translation settings (agent flags).
@@ -824,12 +833,7 @@ fn service_frontends(
         }
     }
     let is_nodeport = matches!(ty, "NodePort" | "LoadBalancer");
-    let node_addrs: Vec<IpAddr> = node
-        .addresses
-        .iter()
-        .filter(|a| opts.nodeport_cidrs.is_empty() || in_any(&opts.nodeport_cidrs, a))
-        .copied()
-        .collect();
+    let node_addrs = node.nodeport_addresses(opts);
 
     let mut out = Vec::new();
     // Pods, not addresses: a dual-stack pod has one endpoint per family, so

@@ -186,7 +186,16 @@ async fn agent_programs_the_maps_from_the_api_server() {
     let log = tmp.join("agent.log");
     let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(xlb)
-        .args(["agent", "--node-name", "node-1", "--http-address", "none", "--kubeconfig"])
+        .args([
+            "agent",
+            "--node-name",
+            "node-1",
+            "--http-address",
+            "none",
+            "--healthz-bind-address",
+            "none",
+            "--kubeconfig",
+        ])
         .arg(&kubeconfig)
         .arg("--pin-dir")
         .arg(&pins)

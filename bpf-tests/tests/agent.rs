@@ -299,7 +299,82 @@ fn metrics_readiness_and_the_local_traffic_health_check() {
     agent.wait_log("synced", 2);
     let (code, body) = http_get(&topo, "127.0.0.1:32100", "/");
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["localEndpoints"].as_u64(), v["serviceProxyHealthy"].as_bool()), (Some(0), Some(true)), "{body}");
+}
+
+/// kube-proxy's health server on its default port, 10256, as
+/// `healthcheck/proxy_health.go` answers it and sig-network's
+/// "should check kube-proxy urls" (networking.go) probes it: `/healthz`
+/// and `/livez` 200 with kube-proxy's JSON; a Node the cluster autoscaler
+/// tainted for deletion (then one being deleted) fails `/healthz` only,
+/// and a healthCheckNodePort keeps reporting the proxy itself healthy.
+#[test]
+fn the_health_server_answers_as_kube_proxy() {
+    let topo = xdp_topology();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    let svc = manifests(&[SERVER4])
+        .replace("type: NodePort", "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100");
+    std::fs::write(dir.path.join("echo.yaml"), &svc).unwrap();
+    let node = |rest: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node-t{rest}\n");
+    std::fs::write(dir.path.join("node.yaml"), node("}")).unwrap();
+    let agent = Agent::start(&topo.node, dir.path.join("agent.log"), &agent_args(&pins, &dir, &[]));
+    let get = |path: &str| {
+        let (code, body) = http_get(&topo, &format!("{NODE_ADDR}:10256"), path);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        (code, v)
+    };
+    // A Node change programs nothing, so it logs nothing: poll.
+    let healthz_becomes = |want: u16| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let (code, v) = get("/healthz");
+            if code == want {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "/healthz stayed {code}: {v}");
+            thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let (code, v) = get("/healthz");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["nodeEligible"], true, "{v}");
+    for key in ["lastUpdated", "currentTime"] {
+        assert!(v[key].as_str().is_some_and(|t| t.ends_with(" +0000 UTC")), "{key}: {v}");
+    }
+    let (code, v) = get("/livez");
+    assert_eq!(code, 200, "{v}");
+    assert!(v.get("nodeEligible").is_none(), "/livez has no node field: {v}");
+
+    for (what, rest) in [
+        (
+            "tainted",
+            "}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1700000000', effect: NoSchedule}]}",
+        ),
+        ("being deleted", ", deletionTimestamp: '2026-12-02T00:00:00Z'}"),
+    ] {
+        std::fs::write(dir.path.join("node.yaml"), node(rest)).unwrap();
+        let v = healthz_becomes(503);
+        assert_eq!(v["nodeEligible"], false, "{what}: {v}");
+        assert_eq!(get("/livez").0, 200, "{what}: /livez skips the node checks");
+        let (code, body) = http_get(&topo, "127.0.0.1:32100", "/");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((code, &v["serviceProxyHealthy"]), (200, &serde_json::Value::Bool(true)), "{what}: {body}");
+        std::fs::write(dir.path.join("node.yaml"), node("}")).unwrap();
+        healthz_becomes(200);
+    }
+    drop(agent);
+
+    // With --nodeport-addresses the healthCheckNodePort listens on the
+    // NodePort addresses only (service_health.go), not on loopback.
+    let args = agent_args(&pins, &dir, &["--nodeport-addresses", &format!("{NODE_ADDR}/32")]);
+    let _agent = Agent::start(&topo.node, dir.path.join("agent2.log"), &args);
+    assert_eq!(http_get(&topo, &format!("{NODE_ADDR}:32100"), "/").0, 200);
+    let loopback = bpf_tests::cluster::in_ns(&topo.node, || {
+        std::net::TcpStream::connect_timeout(&"127.0.0.1:32100".parse().unwrap(), std::time::Duration::from_secs(1))
+    });
+    assert_eq!(loopback.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionRefused));
 }
 
 #[test]

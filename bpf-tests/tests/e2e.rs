@@ -468,9 +468,18 @@ status: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}
     assert_eq!(v["verdicts"]["no_backend_reject"].as_u64().unwrap(), 0, "{:#}", v["verdicts"]);
     let (code, body) = http_get(&c.external, sa(&node_addr4(2), 32100), "/");
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains("\"localEndpoints\":1"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["localEndpoints"], 1, "{body}");
     let (code, body) = http_get(&c.external, sa(&node_addr4(1), 32100), "/");
     assert_eq!(code, 503, "{body}");
+    // networking.go "should check kube-proxy urls": the proxy's own health
+    // port answers on every node (what a Cluster-policy load balancer probes).
+    for node in [1, 2] {
+        for to in [sa(&node_addr4(node), 10256), sa(&node_addr6(node), 10256)] {
+            let (code, body) = http_get(&c.external, to, "/healthz");
+            assert_eq!(code, 200, "{to}: {body}");
+        }
+    }
     // "should work from pods": the Cluster endpoints, the pod's own address.
     let client = c.pod("client");
     for to in [sa("198.51.100.50", 80), sa(&node_addr4(1), 30050), sa("10.96.0.50", 80)] {

@@ -16,7 +16,7 @@ impl Rng {
         Self(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -26,11 +26,11 @@ impl Rng {
 
     /// Uniform in 0..n (n > 0).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
 
     fn byte(&mut self) -> u8 {
-        self.next() as u8
+        self.next_u64() as u8
     }
 }
 
@@ -67,7 +67,7 @@ fn get16(f: &[u8], at: usize) -> u16 {
 /// A length-like value near `v` or anywhere.
 fn near(v: u16, rng: &mut Rng) -> u16 {
     match rng.below(4) {
-        0 => rng.next() as u16,
+        0 => rng.next_u64() as u16,
         1 => 0,
         _ => v.wrapping_add(rng.below(33) as u16).wrapping_sub(16),
     }
@@ -127,13 +127,13 @@ fn one(f: &mut Vec<u8>, rng: &mut Rng) {
                     let bits = ((rng.below(4) as u16) << 3) | rng.below(2) as u16;
                     let mut rest = vec![0u8];
                     rest.extend_from_slice(&bits.to_be_bytes());
-                    rest.extend_from_slice(&(rng.next() as u32 % 4).to_be_bytes());
+                    rest.extend_from_slice(&(rng.next_u64() as u32 % 4).to_be_bytes());
                     insert_ipv6_ext(f, ip.l3, 44, &rest);
                 } else {
                     let v = match rng.below(3) {
                         0 => 0x2000,
                         1 => rng.below(4) as u16,
-                        _ => rng.next() as u16,
+                        _ => rng.next_u64() as u16,
                     };
                     set16(f, ip.l3 + 6, v);
                 }
