@@ -38,6 +38,8 @@ pub struct Settings {
     pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
     pub node_addresses: Vec<IpAddr>,
+    /// `--zone`: this node's zone when no Node object says (or to override it).
+    pub zone: Option<String>,
     pub options: Options,
     pub xdp_interfaces: Vec<String>,
     pub xdp_mode: attach::XdpAttachMode,
@@ -131,7 +133,10 @@ pub fn node_info(s: &Settings, snap: &Snapshot) -> NodeInfo {
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(s.node_name.as_str()))
         .map(|n| NodeInfo::from_node(n))
-        .unwrap_or_else(|| NodeInfo { name: s.node_name.clone(), addresses: Vec::new() });
+        .unwrap_or_else(|| NodeInfo { name: s.node_name.clone(), ..NodeInfo::default() });
+    if s.zone.is_some() {
+        info.zone.clone_from(&s.zone);
+    }
     for a in &s.node_addresses {
         if !info.addresses.contains(a) {
             info.addresses.push(*a);

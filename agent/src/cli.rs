@@ -169,6 +169,10 @@ pub struct AgentArgs {
     /// InternalIP/ExternalIP addresses (comma-separated).
     #[arg(long, env = "XLB_NODE_ADDRESSES", value_delimiter = ',')]
     pub node_address: Vec<IpAddr>,
+    /// This node's zone for topology-aware routing (default: the Node's
+    /// `topology.kubernetes.io/zone` label).
+    #[arg(long, env = "XLB_ZONE")]
+    pub zone: Option<String>,
     /// Interfaces that get the XDP program (north-south traffic), comma-separated.
     #[arg(long, env = "XLB_XDP_INTERFACES", value_delimiter = ',')]
     pub xdp_interfaces: Vec<String>,
@@ -295,12 +299,15 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         kubeconfig: a.kubeconfig.clone(),
         node_name: a.node_name.clone(),
         node_addresses: a.node_address.clone(),
+        zone: a.zone.clone().filter(|z| !z.is_empty()),
         options: Options {
             node_port_range: a.node_port_range,
             nodeport_cidrs: a.nodeport_addresses.clone(),
             external_ip_cidrs: a.external_ip_cidrs.clone(),
             maglev_min: a.maglev_min,
             maglev_max: a.maglev_max,
+            // No EndpointSlice controller writes hints into a directory.
+            derive_hints: a.manifests.is_some(),
         },
         xdp_interfaces: a.xdp_interfaces.clone(),
         xdp_mode: a.xdp_mode,

@@ -176,7 +176,8 @@ fn the_examples_translate_cleanly() {
     let snap = read_dir(&dir().join("examples"));
     assert!(snap.errors.is_empty(), "{:?}", snap.errors);
     assert_eq!((snap.services.len(), snap.slices.len()), (4, 4));
-    let node = NodeInfo { name: "node-1".into(), addresses: vec!["192.168.50.1".parse().unwrap()] };
+    let node =
+        NodeInfo { name: "node-1".into(), addresses: vec!["192.168.50.1".parse().unwrap()], ..NodeInfo::default() };
     let d = translate(&snap.services, &snap.slices, &node, &Options::default());
     assert!(d.problems.is_empty(), "{:?}", d.problems);
     // 4 ClusterIPs, 2 NodePorts, 1 LoadBalancer IP, 1 externalIP; 4 pods each.

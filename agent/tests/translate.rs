@@ -2,56 +2,13 @@
 //! Translation fixtures: YAML as `kubectl get -o yaml` prints it → the
 //! desired datapath state, one test per Service feature.
 
-use std::net::IpAddr;
+mod fixtures;
 
+use fixtures::*;
 use xlb::{
     source::{Snapshot, files::parse_into},
-    translate::{BackendState, Desired, Frontend, Kind, NodeInfo, Options, Protocol, Scheduler, Scope, translate},
+    translate::{Desired, Kind, Options, Protocol, Scheduler, Scope, translate},
 };
-
-fn node() -> NodeInfo {
-    NodeInfo { name: "node-a".into(), addresses: vec!["192.168.1.10".parse().unwrap(), "fd00::10".parse().unwrap()] }
-}
-
-fn run_with(yaml: &str, opts: &Options) -> Desired {
-    let mut snap = Snapshot::default();
-    parse_into(&mut snap, "fixture", yaml);
-    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
-    translate(&snap.services, &snap.slices, &node(), opts)
-}
-
-fn run(yaml: &str) -> Desired {
-    run_with(yaml, &Options::default())
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-/// The frontend of `kind` at `addr:port` in its own scope (a ClusterIP's
-/// internal, the others' external).
-fn find<'a>(d: &'a Desired, kind: Kind, addr: &str, port: u16) -> &'a Frontend {
-    find_in(d, kind, addr, port, if kind == Kind::ClusterIp { Scope::Internal } else { Scope::External })
-}
-
-fn find_in<'a>(d: &'a Desired, kind: Kind, addr: &str, port: u16, scope: Scope) -> &'a Frontend {
-    d.frontends
-        .iter()
-        .find(|f| f.kind == kind && f.key.address == ip(addr) && f.key.port == port && f.key.scope == scope)
-        .unwrap_or_else(|| panic!("no {kind:?} {addr}:{port} ({scope:?}) in {:#?}", d.frontends))
-}
-
-fn active(f: &Frontend) -> Vec<String> {
-    f.active().map(|b| format!("{}:{}", b.address, b.port)).collect()
-}
-
-fn draining(f: &Frontend) -> Vec<String> {
-    f.backends
-        .iter()
-        .filter(|b| b.state == BackendState::Terminating)
-        .map(|b| format!("{}:{}", b.address, b.port))
-        .collect()
-}
 
 /// A Service with one TCP port 80 → named target `http`, and its slice.
 const WEB: &str = r#"

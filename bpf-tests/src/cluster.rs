@@ -96,6 +96,11 @@ pub struct Cluster {
     echo_ports: Vec<u16>,
     /// Per node: veths created so far.
     veths: Vec<usize>,
+    /// Per node (index 0 = node-1): its zone. When set, the manifests hold
+    /// a Node per node with its `topology.kubernetes.io/zone` label, and
+    /// each endpoint its node's zone (as the EndpointSlice controller
+    /// writes it).
+    pub zones: Vec<String>,
 }
 
 impl Cluster {
@@ -115,6 +120,7 @@ impl Cluster {
             services: Vec::new(),
             echo_ports: echo_ports.to_vec(),
             veths: vec![0; nodes + 1],
+            zones: Vec::new(),
         };
         c.uplink(&c.external, "x0", EXTERNAL4, EXTERNAL6, false);
         for r in ["198.51.100.0/24", "80.11.12.0/24"] {
@@ -237,6 +243,13 @@ impl Cluster {
     /// targetPort is a number or a name from `named_ports`.
     pub fn write_manifests(&self, named_ports: &[(&str, u16)]) {
         let mut out = String::new();
+        for (i, zone) in self.zones.iter().enumerate() {
+            let _ = write!(
+                out,
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n---\n",
+                i + 1
+            );
+        }
         for s in &self.services {
             out.push_str(s.trim());
             out.push_str("\n---\n");
@@ -270,9 +283,10 @@ impl Cluster {
                         _ => "{ready: false, serving: true, terminating: true}",
                     };
                     let addr = if v6 { &p.ip6 } else { &p.ip4 };
+                    let zone = self.zones.get(p.node - 1).map(|z| format!("\n  zone: {z}")).unwrap_or_default();
                     let _ = writeln!(
                         eps,
-                        "- addresses: [\"{addr}\"]\n  conditions: {cond}\n  nodeName: node-{}\n  targetRef: {{kind: Pod, namespace: {ns}, name: {}}}",
+                        "- addresses: [\"{addr}\"]\n  conditions: {cond}\n  nodeName: node-{}{zone}\n  targetRef: {{kind: Pod, namespace: {ns}, name: {}}}",
                         p.node, p.name
                     );
                 }

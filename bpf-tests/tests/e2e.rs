@@ -489,6 +489,39 @@ status: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}
     }
 }
 
+/// traffic_distribution.go "should route traffic to an endpoint in the same
+/// zone when using PreferClose": node-1 in zone-a, node-2 in zone-b, one
+/// backend in each. A pod in zone-a and an external client entering at
+/// either node's NodePort reach only their zone's backend; once zone-a has
+/// none, zone-a's traffic goes to zone-b (kube-proxy's fallback: no hint
+/// for this zone, no topology). With `--manifests` no EndpointSlice
+/// controller writes the hints, so the agent derives them from the
+/// endpoints' zones, as the controller would.
+#[test]
+fn traffic_distribution_prefer_close_stays_in_the_zone() {
+    let svc = WEB.replace("  selector: {app: web}", "  selector: {app: web}\n  trafficDistribution: PreferClose");
+    let mut c = Cluster::new(2, &[9376]);
+    c.zones = vec!["zone-a".into(), "zone-b".into()];
+    c.add_pod("web-1a", 1, "web");
+    c.add_pod("web-2a", 2, "web");
+    c.add_pod("client", 1, "");
+    c.add_services(&svc);
+    c.write_manifests(&[]);
+    c.start_agents(&[]);
+    let client = c.pod("client").ns.name.clone();
+    let from_pod = |c: &Cluster, n| pods_answering(&c.pod("client").ns, sa("10.96.0.10", 80), n);
+    assert!(from_pod(&c, 12).iter().all(|p| p == "web-1a"), "{client}: zone-a's backend only");
+    let answers = pods_answering(&c.external, sa(&node_addr4(2), 30036), 12);
+    assert!(answers.iter().all(|p| p == "web-2a"), "entering in zone-b: {answers:?}");
+    let answers = pods_answering(&c.external, sa(&node_addr4(1), 30036), 12);
+    assert!(answers.iter().all(|p| p == "web-1a"), "entering in zone-a: {answers:?}");
+    // zone-a loses its backend: its traffic crosses to zone-b.
+    c.set_pod_state("web-1a", PodState::Gone);
+    c.write_manifests(&[]);
+    c.wait_synced(2);
+    assert!(from_pod(&c, 6).iter().all(|p| p == "web-2a"), "fallback to the other zone");
+}
+
 /// loadbalancer.go "should only allow access from service loadbalancer
 /// source ranges": a source inside loadBalancerSourceRanges connects, one
 /// outside is dropped; widening the ranges lets it in.

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! EndpointSlices → the endpoints of one service port, and kube-proxy's
-//! choice among them.
+//! choice among them: ready, else serving-terminating, and topology-aware
+//! routing for Cluster-policy endpoints (`pkg/proxy/topology.go`).
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -17,7 +18,45 @@ pub(super) struct Endpoint {
     pub(super) serving: bool,
     pub(super) terminating: bool,
     pub(super) local: bool,
+    /// `hints.forZones` and `hints.forNodes` (names).
+    pub(super) zone_hints: Vec<String>,
+    pub(super) node_hints: Vec<String>,
 }
+
+/// How a Service asks for topology-aware routing (`spec.trafficDistribution`,
+/// or the `service.kubernetes.io/topology-mode: Auto` annotation). With the
+/// API server the EndpointSlice controller turns it into hints and only the
+/// hints count, as for kube-proxy; with `--manifests` there is no
+/// controller, and an endpoint without hints gets the ones the controller
+/// would have given it (see [`endpoints_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Distribution {
+    /// `PreferClose`, `PreferSameZone`, topology-mode `Auto`: the endpoint's zone.
+    SameZone,
+    /// `PreferSameNode`: its node, and its zone as the fallback.
+    SameNode,
+}
+
+impl Distribution {
+    pub(super) fn of(
+        spec: &k8s_openapi::api::core::v1::ServiceSpec,
+        annotations: Option<&BTreeMap<String, String>>,
+    ) -> Option<Self> {
+        match spec.traffic_distribution.as_deref() {
+            Some("PreferSameNode") => return Some(Self::SameNode),
+            Some("PreferClose" | "PreferSameZone") => return Some(Self::SameZone),
+            _ => {}
+        }
+        let mode =
+            annotations.and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION).or_else(|| a.get(TOPOLOGY_HINTS_ANNOTATION)))?;
+        mode.eq_ignore_ascii_case("auto").then_some(Self::SameZone)
+    }
+}
+
+/// The annotation that enables topology-aware routing (Kubernetes ≥ 1.27).
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// Its deprecated predecessor.
+pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 
 /// The endpoints of `slices` serving service port `port` (by name and
 /// protocol), one per address:port. The same address may serve on two
@@ -31,6 +70,7 @@ pub(super) fn endpoints_for(
     proto: Protocol,
     slices: &[&EndpointSlice],
     node: &NodeInfo,
+    derive: Option<Distribution>,
 ) -> Vec<Endpoint> {
     let want_name = port.name.clone().unwrap_or_default();
     let mut seen: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
@@ -64,7 +104,8 @@ pub(super) fn endpoints_for(
                 if (s.address_type == "IPv4") != address.is_ipv4() {
                     continue;
                 }
-                let ep = Endpoint { address, port: tp, ready, serving, terminating, local };
+                let (zone_hints, node_hints) = hints(e, derive);
+                let ep = Endpoint { address, port: tp, ready, serving, terminating, local, zone_hints, node_hints };
                 match seen.get(&(address, tp)) {
                     Some(old) if rank(old) >= rank(&ep) => {}
                     _ => {
@@ -77,10 +118,76 @@ pub(super) fn endpoints_for(
     seen.into_values().collect()
 }
 
-/// kube-proxy's choice among `candidates` (ready, else serving+terminating);
-/// the other candidates are kept as draining backends.
-pub(super) fn select_backends(candidates: &[&Endpoint]) -> Vec<BackendSpec> {
-    let ready: Vec<&&Endpoint> = candidates.iter().filter(|e| e.ready).collect();
+/// An endpoint's hints; without any, the ones the EndpointSlice controller
+/// gives for `derive` (its zone; with `SameNode` also its node).
+fn hints(e: &k8s_openapi::api::discovery::v1::Endpoint, derive: Option<Distribution>) -> (Vec<String>, Vec<String>) {
+    let h = e.hints.as_ref();
+    let zones: Vec<String> =
+        h.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
+    let nodes: Vec<String> =
+        h.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect();
+    if !zones.is_empty() || !nodes.is_empty() {
+        return (zones, nodes);
+    }
+    match derive {
+        None => (zones, nodes),
+        Some(d) => {
+            let zones = e.zone.iter().cloned().collect();
+            let nodes = if d == Distribution::SameNode { e.node_name.iter().cloned().collect() } else { Vec::new() };
+            (zones, nodes)
+        }
+    }
+}
+
+/// Which Cluster-policy endpoints this node may use (kube-proxy's
+/// `topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Topology {
+    /// No topology: every endpoint.
+    Any,
+    /// Those hinted for this node.
+    SameNode,
+    /// Those hinted for this node's zone.
+    SameZone,
+}
+
+impl Topology {
+    /// Same node when every ready endpoint has a node hint and one names
+    /// this node; else same zone when every ready endpoint has a zone hint
+    /// and one names this node's zone; else none. (Incomplete hints, a
+    /// node without a zone label, or no endpoint for here: no topology.)
+    pub(super) fn of(endpoints: &[&Endpoint], node: &NodeInfo) -> Self {
+        let ready: Vec<&&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+        if ready.is_empty() {
+            return Self::Any;
+        }
+        if ready.iter().all(|e| !e.node_hints.is_empty()) && ready.iter().any(|e| e.node_hints.contains(&node.name)) {
+            return Self::SameNode;
+        }
+        if let Some(zone) = node.zone.as_ref()
+            && ready.iter().all(|e| !e.zone_hints.is_empty())
+            && ready.iter().any(|e| e.zone_hints.contains(zone))
+        {
+            return Self::SameZone;
+        }
+        Self::Any
+    }
+
+    fn admits(self, e: &Endpoint, node: &NodeInfo) -> bool {
+        match self {
+            Self::Any => true,
+            Self::SameNode => e.node_hints.contains(&node.name),
+            Self::SameZone => node.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+        }
+    }
+}
+
+/// kube-proxy's choice among `candidates`: the ready ones `topology`
+/// admits, else (no ready endpoint anywhere) the serving-terminating ones.
+/// Every other candidate is kept as a draining backend, so its established
+/// connections finish (as conntrack keeps them under kube-proxy).
+pub(super) fn select_backends(candidates: &[&Endpoint], topology: Topology, node: &NodeInfo) -> Vec<BackendSpec> {
+    let ready: Vec<&&Endpoint> = candidates.iter().filter(|e| e.ready && topology.admits(e, node)).collect();
     let eligible: Vec<&&Endpoint> =
         if ready.is_empty() { candidates.iter().filter(|e| e.serving && e.terminating).collect() } else { ready };
     let mut out: Vec<BackendSpec> = eligible
@@ -89,7 +196,7 @@ pub(super) fn select_backends(candidates: &[&Endpoint]) -> Vec<BackendSpec> {
         .collect();
     let mut draining: Vec<BackendSpec> = candidates
         .iter()
-        .filter(|e| !eligible.iter().any(|x| x.address == e.address))
+        .filter(|e| !eligible.iter().any(|x| (x.address, x.port) == (e.address, e.port)))
         .map(|e| BackendSpec {
             address: e.address,
             port: e.port,

@@ -38,8 +38,9 @@ mod notes;
 mod service;
 mod translator;
 
+pub use endpoints::{TOPOLOGY_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION};
 pub use model::{BackendSpec, BackendState, Frontend, FrontendKey, Kind, Protocol, Scheduler, Scope};
-pub use node::{NodeInfo, Options};
+pub use node::{NodeInfo, Options, ZONE_LABEL};
 pub use translator::Translator;
 
 /// Label that ties an EndpointSlice to its Service.

@@ -17,21 +17,28 @@ pub struct NodeInfo {
     pub name: String,
     /// Addresses NodePorts are exposed on.
     pub addresses: Vec<IpAddr>,
+    /// The `topology.kubernetes.io/zone` label, for topology-aware routing.
+    pub zone: Option<String>,
 }
 
+/// The Node label naming its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 impl NodeInfo {
-    /// The InternalIP and ExternalIP addresses of a Node object.
+    /// The InternalIP and ExternalIP addresses of a Node object (each
+    /// once: a Node may list one IP as both), and its zone.
     pub fn from_node(node: &Node) -> Self {
-        let addresses = node
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-            .filter_map(|a| a.address.parse().ok())
-            .collect();
-        Self { name: node.metadata.name.clone().unwrap_or_default(), addresses }
+        let mut addresses: Vec<IpAddr> = Vec::new();
+        let listed = node.status.as_ref().and_then(|s| s.addresses.as_ref()).into_iter().flatten();
+        for a in listed.filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP") {
+            if let Ok(ip) = a.address.parse()
+                && !addresses.contains(&ip)
+            {
+                addresses.push(ip);
+            }
+        }
+        let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).filter(|z| !z.is_empty()).cloned();
+        Self { name: node.metadata.name.clone().unwrap_or_default(), addresses, zone }
     }
 
     /// The addresses that carry NodePorts under `opts`.
@@ -58,6 +65,10 @@ pub struct Options {
     /// Bounds of the adaptive Maglev table size.
     pub maglev_min: u32,
     pub maglev_max: u32,
+    /// Give endpoints without hints the ones the EndpointSlice controller
+    /// would (from `trafficDistribution`): on with `--manifests`, where no
+    /// controller runs.
+    pub derive_hints: bool,
 }
 
 impl Default for Options {
@@ -68,6 +79,7 @@ impl Default for Options {
             external_ip_cidrs: Vec::new(),
             maglev_min: maglev::MIN_SIZE,
             maglev_max: maglev::MAX_SIZE,
+            derive_hints: false,
         }
     }
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use super::{
     BackendState, DEFAULT_AFFINITY_TIMEOUT_S, EndpointSlice, Frontend, FrontendKey, HealthCheck, Kind,
     MAGLEV_SIZE_ANNOTATION, NodeInfo, Options, Protocol, SCHEDULER_ANNOTATION, Scheduler, Scope,
-    endpoints::{Endpoint, endpoints_for, select_backends},
+    endpoints::{Distribution, Endpoint, Topology, endpoints_for, select_backends},
     family_matches, in_any,
     notes::{Note, Notes},
 };
@@ -38,6 +38,8 @@ struct Shape<'a> {
     lb_ips: Vec<IpAddr>,
     external_ips: Vec<IpAddr>,
     node_addrs: Vec<IpAddr>,
+    /// Hints to give endpoints that have none (`--manifests` only).
+    derive_hints: Option<Distribution>,
 }
 
 /// The frontends of one Service; problems are pushed as messages.
@@ -146,6 +148,7 @@ fn shape<'a>(
         lb_ips: load_balancer_ips(svc, problems),
         external_ips: external_ips(spec, opts, problems),
         node_addrs: node.nodeport_addresses(opts),
+        derive_hints: Distribution::of(spec, svc.metadata.annotations.as_ref()).filter(|_| opts.derive_hints),
     })
 }
 
@@ -259,8 +262,8 @@ fn port_frontends(
         problems.push(format!("port {pname}: bad port {}; skipped", port.port));
         return Vec::new();
     };
-    let endpoints = endpoints_for(port, proto, slices, node);
-    let f = Port { shape, name: format!("{}:{pname}", shape.id), proto, endpoints: &endpoints, opts };
+    let endpoints = endpoints_for(port, proto, slices, node, shape.derive_hints);
+    let f = Port { shape, name: format!("{}:{pname}", shape.id), proto, endpoints: &endpoints, node, opts };
     let ext_local = shape.ext_local;
     for a in &shape.cluster_ips {
         out.push(f.frontend(Kind::ClusterIp, *a, svc_port, Scope::Internal, shape.int_local));
@@ -317,20 +320,27 @@ struct Port<'a> {
     name: String,
     proto: Protocol,
     endpoints: &'a [Endpoint],
+    node: &'a NodeInfo,
     opts: &'a Options,
 }
 
 impl Port<'_> {
     /// The frontend on `address:port` in `scope`; `local_only` limits it
-    /// to this node's endpoints.
+    /// to this node's endpoints, else topology may (kube-proxy applies it
+    /// to Cluster-policy endpoints only).
     fn frontend(&self, kind: Kind, address: IpAddr, port: u16, scope: Scope, local_only: bool) -> Frontend {
-        let (shape, opts) = (self.shape, self.opts);
+        let (shape, opts, node) = (self.shape, self.opts, self.node);
         let v4 = address.is_ipv4();
         let family: Vec<&Endpoint> = self.endpoints.iter().filter(|e| e.address.is_ipv4() == v4).collect();
-        let candidates: Vec<&Endpoint> = family.iter().copied().filter(|e| !local_only || e.local).collect();
-        let backends = select_backends(&candidates);
+        let backends = if local_only {
+            let local: Vec<&Endpoint> = family.iter().copied().filter(|e| e.local).collect();
+            select_backends(&local, Topology::Any, node)
+        } else {
+            select_backends(&family, Topology::of(&family, node), node)
+        };
         let active = backends.iter().filter(|b| b.state == BackendState::Active).count();
-        let usable_anywhere = local_only && select_backends(&family).iter().any(|b| b.state == BackendState::Active);
+        let usable_anywhere =
+            local_only && select_backends(&family, Topology::Any, node).iter().any(|b| b.state == BackendState::Active);
         let maglev_size = match (shape.scheduler, active) {
             (Scheduler::Maglev, n) if n > 0 => shape.maglev_override.unwrap_or_else(|| {
                 let want = (n as u64 * 100).clamp(opts.maglev_min as u64, opts.maglev_max as u64) as u32;

@@ -329,7 +329,7 @@ struct XlbState {
 }
 
 fn node_info() -> NodeInfo {
-    NodeInfo { name: model::NODE.into(), addresses: vec!["10.99.0.1".parse().unwrap()] }
+    NodeInfo { name: model::NODE.into(), addresses: vec!["10.99.0.1".parse().unwrap()], ..NodeInfo::default() }
 }
 
 fn xlb_sizes(n: u32) -> MapSizes {
