@@ -36,6 +36,8 @@ use crate::{
 pub struct Settings {
     pub manifests: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
+    /// Which Services are ours (`--service-proxy-name`).
+    pub selector: source::Selector,
     pub node_name: String,
     pub node_addresses: Vec<IpAddr>,
     /// `--zone`: this node's zone when no Node object says (or to override it).
@@ -66,8 +68,10 @@ pub fn spawn_source(
     tx: watch::Sender<Snapshot>,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     match (&s.manifests, client) {
-        (Some(dir), _) => tokio::spawn(source::files::watch_dir(dir.clone(), Duration::from_millis(100), tx)),
-        (None, Some(client)) => tokio::spawn(source::kube::run(client, s.node_name.clone(), tx)),
+        (Some(dir), _) => {
+            tokio::spawn(source::files::watch_dir(dir.clone(), Duration::from_millis(100), s.selector.clone(), tx))
+        }
+        (None, Some(client)) => tokio::spawn(source::kube::run(client, s.node_name.clone(), s.selector.clone(), tx)),
         (None, None) => tokio::spawn(async { anyhow::bail!("no --manifests and no Kubernetes client") }),
     }
 }

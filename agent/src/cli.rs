@@ -169,6 +169,10 @@ pub struct AgentArgs {
     /// InternalIP/ExternalIP addresses (comma-separated).
     #[arg(long, env = "XLB_NODE_ADDRESSES", value_delimiter = ',')]
     pub node_address: Vec<IpAddr>,
+    /// Serve only the Services labelled `service.kubernetes.io/service-proxy-name`
+    /// with this name (default: only those without the label, as kube-proxy).
+    #[arg(long, env = "XLB_SERVICE_PROXY_NAME")]
+    pub service_proxy_name: Option<String>,
     /// This node's zone for topology-aware routing (default: the Node's
     /// `topology.kubernetes.io/zone` label).
     #[arg(long, env = "XLB_ZONE")]
@@ -297,6 +301,7 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
     Ok(Settings {
         manifests: a.manifests.clone(),
         kubeconfig: a.kubeconfig.clone(),
+        selector: crate::source::Selector { proxy_name: a.service_proxy_name.clone().filter(|n| !n.is_empty()) },
         node_name: a.node_name.clone(),
         node_addresses: a.node_address.clone(),
         zone: a.zone.clone().filter(|z| !z.is_empty()),

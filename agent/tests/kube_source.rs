@@ -92,7 +92,7 @@ async fn lists_watches_survives_drops_gone_and_outages() {
     let client = kube::client(Some(&dir)).await.expect("client");
     std::fs::remove_file(&dir).unwrap();
     let (tx, mut rx) = watch::channel(Snapshot::default());
-    let task = tokio::spawn(kube::run(client, "node-1".into(), tx));
+    let task = tokio::spawn(kube::run(client, "node-1".into(), Default::default(), tx));
     // Never an empty view once synced: the datapath must not be flushed.
     let never_empty = |s: &Snapshot| {
         if s.synced {
@@ -247,4 +247,88 @@ async fn agent_programs_the_maps_from_the_api_server() {
                 && e["note"].as_str().unwrap_or("").contains("SCTP")
         })
     });
+}
+
+/// kube-proxy's informer selector (`cmd/kube-proxy/app/server.go`):
+/// Services another proxy serves (`service.kubernetes.io/service-proxy-name`)
+/// and headless EndpointSlices are never listed or held; a Service that
+/// gains the label leaves the view (the watch says DELETED). With
+/// `--service-proxy-name` exactly the named class is served. The file
+/// source applies the same rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_our_services_and_no_headless_slices_are_watched() {
+    use xlb::source::Selector;
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: shop, labels: {service.kubernetes.io/service-proxy-name: other-proxy}}
+spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: other-1, namespace: shop, labels: {kubernetes.io/service-name: other, service.kubernetes.io/service-proxy-name: other-proxy}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.9]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ""}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.8]}]
+"#;
+    let names = |s: &Snapshot| {
+        let mut v: Vec<String> = s.services.iter().map(|o| o.metadata.name.clone().unwrap_or_default()).collect();
+        v.extend(s.slices.iter().map(|o| o.metadata.name.clone().unwrap_or_default()));
+        v.sort();
+        v
+    };
+    let api = ApiServer::start().await;
+    api.apply(Kind::Service, SERVICE);
+    api.apply(Kind::EndpointSlice, &slice(&["10.0.0.1"]));
+    api.apply(Kind::Node, NODE);
+    for doc in OBJECTS.split("\n---\n") {
+        let kind = if doc.contains("kind: Service\n") { Kind::Service } else { Kind::EndpointSlice };
+        api.apply(kind, doc);
+    }
+    let path = std::env::temp_dir().join(format!("xlb-kubeconfig-sel-{}", std::process::id()));
+    std::fs::write(&path, api.kubeconfig()).unwrap();
+    let client = kube::client(Some(&path)).await.expect("client");
+    std::fs::remove_file(&path).unwrap();
+
+    let (tx, mut rx) = watch::channel(Snapshot::default());
+    let task = tokio::spawn(kube::run(client.clone(), "node-1".into(), Selector::default(), tx));
+    // The headless Service itself comes (translation skips it); its slice does not.
+    let s = until(&mut rx, "the initial lists", |_| {}, |s| !s.services.is_empty() && !s.slices.is_empty()).await;
+    assert_eq!(names(&s), ["db", "web", "web-1"]);
+    // `web` is handed to another proxy: it leaves the view.
+    api.apply(
+        Kind::Service,
+        &SERVICE.replace("namespace: shop}", "namespace: shop, labels: {service.kubernetes.io/service-proxy-name: x}}"),
+    );
+    until(&mut rx, "web handed to another proxy", |_| {}, |s| names(s) == ["db", "web-1"]).await;
+    task.abort();
+
+    let named = Selector { proxy_name: Some("other-proxy".into()) };
+    let (tx, mut rx) = watch::channel(Snapshot::default());
+    let task = tokio::spawn(kube::run(client, "node-1".into(), named.clone(), tx));
+    until(&mut rx, "the named class", |_| {}, |s| names(s) == ["other", "other-1"]).await;
+    task.abort();
+
+    // The files source: the same rule.
+    let mut snap = Snapshot::default();
+    xlb::source::files::parse_into(
+        &mut snap,
+        "objects",
+        &format!("apiVersion: v1\nkind: Service{SERVICE}---\n{OBJECTS}"),
+    );
+    let mut ours = snap.clone();
+    Selector::default().retain(&mut ours);
+    assert_eq!(names(&ours), ["db", "web"]);
+    named.retain(&mut snap);
+    assert_eq!(names(&snap), ["other", "other-1"]);
 }

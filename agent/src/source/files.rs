@@ -16,7 +16,7 @@ use k8s_openapi::api::{
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::watch;
 
-use super::Snapshot;
+use super::{Selector, Snapshot};
 
 /// The YAML parser's limits: its defaults (1,024 documents, 250,000 nodes
 /// a file) guard against hostile input, but a cluster's dump holds tens of
@@ -108,9 +108,15 @@ pub fn read_dir(dir: &Path) -> Snapshot {
     snap
 }
 
-/// Watches `dir` and publishes a fresh [`Snapshot`] after every burst of
-/// changes (debounced by `settle`). Runs until the receiver is dropped.
-pub async fn watch_dir(dir: PathBuf, settle: Duration, tx: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+/// Watches `dir` and publishes a fresh [`Snapshot`] of the objects
+/// `selector` makes ours after every burst of changes (debounced by
+/// `settle`). Runs until the receiver is dropped.
+pub async fn watch_dir(
+    dir: PathBuf,
+    settle: Duration,
+    selector: Selector,
+    tx: watch::Sender<Snapshot>,
+) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     // Only changes to manifests (or to directories) count: a log file or an
     // editor's swap file in the same directory must not trigger re-reads.
@@ -127,6 +133,7 @@ pub async fn watch_dir(dir: PathBuf, settle: Duration, tx: watch::Sender<Snapsho
     })?;
     watcher.watch(&dir, RecursiveMode::Recursive)?;
     let mut first = read_dir(&dir);
+    selector.retain(&mut first);
     first.changed_at = Some(Instant::now());
     tx.send_replace(first);
     while let Some(at) = ev_rx.recv().await {
@@ -138,6 +145,7 @@ pub async fn watch_dir(dir: PathBuf, settle: Duration, tx: watch::Sender<Snapsho
             move || read_dir(&dir)
         })
         .await?;
+        selector.retain(&mut snap);
         snap.changed_at = Some(at);
         if tx.send(snap).is_err() {
             break;

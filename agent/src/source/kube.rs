@@ -23,7 +23,7 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use super::Snapshot;
+use super::{Selector, Snapshot};
 
 /// A client from `kubeconfig`, or the in-cluster / default configuration.
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
@@ -61,12 +61,18 @@ where
 }
 
 /// Runs the watchers and publishes a [`Snapshot`] after every change once
-/// all three stores have completed their first list.
-pub async fn run(client: Client, node_name: String, tx: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+/// all three stores have completed their first list. Services and
+/// EndpointSlices are watched through `selector`'s label selector.
+pub async fn run(
+    client: Client,
+    node_name: String,
+    selector: Selector,
+    tx: watch::Sender<Snapshot>,
+) -> anyhow::Result<()> {
     let (services, sw) = reflector::store::<Service>();
     let (slices, ew) = reflector::store::<EndpointSlice>();
     let (nodes, nw) = reflector::store::<Node>();
-    let cfg = watcher::Config::default();
+    let cfg = watcher::Config::default().labels(&selector.label_selector());
     let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let mut stream = futures::stream::select_all([
         events(Api::<Service>::all(client.clone()), cfg.clone(), sw, Which::Services),

@@ -3,7 +3,7 @@
 //! directory of YAML ([`files`]). Both publish whole [`Snapshot`]s on a
 //! `tokio::sync::watch` channel; the agent translates the newest one.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -30,4 +30,41 @@ pub struct Snapshot {
     /// False until the source has a complete view (the API server's
     /// initial lists); the agent programs nothing before.
     pub synced: bool,
+}
+
+/// The label that gives a Service (and its EndpointSlices) to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The label the EndpointSlice controller puts on a headless Service's slices.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// Which Services and EndpointSlices are this proxy's, as kube-proxy's
+/// informers select them (`cmd/kube-proxy/app/server.go`): none labelled
+/// `service.kubernetes.io/service-proxy-name` (another proxy serves those)
+/// and no headless slices; with `--service-proxy-name NAME`, exactly the
+/// ones labelled with NAME. The API server filters (nothing else is held in
+/// memory); the file source applies the same rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    pub proxy_name: Option<String>,
+}
+
+impl Selector {
+    /// The list/watch `labelSelector`.
+    pub fn label_selector(&self) -> String {
+        match &self.proxy_name {
+            None => format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"),
+            Some(n) => format!("{SERVICE_PROXY_NAME_LABEL}={n},!{HEADLESS_LABEL}"),
+        }
+    }
+
+    pub fn matches(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let get = |k: &str| labels.and_then(|l| l.get(k));
+        get(HEADLESS_LABEL).is_none() && get(SERVICE_PROXY_NAME_LABEL) == self.proxy_name.as_ref()
+    }
+
+    /// Drops the Services and EndpointSlices that are not ours.
+    pub fn retain(&self, snap: &mut Snapshot) {
+        snap.services.retain(|s| self.matches(s.metadata.labels.as_ref()));
+        snap.slices.retain(|s| self.matches(s.metadata.labels.as_ref()));
+    }
 }

@@ -5,11 +5,14 @@
 //! What it emulates (and nothing more):
 //! - `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`,
 //!   `/api/v1/nodes` (cluster-wide, `fieldSelector=metadata.name=…` on
-//!   nodes): a list with `metadata.resourceVersion`; no pagination (`limit`
+//!   nodes, `labelSelector` with `key`, `!key`, `key=value`, `key!=value`
+//!   terms): a list with `metadata.resourceVersion`; no pagination (`limit`
 //!   is ignored, no `continue` token).
 //! - the same with `watch=true&resourceVersion=N`: a chunked stream of
 //!   `ADDED`/`MODIFIED`/`DELETED` events newer than N, then live ones, and a
-//!   `BOOKMARK` every 100 ms when `allowWatchBookmarks=true`;
+//!   `BOOKMARK` every 100 ms when `allowWatchBookmarks=true`; under a
+//!   selector, an object that stops matching arrives `DELETED` and one that
+//!   starts matching `ADDED`, as from the real watch cache;
 //! - a watch from a resourceVersion older than the compaction floor gets
 //!   the API server's answer: HTTP 200 and one `ERROR` event with a
 //!   `Status` of code 410 (`Expired`), after which clients must re-list;
@@ -74,6 +77,8 @@ struct Event {
     rv: u64,
     ty: &'static str,
     object: Value,
+    /// The object before a MODIFIED (for selector transitions).
+    old: Option<Value>,
 }
 
 #[derive(Default)]
@@ -150,8 +155,9 @@ impl ApiServer {
         obj["kind"] = json!(kind.name());
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let k = key(kind, &obj);
-        let ty = if st.objects.insert(k, obj.clone()).is_some() { "MODIFIED" } else { "ADDED" };
-        let ev = Event { kind, rv, ty, object: obj };
+        let old = st.objects.insert(k, obj.clone());
+        let ty = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        let ev = Event { kind, rv, ty, object: obj, old };
         st.history.push(ev.clone());
         let _ = self.inner.events.send(ev);
     }
@@ -163,7 +169,7 @@ impl ApiServer {
         };
         st.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-        let ev = Event { kind, rv: st.rv, ty: "DELETED", object: obj };
+        let ev = Event { kind, rv: st.rv, ty: "DELETED", object: obj, old: None };
         st.history.push(ev.clone());
         let _ = self.inner.events.send(ev);
     }
@@ -235,9 +241,40 @@ impl Drop for Open {
 }
 
 fn matches_selector(obj: &Value, q: &BTreeMap<String, String>) -> bool {
-    match q.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")) {
+    let name_ok = match q.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")) {
         Some(name) => obj["metadata"]["name"].as_str() == Some(name),
         None => true,
+    };
+    let labels = &obj["metadata"]["labels"];
+    let label = |k: &str| labels.get(k).and_then(Value::as_str);
+    let labels_ok = q.get("labelSelector").is_none_or(|sel| {
+        sel.split(',').filter(|t| !t.is_empty()).all(|t| {
+            if let Some(k) = t.strip_prefix('!') {
+                label(k).is_none()
+            } else if let Some((k, v)) = t.split_once("!=") {
+                label(k) != Some(v)
+            } else if let Some((k, v)) = t.split_once('=') {
+                label(k.trim_end_matches('=')) == Some(v)
+            } else {
+                label(t).is_some()
+            }
+        })
+    });
+    name_ok && labels_ok
+}
+
+/// How a watch under selector `q` sees event `e`: its type, or `None`
+/// when neither the old nor the new object matches.
+fn as_seen(e: &Event, q: &BTreeMap<String, String>) -> Option<&'static str> {
+    let now = matches_selector(&e.object, q);
+    let before = e.old.as_ref().is_some_and(|o| matches_selector(o, q));
+    match (e.ty, before, now) {
+        ("MODIFIED", true, true) => Some("MODIFIED"),
+        ("MODIFIED", false, true) => Some("ADDED"),
+        ("MODIFIED", true, false) => Some("DELETED"),
+        ("MODIFIED", false, false) => None,
+        (ty, _, true) => Some(ty),
+        _ => None,
     }
 }
 
@@ -283,8 +320,7 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
     let q2 = q.clone();
     let first: Vec<Result<Bytes, Infallible>> = backlog
         .into_iter()
-        .filter(|e| matches_selector(&e.object, &q2))
-        .map(|e| line(&json!({"type": e.ty, "object": e.object})))
+        .filter_map(|e| as_seen(&e, &q2).map(|ty| line(&json!({"type": ty, "object": e.object}))))
         .collect();
     struct St {
         _open: Open,
@@ -316,8 +352,8 @@ async fn handle(State(s): State<Arc<Inner>>, Query(q): Query<BTreeMap<String, St
                     Ok(e) if e.rv <= st.upto => continue,
                     Ok(e) => {
                         st.upto = e.rv;
-                        if e.kind == kind && matches_selector(&e.object, &st.q) {
-                            return Some((line(&json!({"type": e.ty, "object": e.object})), st));
+                        if e.kind == kind && let Some(ty) = as_seen(&e, &st.q) {
+                            return Some((line(&json!({"type": ty, "object": e.object})), st));
                         }
                     }
                     Err(_) => return None,
