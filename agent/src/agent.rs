@@ -130,8 +130,9 @@ impl EventSink {
     }
 }
 
-/// This node: its Node object from the source, plus `--node-address`.
-pub fn node_info(s: &Settings, snap: &Snapshot) -> NodeInfo {
+/// This node: its Node object from the source, plus `--node-address`, and
+/// the addresses on its interfaces (`local`).
+pub fn node_info(s: &Settings, snap: &Snapshot, local: &[IpAddr]) -> NodeInfo {
     let mut info = snap
         .nodes
         .iter()
@@ -146,18 +147,19 @@ pub fn node_info(s: &Settings, snap: &Snapshot) -> NodeInfo {
             info.addresses.push(*a);
         }
     }
+    info.local = local.to_vec();
     info
 }
 
 /// Translates a snapshot; problems with the files are reported as problems too.
-pub fn desired(s: &Settings, snap: &Snapshot) -> Desired {
-    desired_with(&mut translate::Translator::default(), s, snap)
+pub fn desired(s: &Settings, snap: &Snapshot, local: &[IpAddr]) -> Desired {
+    desired_with(&mut translate::Translator::default(), s, snap, local)
 }
 
 /// [`desired`] through a long-lived translator, which skips the Services
 /// that did not change since its last call.
-pub fn desired_with(t: &mut translate::Translator, s: &Settings, snap: &Snapshot) -> Desired {
-    let node = node_info(s, snap);
+pub fn desired_with(t: &mut translate::Translator, s: &Settings, snap: &Snapshot, local: &[IpAddr]) -> Desired {
+    let node = node_info(s, snap, local);
     let mut d = t.translate_shared(&snap.services, &snap.slices, &node, &s.options);
     d.problems.extend(snap.errors.iter().map(|e| translate::Problem { service: String::new(), message: e.clone() }));
     d
@@ -165,7 +167,9 @@ pub fn desired_with(t: &mut translate::Translator, s: &Settings, snap: &Snapshot
 
 fn config(s: &Settings, node: &NodeInfo) -> Config {
     let pick = |want: Option<IpAddr>, v4: bool| {
-        want.or_else(|| node.addresses.iter().copied().find(|a| a.is_ipv4() == v4 && !a.is_loopback()))
+        want.or_else(|| {
+            node.addresses.iter().chain(&node.local).copied().find(|a| a.is_ipv4() == v4 && !a.is_loopback())
+        })
     };
     let a16 = |a: Option<IpAddr>| a.map(map_addr).unwrap_or([0; 16]);
     Config {
@@ -233,6 +237,104 @@ fn spawn_link_watcher(tx: mpsc::UnboundedSender<LinkEvent>) -> anyhow::Result<()
     Ok(())
 }
 
+/// What a sync needs besides the datapath: the writer and translator
+/// with their memory, and everything a sync reports to.
+struct Reconciler<'a> {
+    s: &'a Settings,
+    writer: Writer,
+    translator: translate::Translator,
+    health: ServiceHealth,
+    proxy_health: std::sync::Arc<ProxyHealth>,
+    http: std::sync::Arc<Http>,
+    neighbours: crate::neighbours::Neighbours,
+    events: Option<EventSink>,
+    last_config: Option<Config>,
+    /// Notices and expected skips already logged (each is said once).
+    said_once: std::collections::HashSet<(String, String)>,
+}
+
+impl Reconciler<'_> {
+    /// Programs `snap` on a node with the local addresses `local`.
+    async fn sync(&mut self, dp: &mut Datapath, snap: &Snapshot, local: &[IpAddr]) -> anyhow::Result<()> {
+        let s = self.s;
+        let started = Instant::now();
+        let node = node_info(s, snap, local);
+        let cfg = config(s, &node);
+        if self.last_config != Some(cfg) {
+            dp.set_config(&cfg)?;
+            self.last_config = Some(cfg);
+        }
+        let d = desired_with(&mut self.translator, s, snap, local);
+        let translated = started.elapsed();
+        let report = self.writer.apply(dp, &d);
+        let took = started.elapsed();
+        let http = self.http.clone();
+        let m = &http.metrics;
+        m.syncs.inc();
+        m.sync_duration.observe(took.as_secs_f64());
+        if let Some(at) = snap.changed_at {
+            m.programming_latency.observe(at.elapsed().as_secs_f64());
+        }
+        m.frontends.set(self.writer.len() as i64);
+        m.problems.set((d.problems.len() + report.failed.len()) as i64);
+        if !report.failed.is_empty() {
+            m.sync_failures.inc();
+        }
+        self.log(&d, &report.failed);
+        if let Some(ev) = self.events.as_mut() {
+            ev.publish(snap, &d.problems);
+            ev.publish(snap, &report.failed);
+        }
+        self.proxy_health.updated(snap.changed_at);
+        let listen = if s.options.nodeports_everywhere() {
+            Listen::All
+        } else {
+            Listen::On(node.nodeport_addresses(&s.options))
+        };
+        self.health.sync(&d.health_checks, &listen).await;
+        // Remote backends' next hops: resolved before the first packet needs them.
+        let remote = d.frontends.iter().flat_map(|f| f.backends.iter()).filter(|b| !b.node_local).map(|b| b.address);
+        self.neighbours.ensure(remote).await;
+        self.http.ready.store(true, Ordering::Relaxed);
+        let quiet = report.changed + report.removed + report.failed.len() == 0 && m.syncs.get() > 1;
+        if !quiet {
+            tracing::info!(
+                services = snap.services.len(),
+                frontends = self.writer.len(),
+                changed = report.changed,
+                removed = report.removed,
+                backends_written = report.backends_written,
+                backends_removed = report.backends_removed,
+                failed = report.failed.len(),
+                micros = took.as_micros() as u64,
+                translate_micros = translated.as_micros() as u64,
+                "synced"
+            );
+        }
+        Ok(())
+    }
+
+    /// Problems every sync; notices (warn) and expected skips (debug) once.
+    fn log(&mut self, d: &Desired, failed: &[translate::Problem]) {
+        for p in &d.problems {
+            tracing::warn!(service = %p.service, "{}", p.message);
+        }
+        for p in &d.notices {
+            if self.said_once.insert((p.service.clone(), p.message.clone())) {
+                tracing::warn!(service = %p.service, "{}", p.message);
+            }
+        }
+        for p in &d.skipped {
+            if self.said_once.insert((p.service.clone(), p.message.clone())) {
+                tracing::debug!(service = %p.service, "{}", p.message);
+            }
+        }
+        for p in failed {
+            tracing::error!(service = %p.service, "{}", p.message);
+        }
+    }
+}
+
 /// Runs the agent until SIGINT / SIGTERM.
 pub async fn run(s: Settings) -> anyhow::Result<()> {
     attach::prepare_pin_dir(&s.pin_dir)?;
@@ -243,8 +345,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     if services + backends > 0 {
         tracing::info!(services, backends, "continuing from the pinned maps");
     }
-    let mut writer = Writer::recover(&dp);
-    let mut translator = translate::Translator::default();
+    let writer = Writer::recover(&dp);
+    let translator = translate::Translator::default();
 
     for ifname in &s.xdp_interfaces {
         let how = attach::xdp(&mut dp, &s.pin_dir, ifname, s.xdp_mode).with_context(|| format!("XDP on {ifname}"))?;
@@ -279,20 +381,30 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             }
         });
     }
-    let mut health = ServiceHealth::new(proxy_health.clone());
-    let mut neighbours = crate::neighbours::Neighbours::default();
-
     let (tx, mut rx) = watch::channel(Snapshot::default());
     // Changes count as queued when the source publishes them, apart from
     // this loop, so a loop that stops syncing shows on /healthz.
     tokio::spawn(proxy_health.clone().watch(rx.clone(), s.node_name.clone()));
+    // The node's own addresses (NodePorts open on them), followed.
+    let (addr_tx, mut addr_rx) = watch::channel(Vec::new());
+    crate::addresses::follow(addr_tx).await.context("listing the node's addresses")?;
     let client = client(&s).await?;
-    let mut events = client.clone().map(|c| EventSink::new(c, &s.node_name));
+    let events = client.clone().map(|c| EventSink::new(c, &s.node_name));
     let mut source = spawn_source(&s, client, tx);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut last_config = None;
-    // Expected skips (headless, ExternalName …) are logged once, at debug.
-    let mut logged_skips = std::collections::HashSet::new();
+    let mut r = Reconciler {
+        s: &s,
+        writer,
+        translator,
+        health: ServiceHealth::new(proxy_health.clone()),
+        proxy_health,
+        http,
+        neighbours: crate::neighbours::Neighbours::default(),
+        events,
+        last_config: None,
+        said_once: Default::default(),
+    };
+    let mut last: Option<Snapshot> = None;
     loop {
         tokio::select! {
             changed = rx.changed() => {
@@ -303,62 +415,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 if !snap.synced {
                     continue;
                 }
-                let started = Instant::now();
-                let node = node_info(&s, &snap);
-                let cfg = config(&s, &node);
-                if last_config != Some(cfg) {
-                    dp.set_config(&cfg)?;
-                    last_config = Some(cfg);
+                let local = addr_rx.borrow_and_update().clone();
+                r.sync(&mut dp, &snap, &local).await?;
+                last = Some(snap);
+            }
+            Ok(()) = addr_rx.changed() => {
+                let local = addr_rx.borrow_and_update().clone();
+                if let Some(snap) = &last {
+                    r.sync(&mut dp, snap, &local).await?;
                 }
-                let d = desired_with(&mut translator, &s, &snap);
-                let translated = started.elapsed();
-                let report = writer.apply(&mut dp, &d);
-                let took = started.elapsed();
-                let m = &http.metrics;
-                m.syncs.inc();
-                m.sync_duration.observe(took.as_secs_f64());
-                if let Some(at) = snap.changed_at {
-                    m.programming_latency.observe(at.elapsed().as_secs_f64());
-                }
-                m.frontends.set(writer.len() as i64);
-                m.problems.set((d.problems.len() + report.failed.len()) as i64);
-                for p in &d.problems {
-                    tracing::warn!(service = %p.service, "{}", p.message);
-                }
-                for p in &d.skipped {
-                    if logged_skips.insert((p.service.clone(), p.message.clone())) {
-                        tracing::debug!(service = %p.service, "{}", p.message);
-                    }
-                }
-                for p in &report.failed {
-                    tracing::error!(service = %p.service, "{}", p.message);
-                }
-                if !report.failed.is_empty() {
-                    m.sync_failures.inc();
-                }
-                if let Some(ev) = events.as_mut() {
-                    ev.publish(&snap, &d.problems);
-                    ev.publish(&snap, &report.failed);
-                }
-                proxy_health.updated(snap.changed_at);
-                let listen = if s.options.nodeport_cidrs.is_empty() {
-                    Listen::All
-                } else {
-                    Listen::On(node.nodeport_addresses(&s.options))
-                };
-                health.sync(&d.health_checks, &listen).await;
-                // Remote backends' next hops: resolved before the first packet needs them.
-                neighbours
-                    .ensure(d.frontends.iter().flat_map(|f| f.backends.iter()).filter(|b| !b.node_local).map(|b| b.address))
-                    .await;
-                http.ready.store(true, Ordering::Relaxed);
-                let quiet = report.changed + report.removed + report.failed.len() == 0 && http.metrics.syncs.get() > 1;
-                if !quiet { tracing::info!(
-                    services = snap.services.len(), frontends = writer.len(), changed = report.changed, removed = report.removed,
-                    backends_written = report.backends_written, backends_removed = report.backends_removed,
-                    failed = report.failed.len(), micros = took.as_micros() as u64,
-                    translate_micros = translated.as_micros() as u64, "synced"
-                ); }
             }
             Some(ev) = link_rx.recv() => match ev {
                 LinkEvent::Up(ifname) if attach::matches(&s.tc_patterns, &ifname) && !s.tc_interfaces.contains(&ifname) => {

@@ -206,9 +206,11 @@ pub struct AgentArgs {
     /// Valid NodePort range.
     #[arg(long, env = "XLB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = agent::port_range)]
     pub node_port_range: (u16, u16),
-    /// Only node addresses in these CIDRs carry NodePorts (default: all).
-    #[arg(long, env = "XLB_NODEPORT_ADDRESSES", value_delimiter = ',', value_parser = agent::cidr)]
-    pub nodeport_addresses: Vec<IpNet>,
+    /// Only node addresses in these CIDRs carry NodePorts, per family (a
+    /// family with no CIDR listed: all its addresses), or `primary`: the
+    /// node's primary address of each family (default: every address).
+    #[arg(long, env = "XLB_NODEPORT_ADDRESSES", value_delimiter = ',', value_parser = nodeport_address)]
+    pub nodeport_addresses: Vec<NodePortAddress>,
     /// Allowed externalIPs (default: any). Set it to mitigate CVE-2020-8554.
     #[arg(long, env = "XLB_EXTERNAL_IP_CIDRS", value_delimiter = ',', value_parser = agent::cidr)]
     pub external_ip_cidrs: Vec<IpNet>,
@@ -277,6 +279,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// One `--nodeport-addresses` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodePortAddress {
+    Cidr(IpNet),
+    Primary,
+}
+
+impl NodePortAddress {
+    fn cidr(&self) -> Option<IpNet> {
+        match self {
+            Self::Cidr(c) => Some(*c),
+            Self::Primary => None,
+        }
+    }
+}
+
+fn nodeport_address(s: &str) -> Result<NodePortAddress, String> {
+    if s.trim() == "primary" {
+        return Ok(NodePortAddress::Primary);
+    }
+    agent::cidr(s.trim()).map(NodePortAddress::Cidr)
+}
+
 fn default_node_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
@@ -295,6 +320,9 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         "none" | "" => None,
         s => Some(s.parse::<SocketAddr>().with_context(|| format!("--healthz-bind-address {s:?}"))?),
     };
+    if a.nodeport_addresses.contains(&NodePortAddress::Primary) && a.nodeport_addresses.len() > 1 {
+        anyhow::bail!("--nodeport-addresses: `primary` stands alone (no CIDRs with it), as in kube-proxy");
+    }
     if a.maglev_min > a.maglev_max || a.maglev_min < 2 {
         anyhow::bail!("--maglev-min {} / --maglev-max {}: need 2 ≤ min ≤ max", a.maglev_min, a.maglev_max);
     }
@@ -307,7 +335,8 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         zone: a.zone.clone().filter(|z| !z.is_empty()),
         options: Options {
             node_port_range: a.node_port_range,
-            nodeport_cidrs: a.nodeport_addresses.clone(),
+            nodeport_cidrs: a.nodeport_addresses.iter().filter_map(NodePortAddress::cidr).collect(),
+            nodeport_primary: a.nodeport_addresses.contains(&NodePortAddress::Primary),
             external_ip_cidrs: a.external_ip_cidrs.clone(),
             maglev_min: a.maglev_min,
             maglev_max: a.maglev_max,

@@ -3,6 +3,7 @@
 //! the pure decision logic (Maglev, backend selection) the agent and the
 //! tests share with the kernel programs.
 
+pub mod addresses;
 pub mod agent;
 pub mod attach;
 pub mod cli;

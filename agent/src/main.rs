@@ -37,7 +37,8 @@ async fn dry_run(s: &Settings) -> anyhow::Result<()> {
         }
     };
     source.abort();
-    let d = agent::desired(s, &snap);
+    let local = xlb::addresses::list().await.context("listing the node's addresses")?;
+    let d = agent::desired(s, &snap, &local);
     println!("{}", serde_json::to_string_pretty(&d)?);
     Ok(())
 }

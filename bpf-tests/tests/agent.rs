@@ -146,7 +146,8 @@ fn established_connection_survives_agent_restart() {
     // A new agent takes over from the pins without touching the flow.
     let second = Agent::start(&topo.node, dir.path.join("agent2.log"), &agent_args(&pins, &dir, &[]));
     let log = second.log_text();
-    assert!(log.contains("continuing from the pinned maps services=2 backends=1"), "{log}");
+    // The ClusterIP and the NodePort on n0's and n1's addresses.
+    assert!(log.contains("continuing from the pinned maps services=3 backends=1"), "{log}");
     assert!(log.contains("how=Updated"), "the pinned XDP links were swapped to the new programs: {log}");
     assert!(log.contains("changed=0"), "nothing to re-program: {log}");
     for i in 0..20 {
@@ -203,7 +204,9 @@ fn file_edits_reach_the_maps_and_bad_services_are_isolated() {
     assert!(log.contains("bad Service"), "{log}");
     let svcs = xlb(&topo.node, &["dump", "--pin-dir", &pins.arg(), "-o", "json", "services"]);
     let svcs: serde_json::Value = serde_json::from_str(&svcs).unwrap();
-    assert_eq!(svcs.as_array().unwrap().len(), 2, "ClusterIP + NodePort of test/echo: {svcs:#}");
+    // The ClusterIP, and the NodePort on both of the node's IPv4 addresses
+    // (n0's, n1's: NodePorts open on every local address, as kube-proxy's).
+    assert_eq!(svcs.as_array().unwrap().len(), 3, "ClusterIP + 2 NodePorts of test/echo: {svcs:#}");
 
     // Removing the files removes the service and its backends.
     std::fs::remove_file(&file).unwrap();
@@ -491,4 +494,56 @@ fn xdp_falls_back_to_generic_mode_where_native_is_missing() {
     assert!(log.contains("ifname=\"d0\" how=Generic"), "{log}");
     assert!(log.contains("ifname=\"n0\" how=New"), "{log}");
     assert!(pins.path.join("links/xdp@d0").exists());
+}
+
+/// NodePorts open on the node's own addresses, found over rtnetlink and
+/// followed (kube-proxy opens them on every local address): no
+/// `--node-address` needed; an address added to n0 gets the NodePort and
+/// carries traffic; removed, the NodePort goes with it.
+#[test]
+fn node_ports_follow_the_node_addresses() {
+    let topo = xdp_topology();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
+    echo_server(&topo, SocketAddr::new(SERVER4.parse().unwrap(), 8080));
+    let mut args = agent_args(&pins, &dir, &[]);
+    let at = args.iter().position(|a| a == "--node-address").unwrap();
+    args.drain(at..at + 2);
+    let _agent = Agent::start(&topo.node, dir.path.join("agent.log"), &args);
+    let nodeports = || {
+        let out = xlb(&topo.node, &["dump", "--pin-dir", &pins.arg(), "-o", "json", "services"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut a: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["kind"] == "NodePort")
+            .map(|f| f["address"].as_str().unwrap().to_string())
+            .collect();
+        a.sort();
+        a
+    };
+    let until = |want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = nodeports();
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "NodePorts on {got:?}, want {want:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until(&[NODE_ADDR, "172.31.2.1"]);
+    let mut c = Conn::open(&topo, format!("{NODE_ADDR}:30007").parse().unwrap());
+    assert!(c.say("first").ends_with(" first"));
+
+    topo.node.exec(&["ip", "addr", "add", "172.31.1.77/24", "dev", "n0"]);
+    until(&[NODE_ADDR, "172.31.1.77", "172.31.2.1"]);
+    let mut c = Conn::open(&topo, "172.31.1.77:30007".parse().unwrap());
+    assert!(c.say("new address").ends_with(" new address"));
+
+    topo.node.exec(&["ip", "addr", "del", "172.31.1.77/24", "dev", "n0"]);
+    until(&[NODE_ADDR, "172.31.2.1"]);
 }

@@ -82,6 +82,9 @@ pub struct Desired {
     /// Services skipped by design, not problems: headless and ExternalName
     /// Services (DNS serves them), `ipMode: Proxy` ingress addresses.
     pub skipped: Vec<Problem>,
+    /// Programmed, but worth a warning once: a NodePort outside
+    /// `--node-port-range` (a cluster with a custom range keeps its NodePorts).
+    pub notices: Vec<Problem>,
 }
 
 /// Computes the desired state. `services` and `slices` may come in any

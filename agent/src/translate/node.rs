@@ -7,7 +7,6 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use serde::Serialize;
 
-use super::in_any;
 use crate::maglev;
 
 /// This node, as translation needs it.
@@ -15,8 +14,13 @@ use crate::maglev;
 pub struct NodeInfo {
     /// `metadata.name`, compared with an endpoint's `nodeName` for locality.
     pub name: String,
-    /// Addresses NodePorts are exposed on.
+    /// The Node object's InternalIP and ExternalIP addresses, then
+    /// `--node-address`: the first of each family is the node's primary.
     pub addresses: Vec<IpAddr>,
+    /// The addresses on the host's interfaces (rtnetlink; loopback and
+    /// link-local left out), where NodePorts open by default as under
+    /// kube-proxy.
+    pub local: Vec<IpAddr>,
     /// The `topology.kubernetes.io/zone` label, for topology-aware routing.
     pub zone: Option<String>,
 }
@@ -38,15 +42,33 @@ impl NodeInfo {
             }
         }
         let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).filter(|z| !z.is_empty()).cloned();
-        Self { name: node.metadata.name.clone().unwrap_or_default(), addresses, zone }
+        Self { name: node.metadata.name.clone().unwrap_or_default(), addresses, local: Vec::new(), zone }
     }
 
-    /// The addresses that carry NodePorts under `opts`.
+    /// The addresses that carry NodePorts under `opts`, as kube-proxy's
+    /// `--nodeport-addresses` (`util/nodeport_addresses.go`), per family:
+    /// the node's addresses inside that family's CIDRs, or all of them when
+    /// no CIDR of the family is listed; `primary`: the node's primary
+    /// address of each family.
     pub fn nodeport_addresses(&self, opts: &Options) -> Vec<IpAddr> {
-        self.addresses
-            .iter()
-            .filter(|a| opts.nodeport_cidrs.is_empty() || in_any(&opts.nodeport_cidrs, a))
-            .copied()
+        let mut all: Vec<IpAddr> = Vec::new();
+        for a in self.addresses.iter().chain(&self.local) {
+            if !all.contains(a) {
+                all.push(*a);
+            }
+        }
+        if opts.nodeport_primary {
+            return [true, false]
+                .into_iter()
+                .filter_map(|v4| all.iter().copied().find(|a| a.is_ipv4() == v4))
+                .collect();
+        }
+        let of_family = |v4: bool| opts.nodeport_cidrs.iter().filter(move |c| c.addr().is_ipv4() == v4);
+        all.into_iter()
+            .filter(|a| {
+                let mut cidrs = of_family(a.is_ipv4()).peekable();
+                cidrs.peek().is_none() || cidrs.any(|c| c.contains(a))
+            })
             .collect()
     }
 }
@@ -56,9 +78,12 @@ impl NodeInfo {
 pub struct Options {
     /// Valid NodePort values (kube-apiserver's `--service-node-port-range`).
     pub node_port_range: (u16, u16),
-    /// Only node addresses inside these CIDRs carry NodePorts; empty: all
-    /// (kube-proxy's `--nodeport-addresses`).
+    /// Only node addresses inside these CIDRs carry NodePorts; a family
+    /// with none listed: all of that family (kube-proxy's `--nodeport-addresses`).
     pub nodeport_cidrs: Vec<IpNet>,
+    /// `--nodeport-addresses primary`: only the node's primary address of
+    /// each family.
+    pub nodeport_primary: bool,
     /// externalIPs allowed; empty: any. Restricting them is the node-side
     /// mitigation of CVE-2020-8554 (a user claiming someone else's IP).
     pub external_ip_cidrs: Vec<IpNet>,
@@ -71,11 +96,19 @@ pub struct Options {
     pub derive_hints: bool,
 }
 
+impl Options {
+    /// NodePorts are open on every address (no `--nodeport-addresses`).
+    pub fn nodeports_everywhere(&self) -> bool {
+        self.nodeport_cidrs.is_empty() && !self.nodeport_primary
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
             node_port_range: (30000, 32767),
             nodeport_cidrs: Vec::new(),
+            nodeport_primary: false,
             external_ip_cidrs: Vec::new(),
             maglev_min: maglev::MIN_SIZE,
             maglev_max: maglev::MAX_SIZE,

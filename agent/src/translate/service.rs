@@ -275,13 +275,18 @@ fn port_frontends(
                     problems.push(format!("port {pname}: type NodePort without a nodePort; NodePort skipped"));
                 }
             }
-            Some(np) if np < opts.node_port_range.0 as i32 || np > opts.node_port_range.1 as i32 => {
-                problems.push(format!(
-                    "port {pname}: nodePort {np} is outside {}-{}; NodePort skipped",
-                    opts.node_port_range.0, opts.node_port_range.1
-                ));
+            Some(np) if !(1..=65535).contains(&np) => {
+                problems.push(format!("port {pname}: bad nodePort {np}; NodePort skipped"));
             }
             Some(np) => {
+                // The API server validates the range; a cluster with a
+                // custom --service-node-port-range keeps its NodePorts.
+                if np < opts.node_port_range.0 as i32 || np > opts.node_port_range.1 as i32 {
+                    problems.push(Note::notice(format!(
+                        "port {pname}: nodePort {np} is outside --node-port-range {}-{}; programmed anyway",
+                        opts.node_port_range.0, opts.node_port_range.1
+                    )));
+                }
                 for a in shape.node_addrs.iter().filter(|a| shape.families.contains(&a.is_ipv4())) {
                     out.push(f.frontend(Kind::NodePort, *a, np as u16, Scope::External, ext_local));
                     if ext_local {

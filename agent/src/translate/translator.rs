@@ -8,7 +8,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
     Desired, FastMap, Frontend, FrontendKey, HealthCheck, NodeInfo, Options, Problem, SERVICE_NAME_LABEL, namespace,
-    notes::Notes, service::service_frontends,
+    notes::{NoteKind, Notes},
+    service::service_frontends,
 };
 
 /// What one Service translated to, and the versions it was translated from.
@@ -315,7 +316,11 @@ impl Placing {
         let id = || format!("{}/{}", c.namespace, c.name);
         for n in &c.problems.0 {
             let p = Problem { service: id(), message: n.message.clone() };
-            if n.expected { self.out.skipped.push(p) } else { self.problems.push(p) }
+            match n.kind {
+                NoteKind::Problem => self.problems.push(p),
+                NoteKind::Skip => self.out.skipped.push(p),
+                NoteKind::Notice => self.out.notices.push(p),
+            }
         }
         self.out.health_checks.extend(c.health_checks.iter().cloned());
         let mut mine = PrevService::default();
