@@ -267,6 +267,13 @@ impl Reconciler<'_> {
         let d = desired_with(&mut self.translator, s, snap, local);
         let translated = started.elapsed();
         let report = self.writer.apply(dp, &d);
+        match crate::sweep::sweep(dp, &report) {
+            Ok(swept) if swept != Default::default() => {
+                tracing::info!(conntrack = swept.conntrack, affinity = swept.affinity, "moved flows off stale backends")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweeping stale conntrack / affinity entries failed"),
+        }
         let took = started.elapsed();
         let http = self.http.clone();
         let m = &http.metrics;

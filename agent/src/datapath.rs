@@ -841,6 +841,31 @@ impl Datapath {
         }
     }
 
+    /// Deletes the conntrack entries `drop` picks (either direction);
+    /// returns how many went. Entries come and go meanwhile: one already
+    /// gone is not an error.
+    pub fn conntrack_sweep(&mut self, mut drop: impl FnMut(&CtKey, &CtEntry) -> bool) -> Result<usize> {
+        let doomed: Vec<CtKey> =
+            self.maps.conntrack.iter().filter_map(|r| r.ok()).filter(|(k, e)| drop(k, e)).map(|(k, _)| k).collect();
+        for k in &doomed {
+            self.conntrack_remove(k)?;
+        }
+        Ok(doomed.len())
+    }
+
+    /// Deletes the sessionAffinity entries `drop` picks; returns how many went.
+    pub fn affinity_sweep(&mut self, mut drop: impl FnMut(&AffinityKey, &AffinityValue) -> bool) -> Result<usize> {
+        let doomed: Vec<AffinityKey> =
+            self.maps.affinity.iter().filter_map(|r| r.ok()).filter(|(k, v)| drop(k, v)).map(|(k, _)| k).collect();
+        for k in &doomed {
+            match self.maps.affinity.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::AFFINITY)(e)),
+            }
+        }
+        Ok(doomed.len())
+    }
+
     pub fn affinity_set(&mut self, key: &AffinityKey, v: &AffinityValue) -> Result<()> {
         self.maps.affinity.insert(key, v, 0).map_err(map_err(maps::AFFINITY))
     }

@@ -17,6 +17,7 @@ pub mod pktgen;
 pub mod region;
 pub mod select;
 pub mod source;
+pub mod sweep;
 pub mod translate;
 pub mod writer;
 

@@ -37,7 +37,7 @@ use serde::Serialize;
 use crate::{
     Datapath, ServiceSpec,
     datapath::map_addr,
-    translate::{BackendState, Desired, Frontend, Kind, Problem, Scope},
+    translate::{BackendState, Desired, Frontend, Kind, Problem, Protocol, Scope},
 };
 
 /// Round-robin id allocator over `[min, max)`.
@@ -125,6 +125,33 @@ pub struct Report {
     pub backends_removed: usize,
     /// Frontends that could not be programmed (they keep their old state).
     pub failed: Vec<Problem>,
+    /// UDP frontends that stopped using a backend as serving: their flows
+    /// to any backend outside `keep` are to be deleted (see `sweep.rs`).
+    pub stale_udp: Vec<Keep>,
+    /// sessionAffinity frontends that stopped listing a backend as active:
+    /// their affinity entries to any backend outside `keep` are to go.
+    pub stale_affinity: Vec<Keep>,
+}
+
+/// What one frontend's change makes stale.
+#[derive(Default)]
+struct Stale {
+    udp: Option<Keep>,
+    affinity: Option<Keep>,
+}
+
+impl Stale {
+    fn report(self, report: &mut Report) {
+        report.stale_udp.extend(self.udp);
+        report.stale_affinity.extend(self.affinity);
+    }
+}
+
+/// A frontend id and the backend ids its entries may still point to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Keep {
+    pub frontend: u32,
+    pub keep: Vec<u32>,
 }
 
 /// How many of the last desired frontends name a backend, and how many of
@@ -332,7 +359,7 @@ impl Writer {
         // 2. Frontends, new or changed.
         let mut released = Vec::new();
         for (key, f) in &changed {
-            match self.apply_frontend(dp, *key, f, &unavailable, &mut released) {
+            match self.apply_frontend(dp, *key, f, &unavailable, &mut released, &mut report) {
                 Ok(written) => {
                     if written {
                         report.changed += 1;
@@ -448,9 +475,11 @@ impl Writer {
         f: &Frontend,
         unavailable: &HashMap<BackendKey, String>,
         released: &mut Vec<u32>,
+        report: &mut Report,
     ) -> Result<bool, String> {
         let mut active = Vec::new();
         let mut all = Vec::new();
+        let mut serving = Vec::new();
         for b in &f.backends {
             let bk = (map_addr(b.address), b.port.to_be());
             if let Some(why) = unavailable.get(&bk) {
@@ -460,6 +489,9 @@ impl Writer {
             all.push(id);
             if b.state == BackendState::Active {
                 active.push(id);
+            }
+            if b.serving {
+                serving.push(id);
             }
         }
         let existing = self.frontends.get(&key);
@@ -496,7 +528,25 @@ impl Writer {
         };
         let ranges: BTreeSet<(IpAddr, u8)> = f.source_ranges.iter().map(|n| (n.addr(), n.prefix_len())).collect();
         let applied = Applied { spec, backends: all, ranges, info: info(key, f) };
+        // What entries of the old state may point to that the new one does
+        // not allow (a backend's serving condition is not part of the
+        // programmed state: an unchanged frontend may still make some stale).
+        let mut stale = Stale::default();
+        if let Some(old) = existing {
+            // kube-proxy leaves a Service without serving endpoints alone.
+            if f.key.protocol == Protocol::Udp
+                && !serving.is_empty()
+                && old.backends.iter().any(|b| !serving.contains(b))
+            {
+                stale.udp = Some(Keep { frontend: id, keep: serving });
+            }
+            let active = &applied.spec.backends;
+            if f.affinity_timeout_s.is_some() && old.spec.backends.iter().any(|b| !active.contains(b)) {
+                stale.affinity = Some(Keep { frontend: id, keep: active.clone() });
+            }
+        }
         if existing == Some(&applied) {
+            stale.report(report);
             return Ok(false);
         }
         let fresh = existing.is_none();
@@ -514,6 +564,7 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
+                stale.report(report);
                 self.swap_applied(key, Some(applied), released);
                 Ok(true)
             }

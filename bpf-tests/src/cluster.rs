@@ -60,6 +60,8 @@ pub enum PodState {
     Ready,
     /// Being deleted: `ready: false, serving: true, terminating: true`.
     Terminating,
+    /// Failing its readiness probe: `ready: false, serving: false`.
+    NotReady,
     /// Not in any EndpointSlice.
     Gone,
 }
@@ -280,6 +282,7 @@ impl Cluster {
                 for p in self.pods.iter().filter(|p| &p.app == app && p.state != PodState::Gone) {
                     let cond = match p.state {
                         PodState::Ready => "{ready: true, serving: true, terminating: false}",
+                        PodState::NotReady => "{ready: false, serving: false, terminating: false}",
                         _ => "{ready: false, serving: true, terminating: true}",
                     };
                     let addr = if v6 { &p.ip6 } else { &p.ip4 };

@@ -192,7 +192,13 @@ pub(super) fn select_backends(candidates: &[&Endpoint], topology: Topology, node
         if ready.is_empty() { candidates.iter().filter(|e| e.serving && e.terminating).collect() } else { ready };
     let mut out: Vec<BackendSpec> = eligible
         .iter()
-        .map(|e| BackendSpec { address: e.address, port: e.port, state: BackendState::Active, node_local: e.local })
+        .map(|e| BackendSpec {
+            address: e.address,
+            port: e.port,
+            state: BackendState::Active,
+            node_local: e.local,
+            serving: e.serving,
+        })
         .collect();
     let mut draining: Vec<BackendSpec> = candidates
         .iter()
@@ -202,6 +208,7 @@ pub(super) fn select_backends(candidates: &[&Endpoint], topology: Topology, node
             port: e.port,
             state: BackendState::Terminating,
             node_local: e.local,
+            serving: e.serving,
         })
         .collect();
     out.sort();

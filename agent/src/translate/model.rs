@@ -136,6 +136,10 @@ pub struct BackendSpec {
     pub state: BackendState,
     /// The endpoint runs on this node.
     pub node_local: bool,
+    /// Its `serving` condition (ready, or terminating and still serving): a
+    /// UDP flow pinned to an endpoint that is not is moved at its next
+    /// packet (kube-proxy's `conntrack/cleanup.go`).
+    pub serving: bool,
 }
 
 /// One frontend of the desired state.
