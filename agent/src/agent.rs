@@ -84,52 +84,6 @@ pub async fn client(s: &Settings) -> anyhow::Result<Option<kube::Client>> {
     }
 }
 
-/// Publishes a Warning Event on each Service with a new problem, so
-/// `kubectl describe service` says what xlb skipped and why.
-struct EventSink {
-    recorder: kube::runtime::events::Recorder,
-    published: std::collections::HashSet<(String, String)>,
-}
-
-impl EventSink {
-    fn new(client: kube::Client, node: &str) -> Self {
-        let reporter =
-            kube::runtime::events::Reporter { controller: "xlb".into(), instance: Some(format!("xlb-{node}")) };
-        Self { recorder: kube::runtime::events::Recorder::new(client, reporter), published: Default::default() }
-    }
-
-    fn publish(&mut self, snap: &Snapshot, problems: &[translate::Problem]) {
-        use kube::Resource as _;
-        for p in problems {
-            let Some((ns, name)) = p.service.split_once('/') else { continue };
-            if !self.published.insert((p.service.clone(), p.message.clone())) {
-                continue;
-            }
-            let Some(svc) = snap
-                .services
-                .iter()
-                .find(|s| s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name))
-            else {
-                continue;
-            };
-            let reference = svc.object_ref(&());
-            let ev = kube::runtime::events::Event {
-                type_: kube::runtime::events::EventType::Warning,
-                reason: "XlbNotProgrammed".into(),
-                note: Some(p.message.chars().take(1000).collect()),
-                action: "Programming".into(),
-                secondary: None,
-            };
-            let recorder = self.recorder.clone();
-            tokio::spawn(async move {
-                if let Err(e) = recorder.publish(&ev, &reference).await {
-                    tracing::warn!(error = %e, "publishing an Event failed");
-                }
-            });
-        }
-    }
-}
-
 /// This node: its Node object from the source, plus `--node-address`, and
 /// the addresses on its interfaces (`local`).
 pub fn node_info(s: &Settings, snap: &Snapshot, local: &[IpAddr]) -> NodeInfo {
@@ -247,7 +201,7 @@ struct Reconciler<'a> {
     proxy_health: std::sync::Arc<ProxyHealth>,
     http: std::sync::Arc<Http>,
     neighbours: crate::neighbours::Neighbours,
-    events: Option<EventSink>,
+    events: Option<crate::events::EventSink>,
     last_config: Option<Config>,
     /// Notices and expected skips already logged (each is said once).
     said_once: std::collections::HashSet<(String, String)>,
@@ -289,8 +243,9 @@ impl Reconciler<'_> {
         }
         self.log(&d, &report.failed);
         if let Some(ev) = self.events.as_mut() {
-            ev.publish(snap, &d.problems);
-            ev.publish(snap, &report.failed);
+            use crate::events::Origin;
+            ev.publish(snap, &d.problems, Origin::Cluster);
+            ev.publish(snap, &report.failed, Origin::Node);
         }
         self.proxy_health.updated(snap.changed_at);
         let listen = if s.options.nodeports_everywhere() {
@@ -396,7 +351,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let (addr_tx, mut addr_rx) = watch::channel(Vec::new());
     crate::addresses::follow(addr_tx).await.context("listing the node's addresses")?;
     let client = client(&s).await?;
-    let events = client.clone().map(|c| EventSink::new(c, &s.node_name));
+    let events = client.clone().map(|c| crate::events::EventSink::new(c, &s.node_name));
     let mut source = spawn_source(&s, client, tx);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut r = Reconciler {

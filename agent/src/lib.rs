@@ -9,6 +9,7 @@ pub mod attach;
 pub mod cli;
 pub mod datapath;
 pub mod dump;
+pub mod events;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

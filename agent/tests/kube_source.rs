@@ -337,3 +337,49 @@ endpoints: [{addresses: [10.0.0.8]}]
     named.retain(&mut snap);
     assert_eq!(names(&snap), ["other", "other-1"]);
 }
+
+/// One Warning Event per problem in the whole cluster, not one per node
+/// per sync: two agents (node-1, node-2) report the same translation
+/// problem, the first creates the Event and the second's create is
+/// `409 AlreadyExists`; a problem of one node's maps is that node's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_per_problem_in_the_cluster() {
+    use xlb::{
+        events::{EventSink, Origin},
+        translate::Problem,
+    };
+    let api = ApiServer::start().await;
+    let path = std::env::temp_dir().join(format!("xlb-kubeconfig-ev-{}", std::process::id()));
+    std::fs::write(&path, api.kubeconfig()).unwrap();
+    let client = kube::client(Some(&path)).await.expect("client");
+    std::fs::remove_file(&path).unwrap();
+    let mut snap = Snapshot::default();
+    xlb::source::files::parse_into(
+        &mut snap,
+        "svc",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop, uid: 6f1c-uid}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 9, protocol: SCTP}]}",
+    );
+    let problem = |m: &str| vec![Problem { service: "shop/bad".into(), message: m.into() }];
+    let mut sinks = [EventSink::new(client.clone(), "node-1"), EventSink::new(client, "node-2")];
+    for _sync in 0..3 {
+        for s in &mut sinks {
+            s.publish(&snap, &problem("port 9: protocol SCTP is not supported by xlb; skipped"), Origin::Cluster);
+            s.publish(&snap, &problem("no free backend id"), Origin::Node);
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let counts = || {
+        let posted = api.inner.events_posted.lock().unwrap();
+        let of = |needle: &str| posted.iter().filter(|e| e["note"].as_str().unwrap_or("").contains(needle)).count();
+        (of("SCTP"), of("backend id"), api.inner.events_conflicts.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    while counts() != (1, 2, 1) {
+        assert!(std::time::Instant::now() < deadline, "(cluster Events, node Events, conflicts) = {:?}", counts());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let posted = api.inner.events_posted.lock().unwrap();
+    let e = posted.iter().find(|e| e["note"].as_str().unwrap_or("").contains("SCTP")).unwrap();
+    assert_eq!((e["type"].as_str(), e["reason"].as_str()), (Some("Warning"), Some("XlbNotProgrammed")), "{e:#}");
+    assert_eq!(e["regarding"]["uid"], "6f1c-uid", "{e:#}");
+    assert!(e["eventTime"].is_string() && e["reportingController"] == "xlb.io/agent", "{e:#}");
+}

@@ -104,6 +104,8 @@ pub struct Inner {
     pub bookmarks: AtomicUsize,
     pub gone: AtomicUsize,
     pub events_posted: Mutex<Vec<Value>>,
+    /// Creates of an Event name that existed (409).
+    pub events_conflicts: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -131,6 +133,7 @@ impl ApiServer {
             bookmarks: AtomicUsize::new(0),
             gone: AtomicUsize::new(0),
             events_posted: Mutex::new(Vec::new()),
+            events_conflicts: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/api/v1/services", get(|s, q| handle(s, q, Kind::Service)))
@@ -220,7 +223,18 @@ impl ApiServer {
 
 async fn event(State(s): State<Arc<Inner>>, body: Bytes) -> Response {
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    s.events_posted.lock().unwrap().push(v.clone());
+    let mut posted = s.events_posted.lock().unwrap();
+    // A named Event is created once: a second create is 409 AlreadyExists.
+    let name = v["metadata"]["name"].as_str().filter(|n| !n.is_empty());
+    if let Some(name) = name
+        && posted.iter().any(|e| e["metadata"]["name"].as_str() == Some(name))
+    {
+        s.events_conflicts.fetch_add(1, Ordering::Relaxed);
+        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("events.events.k8s.io \"{name}\" already exists"), "reason": "AlreadyExists", "code": 409});
+        return (StatusCode::CONFLICT, [("content-type", "application/json")], status.to_string()).into_response();
+    }
+    posted.push(v.clone());
     (StatusCode::CREATED, [("content-type", "application/json")], v.to_string()).into_response()
 }
 
