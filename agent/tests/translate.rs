@@ -676,3 +676,27 @@ fn the_shared_fast_path_retranslates_only_what_changed_and_agrees_with_translate
     let d5 = t.translate_shared(&s5.services, &s5.slices, &node(), &opts);
     assert_eq!(sorted(d5), translate(&s5.services, &s5.slices, &node(), &opts));
 }
+
+/// Found by the property test (`translate_properties.rs`): a Service that
+/// programs nothing says why, and a frontend three Services claim names
+/// its final holder in every loser's problem, whatever the input order.
+#[test]
+fn silent_services_and_claim_messages_found_by_the_property_test() {
+    let d = run("apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: a}\nspec: {clusterIP: 10.96.0.9}");
+    assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+    assert!(d.problems[0].message.contains("no ports"), "{:?}", d.problems);
+    let claim = |ns: &str, name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{clusterIP: 10.96.1.{}, externalIPs: [198.51.100.1], ports: [{{port: 53}}]}}\n---\n",
+            name.len() + ns.len()
+        )
+    };
+    let (x, y, z) = (claim("a", "s0"), claim("b", "s00"), claim("b", "s000"));
+    for order in [[&x, &y, &z], [&z, &y, &x], [&y, &z, &x]] {
+        let d = run(&order.iter().map(|s| s.as_str()).collect::<String>());
+        let lost: Vec<&str> = d.problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(lost.len(), 2, "{lost:?}");
+        assert!(lost.iter().all(|m| m.ends_with("already used by a/s0:53; skipped")), "{lost:?}");
+    }
+}

@@ -96,8 +96,21 @@ pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     opts: &Options,
 ) -> Desired {
     let mut d = Translator::default().translate(services, slices, node, opts);
-    d.frontends.sort_unstable_by_key(|f| f.key);
+    d.normalize();
     d
+}
+
+impl Desired {
+    /// Puts every list in a canonical order (frontends by key, the rest by
+    /// Service, then content): what [`translate`] returns, whatever the
+    /// input order.
+    pub fn normalize(&mut self) {
+        self.frontends.sort_unstable_by_key(|f| f.key);
+        self.health_checks.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
+        for list in [&mut self.problems, &mut self.skipped, &mut self.notices] {
+            list.sort();
+        }
+    }
 }
 
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

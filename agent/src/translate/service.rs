@@ -13,7 +13,7 @@ use super::{
     MAGLEV_SIZE_ANNOTATION, NodeInfo, Options, Protocol, SCHEDULER_ANNOTATION, Scheduler, Scope,
     endpoints::{Distribution, Endpoint, Topology, endpoints_for, select_backends},
     family_matches, in_any,
-    notes::{Note, Notes},
+    notes::{Note, NoteKind, Notes},
 };
 use crate::maglev;
 
@@ -65,6 +65,18 @@ pub(super) fn service_frontends(
                 .filter(|e| e.local && e.ready && e.address.is_ipv4() == shape.primary_v4)
                 .map(|e| e.address),
         );
+    }
+    // Nothing programmed and nothing said yet: say why, so no Service is
+    // dropped silently.
+    if out.is_empty() && problems.0.iter().all(|n| n.kind == NoteKind::Notice) {
+        let why = if shape.spec.ports.as_ref().is_none_or(Vec::is_empty) {
+            "no ports; nothing to program"
+        } else if shape.cluster_ips.is_empty() {
+            "no clusterIP, and no NodePort on this node's addresses nor external address to program; skipped"
+        } else {
+            "nothing to program; skipped"
+        };
+        problems.push(why);
     }
     // kube-proxy serves a healthCheckNodePort only for a LoadBalancer with
     // a Local policy (`NeedsHealthCheck`), counting the distinct local ready

@@ -221,6 +221,7 @@ impl Translator {
             holder: Vec::new(),
             per_service: Vec::new(),
             problems: Vec::new(),
+            lost: Vec::new(),
             record,
         };
         let mut slice_owner: Vec<Option<usize>> = vec![None; if record { slices.len() } else { 0 }];
@@ -238,7 +239,7 @@ impl Translator {
             placing.service(i, c, positions);
         }
         self.cache.retain(|_, c| c.seen == call);
-        let Placing { mut out, per_service, mut problems, .. } = placing;
+        let (mut out, per_service, mut problems) = placing.finish();
         // By Service (stable: each one's own problems before its duplicates).
         problems.sort_by(|a, b| a.service.cmp(&b.service));
         out.problems = problems;
@@ -307,6 +308,8 @@ struct Placing {
     holder: Vec<(usize, usize)>,
     per_service: Vec<PrevService>,
     problems: Vec<Problem>,
+    /// Frontends that lost a claim, and where the key's holder sits.
+    lost: Vec<(Arc<Frontend>, usize)>,
     record: bool,
 }
 
@@ -355,7 +358,7 @@ impl Placing {
             return;
         };
         let held = &out.frontends[at];
-        let (loser, winner) = if owner(f) < owner(held) {
+        let loser = if owner(f) < owner(held) {
             let lost = std::mem::replace(&mut out.frontends[at], Arc::clone(f));
             if self.record {
                 let (oi, ok) = std::mem::replace(&mut self.holder[at], (i, k));
@@ -366,21 +369,31 @@ impl Placing {
                 }
                 mine.placed[k] = Some(at);
             }
-            (lost, Arc::clone(f))
+            lost
         } else {
-            (Arc::clone(f), Arc::clone(held))
+            Arc::clone(f)
         };
-        self.problems.push(Problem {
-            service: owner(&loser).to_string(),
-            message: format!(
-                "{} {}:{}/{:?} is already used by {}; skipped",
-                loser.kind.name(),
-                loser.key.address,
-                loser.key.port,
-                loser.key.protocol,
-                winner.name
-            ),
-        });
+        // Named once every claim is in: the final holder, whatever the order.
+        self.lost.push((loser, at));
+    }
+
+    /// The problems of the frontends that lost a claim, naming the winner.
+    fn finish(mut self) -> (Desired, Vec<PrevService>, Vec<Problem>) {
+        for (loser, at) in std::mem::take(&mut self.lost) {
+            let winner = &self.out.frontends[at];
+            self.problems.push(Problem {
+                service: owner(&loser).to_string(),
+                message: format!(
+                    "{} {}:{}/{:?} is already used by {}; skipped",
+                    loser.kind.name(),
+                    loser.key.address,
+                    loser.key.port,
+                    loser.key.protocol,
+                    winner.name
+                ),
+            });
+        }
+        (self.out, self.per_service, self.problems)
     }
 }
 
