@@ -536,6 +536,19 @@ fn node_ports_follow_the_node_addresses() {
         }
     };
     until(&[NODE_ADDR, "172.31.2.1"]);
+    // `--dry-run` finds the same addresses.
+    let dir_arg = dir.path.display().to_string();
+    let dry = xlb(&topo.node, &["agent", "--manifests", &dir_arg, "--node-name", "node-t", "--dry-run"]);
+    let dry: serde_json::Value = serde_json::from_str(&dry).unwrap();
+    let mut on: Vec<&str> = dry["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "node-port")
+        .map(|f| f["address"].as_str().unwrap())
+        .collect();
+    on.sort();
+    assert_eq!(on, [NODE_ADDR, "172.31.2.1"], "--dry-run: {dry:#}");
     let mut c = Conn::open(&topo, format!("{NODE_ADDR}:30007").parse().unwrap());
     assert!(c.say("first").ends_with(" first"));
 
