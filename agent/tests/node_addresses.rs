@@ -52,9 +52,7 @@ fn nodeports(d: &Desired) -> Vec<String> {
 }
 
 fn translate(node: &NodeInfo, opts: &Options) -> Desired {
-    let mut snap = xlb::source::Snapshot::default();
-    xlb::source::files::parse_into(&mut snap, "fixture", DUAL);
-    xlb::translate::translate(&snap.services, &snap.slices, node, opts)
+    run_on(DUAL, node, opts)
 }
 
 fn cidrs(list: &[&str]) -> Options {

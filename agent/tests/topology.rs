@@ -16,10 +16,7 @@ fn zoned(zone: Option<&str>) -> NodeInfo {
 }
 
 fn with(yaml: &str, node: &NodeInfo, opts: &Options) -> Desired {
-    let mut snap = xlb::source::Snapshot::default();
-    xlb::source::files::parse_into(&mut snap, "fixture", yaml);
-    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
-    xlb::translate::translate(&snap.services, &snap.slices, node, opts)
+    run_on(yaml, node, opts)
 }
 
 /// `shop/web` (ClusterIP 10.96.0.20, NodePort 30020 and LB 198.51.100.20

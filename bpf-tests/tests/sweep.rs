@@ -82,14 +82,21 @@ fn entries_to(lb: &Lb, proto: u8, backend: &str) -> usize {
         .count()
 }
 
-#[test]
-fn udp_flows_to_an_endpoint_that_stops_serving_move_and_tcp_drains() {
-    let _env = FibEnv::new(NEIGHBOURS);
-    let _in = _env.enter();
+const ALL: [&str; 3] = ["10.0.1.11", "10.0.1.12", "10.0.1.13"];
+
+/// The datapath and a writer, with `dns` and `web` on `all` programmed.
+fn programmed(all: &[&str]) -> (Lb, Writer) {
     let mut lb = Lb::new();
     let mut w = Writer::new(&lb.dp);
-    let all = ["10.0.1.11", "10.0.1.12", "10.0.1.13"];
-    w.apply(&mut lb.dp, &cluster(&all, &all));
+    w.apply(&mut lb.dp, &cluster(all, all));
+    (lb, w)
+}
+
+#[test]
+fn udp_flows_to_an_endpoint_that_stops_serving_move_and_tcp_drains() {
+    let env = FibEnv::new(NEIGHBOURS);
+    let _in = env.enter();
+    let (mut lb, mut w) = programmed(&ALL);
     let before = udp_flows(&mut lb, 40000..40060);
     let to12: Vec<u16> = before.iter().filter(|(_, b)| b == "10.0.1.12").map(|(p, _)| *p).collect();
     assert!(!to12.is_empty(), "{before:?}");
@@ -99,13 +106,13 @@ fn udp_flows_to_an_endpoint_that_stops_serving_move_and_tcp_drains() {
     let tcp12 = entries_to(&lb, PROTO_TCP, "10.0.1.12");
 
     // Terminating but serving: its UDP flows stay (cleanup.go keeps serving endpoints).
-    let r = w.apply(&mut lb.dp, &cluster(&["10.0.1.11", "10.0.1.12!", "10.0.1.13"], &all));
+    let r = w.apply(&mut lb.dp, &cluster(&["10.0.1.11", "10.0.1.12!", "10.0.1.13"], &ALL));
     assert!(r.stale_udp.is_empty(), "{:?}", r.stale_udp);
     assert_eq!(xlb::sweep::sweep(&mut lb.dp, &r).unwrap().conntrack, 0);
     assert_eq!(entries_to(&lb, PROTO_UDP, "10.0.1.12"), 2 * to12.len());
 
     // Not serving (or gone): its UDP flows are deleted, both directions.
-    let r = w.apply(&mut lb.dp, &cluster(&["10.0.1.11", "10.0.1.12?", "10.0.1.13"], &all));
+    let r = w.apply(&mut lb.dp, &cluster(&["10.0.1.11", "10.0.1.12?", "10.0.1.13"], &ALL));
     let swept = xlb::sweep::sweep(&mut lb.dp, &r).unwrap();
     assert_eq!(swept.conntrack, 2 * to12.len(), "{r:?}");
     assert_eq!(entries_to(&lb, PROTO_UDP, "10.0.1.12"), 0);
@@ -127,18 +134,15 @@ fn udp_flows_to_an_endpoint_that_stops_serving_move_and_tcp_drains() {
         }
     }
     // No serving endpoint at all: kube-proxy leaves the flows.
-    let r = w.apply(&mut lb.dp, &cluster(&["10.0.1.11?", "10.0.1.12?", "10.0.1.13?"], &all));
+    let r = w.apply(&mut lb.dp, &cluster(&["10.0.1.11?", "10.0.1.12?", "10.0.1.13?"], &ALL));
     assert!(r.stale_udp.is_empty());
 }
 
 #[test]
 fn affinity_to_an_endpoint_the_service_stopped_using_goes() {
-    let _env = FibEnv::new(NEIGHBOURS);
-    let _in = _env.enter();
-    let mut lb = Lb::new();
-    let mut w = Writer::new(&lb.dp);
-    let all = ["10.0.1.11", "10.0.1.12", "10.0.1.13"];
-    w.apply(&mut lb.dp, &cluster(&all, &all));
+    let env = FibEnv::new(NEIGHBOURS);
+    let _in = env.enter();
+    let (mut lb, mut w) = programmed(&ALL);
     let (_, out) = lb.run(Prog::TcIngress, &Pkt::tcp(CLIENT4, 42000, VIP4, 80, 0x02).build());
     let pinned = dnat_target(&out);
     for sport in 42001..42010 {
@@ -147,8 +151,8 @@ fn affinity_to_an_endpoint_the_service_stopped_using_goes() {
     }
     // `web` drops the pinned pod; `dns` still lists the same pod port
     // active, so BACKENDS keeps it active.
-    let rest: Vec<&str> = all.iter().copied().filter(|a| *a != pinned).collect();
-    let r = w.apply(&mut lb.dp, &cluster(&all, &rest));
+    let rest: Vec<&str> = ALL.iter().copied().filter(|a| *a != pinned).collect();
+    let r = w.apply(&mut lb.dp, &cluster(&ALL, &rest));
     let swept = xlb::sweep::sweep(&mut lb.dp, &r).unwrap();
     assert_eq!(swept.affinity, 1, "{r:?}");
     for sport in 42100..42110 {
