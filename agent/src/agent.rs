@@ -297,8 +297,9 @@ impl Reconciler<'_> {
     }
 }
 
-/// Runs the agent until SIGINT / SIGTERM.
-pub async fn run(s: Settings) -> anyhow::Result<()> {
+/// Loads the programs against the pinned maps and attaches (or swaps)
+/// them on the configured interfaces.
+fn load_and_attach(s: &Settings) -> anyhow::Result<Datapath> {
     attach::prepare_pin_dir(&s.pin_dir)?;
     let mut dp = Datapath::load_pinned(s.sizes, Some(&s.pin_dir)).context("loading the datapath")?;
     dp.load_programs().context("verifying the programs")?;
@@ -307,9 +308,6 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     if services + backends > 0 {
         tracing::info!(services, backends, "continuing from the pinned maps");
     }
-    let writer = Writer::recover(&dp);
-    let translator = translate::Translator::default();
-
     for ifname in &s.xdp_interfaces {
         let how = attach::xdp(&mut dp, &s.pin_dir, ifname, s.xdp_mode).with_context(|| format!("XDP on {ifname}"))?;
         tracing::info!(ifname, ?how, "XDP attached");
@@ -320,11 +318,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     // Only now: the pinned links run the new programs (see `pin_tail_calls`).
     dp.pin_tail_calls(&s.pin_dir).context("pinning the tail-call tables")?;
-    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
-    if !s.tc_patterns.is_empty() {
-        spawn_link_watcher(link_tx).context("watching links")?;
-    }
+    Ok(dp)
+}
 
+/// Starts kube-proxy's health server and the metrics server.
+fn spawn_http(s: &Settings) -> (std::sync::Arc<ProxyHealth>, std::sync::Arc<Http>) {
     let proxy_health = ProxyHealth::new(s.healthz_timeout);
     if let Some(addr) = s.healthz_address {
         let h = proxy_health.clone();
@@ -343,6 +341,19 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             }
         });
     }
+    (proxy_health, http)
+}
+
+/// Runs the agent until SIGINT / SIGTERM.
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let mut dp = load_and_attach(&s)?;
+    let writer = Writer::recover(&dp);
+    let translator = translate::Translator::default();
+    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    if !s.tc_patterns.is_empty() {
+        spawn_link_watcher(link_tx).context("watching links")?;
+    }
+    let (proxy_health, http) = spawn_http(&s);
     let (tx, mut rx) = watch::channel(Snapshot::default());
     // Changes count as queued when the source publishes them, apart from
     // this loop, so a loop that stops syncing shows on /healthz.
@@ -367,8 +378,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         said_once: Default::default(),
     };
     let mut last: Option<Snapshot> = None;
+    // Health-check servers that could not bind are retried (kube-proxy: at
+    // each periodic sync).
+    let mut retry = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {
+            _ = retry.tick() => r.health.retry().await,
             changed = rx.changed() => {
                 if changed.is_err() {
                     break;

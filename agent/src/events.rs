@@ -9,7 +9,10 @@
 //! the others get `409 AlreadyExists` and know it is reported. A problem of
 //! one node's maps (a full map, no free id) names that node.
 
-use std::collections::HashSet;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
 
 use k8s_openapi::{
     api::{core::v1::ObjectReference, events::v1::Event},
@@ -38,7 +41,9 @@ pub enum Origin {
 pub struct EventSink {
     client: Client,
     node: String,
-    published: HashSet<(String, String)>,
+    /// (Service UID or name, message) created or being created; a create
+    /// that fails (other than 409) is taken out, so the next sync retries.
+    published: Arc<Mutex<HashSet<(String, String)>>>,
 }
 
 /// FNV-1a, 64 bits: a stable name part (not for security).
@@ -55,7 +60,7 @@ fn fnv(parts: &[&str]) -> u64 {
 
 impl EventSink {
     pub fn new(client: Client, node: &str) -> Self {
-        Self { client, node: node.to_string(), published: HashSet::new() }
+        Self { client, node: node.to_string(), published: Arc::default() }
     }
 
     /// The Event for `p` on Service `svc` (`uid`), as `origin` names it.
@@ -95,9 +100,6 @@ impl EventSink {
     pub fn publish(&mut self, snap: &Snapshot, problems: &[Problem], origin: Origin) {
         for p in problems {
             let Some((ns, name)) = p.service.split_once('/') else { continue };
-            if !self.published.insert((p.service.clone(), p.message.clone())) {
-                continue;
-            }
             let Some(svc) = snap
                 .services
                 .iter()
@@ -106,13 +108,22 @@ impl EventSink {
                 continue;
             };
             let uid = svc.metadata.uid.clone().unwrap_or_default();
+            // A Service recreated under the same name (a new UID) is reported again.
+            let key = (if uid.is_empty() { p.service.clone() } else { uid.clone() }, p.message.clone());
+            if !self.published.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+                continue;
+            }
             let ev = self.event(ns, name, &uid, &p.message, origin);
             let api: Api<Event> = Api::namespaced(self.client.clone(), ns);
+            let published = self.published.clone();
             tokio::spawn(async move {
                 match api.create(&PostParams::default(), &ev).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(e)) if e.code == 409 => {} // another node reported it
-                    Err(e) => tracing::warn!(error = %e, "publishing an Event failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "publishing an Event failed; retrying at the next sync");
+                        published.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    }
                 }
             });
         }

@@ -273,6 +273,19 @@ struct ServiceServer {
     local: Arc<AtomicUsize>,
     listen: Listen,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Every address of `listen` is served.
+    complete: bool,
+}
+
+impl ServiceServer {
+    /// Stops serving and waits until the sockets are closed, so the same
+    /// port can be bound again at once.
+    async fn close(mut self) {
+        for t in std::mem::take(&mut self.tasks) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
 }
 
 impl Drop for ServiceServer {
@@ -297,6 +310,9 @@ struct ServiceState {
 pub struct ServiceHealth {
     proxy: Arc<ProxyHealth>,
     servers: HashMap<u16, ServiceServer>,
+    /// The last sync's input, for [`ServiceHealth::retry`].
+    wanted: Vec<HealthCheck>,
+    listen: Listen,
 }
 
 /// kube-proxy's body, byte for byte (`service_health.go`).
@@ -320,48 +336,84 @@ async fn service_check(State(s): State<ServiceState>) -> impl IntoResponse {
 
 impl ServiceHealth {
     pub fn new(proxy: Arc<ProxyHealth>) -> Self {
-        Self { proxy, servers: HashMap::new() }
+        Self { proxy, servers: HashMap::new(), wanted: Vec::new(), listen: Listen::All }
     }
 
     /// Starts, updates and stops servers to match `wanted`, listening as
-    /// `listen` says (a server whose addresses changed is reopened).
+    /// `listen` says. A server whose addresses changed is closed (its
+    /// sockets released before the new ones bind) and reopened; one that
+    /// could not bind everywhere is retried at the next sync or [`retry`].
+    ///
+    /// [`retry`]: ServiceHealth::retry
     pub async fn sync(&mut self, wanted: &[HealthCheck], listen: &Listen) {
+        self.wanted = wanted.to_vec();
+        self.listen = listen.clone();
         let ports: HashMap<u16, &HealthCheck> = wanted.iter().map(|h| (h.port, h)).collect();
-        self.servers.retain(|port, s| ports.contains_key(port) && s.listen == *listen);
+        let closing: Vec<u16> = self
+            .servers
+            .iter()
+            .filter(|(port, s)| !ports.contains_key(port) || s.listen != *listen || !s.complete)
+            .map(|(port, _)| *port)
+            .collect();
+        for port in closing {
+            if let Some(s) = self.servers.remove(&port) {
+                s.close().await;
+            }
+        }
         for (port, h) in ports {
             if let Some(s) = self.servers.get(&port) {
                 s.local.store(h.local_endpoints, Ordering::Relaxed);
                 *s.service.lock().unwrap_or_else(|e| e.into_inner()) = h.service.clone();
                 continue;
             }
-            let state = ServiceState {
-                service: Arc::new(Mutex::new(h.service.clone())),
-                local: Arc::new(AtomicUsize::new(h.local_endpoints)),
-                proxy: self.proxy.clone(),
-            };
-            let addrs: Vec<SocketAddr> = match listen {
-                Listen::All => vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)],
-                Listen::On(ips) => ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
-            };
-            let mut tasks = Vec::new();
-            for addr in addrs {
-                match bind(addr).await {
-                    Ok(listener) => {
-                        let app = Router::new().fallback(service_check).with_state(state.clone());
-                        tasks.push(tokio::spawn(async move {
-                            let _ = axum::serve(listener, app).await;
-                        }));
-                    }
-                    Err(e) => tracing::warn!(service = %h.service, %addr, error = %e, "cannot serve the health check"),
+            if let Some(server) = self.open(port, h, listen).await {
+                self.servers.insert(port, server);
+            }
+        }
+    }
+
+    /// Opens what the last [`sync`](ServiceHealth::sync) could not (kube-proxy
+    /// retries on each periodic sync).
+    pub async fn retry(&mut self) {
+        let missing = self.wanted.iter().any(|h| !self.servers.get(&h.port).is_some_and(|s| s.complete));
+        if missing {
+            let (wanted, listen) = (self.wanted.clone(), self.listen.clone());
+            self.sync(&wanted, &listen).await;
+        }
+    }
+
+    async fn open(&self, port: u16, h: &HealthCheck, listen: &Listen) -> Option<ServiceServer> {
+        let state = ServiceState {
+            service: Arc::new(Mutex::new(h.service.clone())),
+            local: Arc::new(AtomicUsize::new(h.local_endpoints)),
+            proxy: self.proxy.clone(),
+        };
+        let addrs: Vec<SocketAddr> = match listen {
+            Listen::All => vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)],
+            Listen::On(ips) => ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
+        };
+        let mut tasks = Vec::new();
+        let mut complete = true;
+        for addr in addrs {
+            match bind(addr).await {
+                Ok(listener) => {
+                    let app = Router::new().fallback(service_check).with_state(state.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let _ = axum::serve(listener, app).await;
+                    }));
+                }
+                Err(e) => {
+                    complete = false;
+                    tracing::warn!(service = %h.service, %addr, error = %e, "cannot serve the health check; will retry");
                 }
             }
-            if tasks.is_empty() {
-                continue;
-            }
-            tracing::info!(service = %h.service, port, "serving the health check");
-            let ServiceState { service, local, .. } = state;
-            self.servers.insert(port, ServiceServer { service, local, listen: listen.clone(), tasks });
         }
+        if tasks.is_empty() {
+            return None;
+        }
+        tracing::info!(service = %h.service, port, "serving the health check");
+        let ServiceState { service, local, .. } = state;
+        Some(ServiceServer { service, local, listen: listen.clone(), tasks, complete })
     }
 }
 

@@ -8,9 +8,12 @@
 //!   resolver) would otherwise keep its flow to the dead endpoint for as
 //!   long as it keeps sending. Its next packet is a new flow and is balanced
 //!   again. TCP is left to finish (its flows drain). As kube-proxy: traffic
-//!   policy and topology changes move nothing, a terminating endpoint that
-//!   still serves keeps its flows, and a frontend left with no serving
-//!   endpoint keeps them all.
+//!   policy and topology changes move nothing (the serving set is the service
+//!   port's, over all its frontends; only a Service whose every frontend is
+//!   Local, a ClusterIP-only one with `internalTrafficPolicy: Local`, loses
+//!   its flows to other nodes' endpoints when it turns Local), a terminating
+//!   endpoint that still serves keeps its flows, and a frontend left with
+//!   no serving endpoint keeps them all.
 //! - sessionAffinity entries to a backend the frontend no longer lists as
 //!   active: kube-proxy's affinity lives in the endpoint chains of one
 //!   Service, so it can only ever return an endpoint that Service still

@@ -141,6 +141,22 @@ struct Stale {
 }
 
 impl Stale {
+    /// What entries made under `old` may point to that `new` (frontend
+    /// `f`, whose serving backends are `serving`) no longer allows.
+    fn between(old: &Applied, new: &Applied, f: &Frontend, serving: &[u32]) -> Self {
+        let id = new.spec.id;
+        let mut stale = Self::default();
+        // kube-proxy leaves a Service without serving endpoints alone.
+        if f.key.protocol == Protocol::Udp && !serving.is_empty() && old.backends.iter().any(|b| !serving.contains(b)) {
+            stale.udp = Some(Keep { frontend: id, keep: serving.to_vec() });
+        }
+        let active = &new.spec.backends;
+        if f.affinity_timeout_s.is_some() && old.spec.backends.iter().any(|b| !active.contains(b)) {
+            stale.affinity = Some(Keep { frontend: id, keep: active.clone() });
+        }
+        stale
+    }
+
     fn report(self, report: &mut Report) {
         report.stale_udp.extend(self.udp);
         report.stale_affinity.extend(self.affinity);
@@ -357,9 +373,11 @@ impl Writer {
         }
 
         // 2. Frontends, new or changed.
+        let port_serving = self.port_serving(desired, &changed);
         let mut released = Vec::new();
         for (key, f) in &changed {
-            match self.apply_frontend(dp, *key, f, &unavailable, &mut released, &mut report) {
+            let serving = port_serving.get(&(f.name.as_str(), f.key.address.is_ipv4())).map_or(&[][..], Vec::as_slice);
+            match self.apply_frontend(dp, *key, f, &unavailable, &mut released, &mut report, serving) {
                 Ok(written) => {
                     if written {
                         report.changed += 1;
@@ -467,7 +485,37 @@ impl Writer {
         }
     }
 
+    /// For each changed UDP frontend's service port and family: the ids of
+    /// its serving endpoints over all its frontends (a Local frontend lists
+    /// only this node's, but a policy change must move no flow, as in
+    /// kube-proxy's cleanup.go).
+    fn port_serving<'d>(
+        &self,
+        desired: &'d Desired,
+        changed: &[(ServiceKey, &Arc<Frontend>)],
+    ) -> HashMap<(&'d str, bool), Vec<u32>> {
+        let udp: HashSet<&str> =
+            changed.iter().filter(|(_, f)| f.key.protocol == Protocol::Udp).map(|(_, f)| f.name.as_str()).collect();
+        let mut out: HashMap<(&str, bool), Vec<u32>> = HashMap::new();
+        if udp.is_empty() {
+            return out;
+        }
+        for f in desired.frontends.iter().filter(|f| f.key.protocol == Protocol::Udp && udp.contains(f.name.as_str())) {
+            let ids = out.entry((f.name.as_str(), f.key.address.is_ipv4())).or_default();
+            for b in f.backends.iter().filter(|b| b.serving) {
+                if let Some((id, _)) = self.backends.get(&(map_addr(b.address), b.port.to_be()))
+                    && !ids.contains(id)
+                {
+                    ids.push(*id);
+                }
+            }
+        }
+        out
+    }
+
     /// Programs one frontend; `Ok(false)` when it was already up to date.
+    /// `serving`: the serving endpoints of its service port (for the sweep).
+    #[allow(clippy::too_many_arguments)]
     fn apply_frontend(
         &mut self,
         dp: &mut Datapath,
@@ -476,10 +524,10 @@ impl Writer {
         unavailable: &HashMap<BackendKey, String>,
         released: &mut Vec<u32>,
         report: &mut Report,
+        serving: &[u32],
     ) -> Result<bool, String> {
         let mut active = Vec::new();
         let mut all = Vec::new();
-        let mut serving = Vec::new();
         for b in &f.backends {
             let bk = (map_addr(b.address), b.port.to_be());
             if let Some(why) = unavailable.get(&bk) {
@@ -489,9 +537,6 @@ impl Writer {
             all.push(id);
             if b.state == BackendState::Active {
                 active.push(id);
-            }
-            if b.serving {
-                serving.push(id);
             }
         }
         let existing = self.frontends.get(&key);
@@ -528,23 +573,9 @@ impl Writer {
         };
         let ranges: BTreeSet<(IpAddr, u8)> = f.source_ranges.iter().map(|n| (n.addr(), n.prefix_len())).collect();
         let applied = Applied { spec, backends: all, ranges, info: info(key, f) };
-        // What entries of the old state may point to that the new one does
-        // not allow (a backend's serving condition is not part of the
-        // programmed state: an unchanged frontend may still make some stale).
-        let mut stale = Stale::default();
-        if let Some(old) = existing {
-            // kube-proxy leaves a Service without serving endpoints alone.
-            if f.key.protocol == Protocol::Udp
-                && !serving.is_empty()
-                && old.backends.iter().any(|b| !serving.contains(b))
-            {
-                stale.udp = Some(Keep { frontend: id, keep: serving });
-            }
-            let active = &applied.spec.backends;
-            if f.affinity_timeout_s.is_some() && old.spec.backends.iter().any(|b| !active.contains(b)) {
-                stale.affinity = Some(Keep { frontend: id, keep: active.clone() });
-            }
-        }
+        // A backend's serving condition is not part of the programmed
+        // state: an unchanged frontend may still make some entries stale.
+        let stale = existing.map(|old| Stale::between(old, &applied, f, serving)).unwrap_or_default();
         if existing == Some(&applied) {
             stale.report(report);
             return Ok(false);

@@ -377,6 +377,9 @@ async fn one_event_per_problem_in_the_cluster() {
         assert!(std::time::Instant::now() < deadline, "(cluster Events, node Events, conflicts) = {:?}", counts());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // And no more come.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counts(), (1, 2, 1));
     let posted = api.inner.events_posted.lock().unwrap();
     let e = posted.iter().find(|e| e["note"].as_str().unwrap_or("").contains("SCTP")).unwrap();
     assert_eq!((e["type"].as_str(), e["reason"].as_str()), (Some("Warning"), Some("XlbNotProgrammed")), "{e:#}");

@@ -97,3 +97,24 @@ fn a_node_port_outside_the_range_is_kept_with_a_notice() {
     assert!(d.notices[0].message.contains("outside --node-port-range 31000-31999"), "{:?}", d.notices);
     assert_eq!(d.notices[0].service, "shop/web");
 }
+
+#[test]
+fn primary_prefers_an_internal_ip_and_zero_cidrs_match_all() {
+    // kube-proxy's GetNodeHostIPs: InternalIP before ExternalIP, whatever
+    // the order the Node lists them in.
+    let n: k8s_openapi::api::core::v1::Node = serde_saphyr::from_str(
+        "metadata: {name: node-a}\n\
+         status: {addresses: [{type: ExternalIP, address: 203.0.113.5}, {type: InternalIP, address: 192.168.1.10}]}",
+    )
+    .unwrap();
+    let info = NodeInfo::from_node(&n);
+    assert_eq!(info.addresses, [ip("192.168.1.10"), ip("203.0.113.5")]);
+    let primary = Options { nodeport_primary: true, ..Options::default() };
+    assert_eq!(nodeports(&translate(&info, &primary)), ["192.168.1.10"]);
+    // util/nodeport_addresses.go MatchAll: a zero CIDR in every listed family.
+    assert!(Options::default().nodeports_everywhere());
+    assert!(cidrs(&["0.0.0.0/0", "::/0"]).nodeports_everywhere());
+    assert!(cidrs(&["0.0.0.0/0"]).nodeports_everywhere(), "IPv6 lists nothing: all of it");
+    assert!(!cidrs(&["0.0.0.0/0", "fd00::/64"]).nodeports_everywhere());
+    assert!(!primary.nodeports_everywhere());
+}

@@ -371,13 +371,27 @@ fn the_health_server_answers_as_kube_proxy() {
 
     // With --nodeport-addresses the healthCheckNodePort listens on the
     // NodePort addresses only (service_health.go), not on loopback.
-    let args = agent_args(&pins, &dir, &["--nodeport-addresses", &format!("{NODE_ADDR}/32")]);
+    let args = agent_args(&pins, &dir, &["--nodeport-addresses", "172.31.1.0/24"]);
     let _agent = Agent::start(&topo.node, dir.path.join("agent2.log"), &args);
     assert_eq!(http_get(&topo, &format!("{NODE_ADDR}:32100"), "/").0, 200);
-    let loopback = bpf_tests::cluster::in_ns(&topo.node, || {
-        std::net::TcpStream::connect_timeout(&"127.0.0.1:32100".parse().unwrap(), std::time::Duration::from_secs(1))
-    });
-    assert_eq!(loopback.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::ConnectionRefused));
+    let refused = |addr: &str| {
+        let c = bpf_tests::cluster::in_ns(&topo.node, || {
+            std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), std::time::Duration::from_secs(1))
+        });
+        c.map_err(|e| e.kind()).err() == Some(std::io::ErrorKind::ConnectionRefused)
+    };
+    assert!(refused("127.0.0.1:32100"), "not on loopback");
+    assert!(refused("172.31.2.1:32100"), "not on n1's address, outside the CIDR");
+    // A new address inside the CIDR: the server reopens on both (the old
+    // socket closed before the port is bound again).
+    topo.node.exec(&["ip", "addr", "add", "172.31.1.88/24", "dev", "n0"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while refused("172.31.1.88:32100") {
+        assert!(std::time::Instant::now() < deadline, "the health check never opened on the new address");
+        thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(http_get(&topo, "172.31.1.88:32100", "/").0, 200);
+    assert_eq!(http_get(&topo, &format!("{NODE_ADDR}:32100"), "/").0, 200, "still on the first address");
 }
 
 #[test]

@@ -67,7 +67,7 @@ fn a_fixed_port_udp_client_moves_off_an_endpoint_that_goes() {
     c.write_manifests(&[]);
     c.wait_synced(3);
     let back = answers(&sock, 5, "c");
-    assert!(back.iter().all(|p| p == other), "{back:?}");
+    assert_eq!(back, vec![other.to_string(); 5]);
     // The pod that answers now goes away altogether: moved again.
     c.set_pod_state(other, PodState::Gone);
     c.write_manifests(&[]);

@@ -111,8 +111,10 @@ fn udp_flows_to_an_endpoint_that_stops_serving_move_and_tcp_drains() {
     assert_eq!(xlb::sweep::sweep(&mut lb.dp, &r).unwrap().conntrack, 0);
     assert_eq!(entries_to(&lb, PROTO_UDP, "10.0.1.12"), 2 * to12.len());
 
-    // Not serving (or gone): its UDP flows are deleted, both directions.
-    let r = w.apply(&mut lb.dp, &cluster(&["10.0.1.11", "10.0.1.12?", "10.0.1.13"], &ALL));
+    // Not serving: its UDP flows are deleted, both directions; `web` (TCP)
+    // loses the same endpoint and keeps its flows (they drain).
+    let unready = ["10.0.1.11", "10.0.1.12?", "10.0.1.13"];
+    let r = w.apply(&mut lb.dp, &cluster(&unready, &unready));
     let swept = xlb::sweep::sweep(&mut lb.dp, &r).unwrap();
     assert_eq!(swept.conntrack, 2 * to12.len(), "{r:?}");
     assert_eq!(entries_to(&lb, PROTO_UDP, "10.0.1.12"), 0);

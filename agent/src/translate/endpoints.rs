@@ -94,7 +94,8 @@ pub(super) fn endpoints_for(
         for e in s.endpoints.iter().flatten() {
             let c = e.conditions.clone().unwrap_or_default();
             let ready = c.ready.unwrap_or(true);
-            let serving = c.serving.unwrap_or(ready);
+            // endpointslicecache.go: a missing condition is true (terminating: false).
+            let serving = c.serving.unwrap_or(true);
             let terminating = c.terminating.unwrap_or(false);
             let local = !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str());
             for a in &e.addresses {

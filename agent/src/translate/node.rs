@@ -34,11 +34,16 @@ impl NodeInfo {
     pub fn from_node(node: &Node) -> Self {
         let mut addresses: Vec<IpAddr> = Vec::new();
         let listed = node.status.as_ref().and_then(|s| s.addresses.as_ref()).into_iter().flatten();
-        for a in listed.filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP") {
-            if let Ok(ip) = a.address.parse()
-                && !addresses.contains(&ip)
-            {
-                addresses.push(ip);
+        // InternalIPs first (the primary address of a family is the first),
+        // as kube-proxy's GetNodeHostIPs.
+        let listed: Vec<_> = listed.collect();
+        for ty in ["InternalIP", "ExternalIP"] {
+            for a in listed.iter().filter(|a| a.type_ == ty) {
+                if let Ok(ip) = a.address.parse()
+                    && !addresses.contains(&ip)
+                {
+                    addresses.push(ip);
+                }
             }
         }
         let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).filter(|z| !z.is_empty()).cloned();
@@ -97,9 +102,15 @@ pub struct Options {
 }
 
 impl Options {
-    /// NodePorts are open on every address (no `--nodeport-addresses`).
+    /// NodePorts are open on every address: no `--nodeport-addresses`, or
+    /// one whose families each list nothing or a zero CIDR (`0.0.0.0/0`,
+    /// `::/0`: kube-proxy's `MatchAll`).
     pub fn nodeports_everywhere(&self) -> bool {
-        self.nodeport_cidrs.is_empty() && !self.nodeport_primary
+        let all = |v4: bool| {
+            let mut of = self.nodeport_cidrs.iter().filter(|c| c.addr().is_ipv4() == v4).peekable();
+            of.peek().is_none() || of.any(|c| c.prefix_len() == 0)
+        };
+        !self.nodeport_primary && all(true) && all(false)
     }
 }
 
