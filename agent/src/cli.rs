@@ -258,7 +258,8 @@ pub struct AgentArgs {
     pub healthz_bind_address: String,
     /// Seconds a change may wait to reach the maps before `/healthz` says
     /// 503 (kube-proxy: twice its sync period, 60 s).
-    #[arg(long, env = "XLB_HEALTHZ_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "XLB_HEALTHZ_TIMEOUT", default_value_t = crate::health::DEFAULT_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub healthz_timeout: u64,
     /// Log format.
     #[arg(long, env = "XLB_LOG_FORMAT", value_enum, default_value = "text")]

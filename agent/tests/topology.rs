@@ -15,10 +15,6 @@ fn zoned(zone: Option<&str>) -> NodeInfo {
     NodeInfo { zone: zone.map(String::from), ..node() }
 }
 
-fn with(yaml: &str, node: &NodeInfo, opts: &Options) -> Desired {
-    run_on(yaml, node, opts)
-}
-
 /// `shop/web` (ClusterIP 10.96.0.20, NodePort 30020 and LB 198.51.100.20
 /// under `policy`), with the given endpoint lines.
 fn service(spec_extra: &str, endpoints: &str) -> String {
@@ -77,7 +73,7 @@ fn zone_hinted() -> String {
 fn zone_hints_keep_traffic_in_the_zone_and_the_rest_drains() {
     // topology_test.go "hints enabled, hints annotation == auto": only the
     // endpoints hinted for this node's zone.
-    let d = with(&service("", &zone_hinted()), &zoned(Some("zone-a")), &Options::default());
+    let d = run_on(&service("", &zone_hinted()), &zoned(Some("zone-a")), &Options::default());
     let f = find(&d, Kind::ClusterIp, "10.96.0.20", 80);
     assert_eq!(active(f), ["10.0.1.1:8080", "10.0.1.2:8080"]);
     // An out-of-zone endpoint keeps the flows it has (conntrack keeps them
@@ -88,7 +84,7 @@ fn zone_hints_keep_traffic_in_the_zone_and_the_rest_drains() {
     assert_eq!(active(find(&d, Kind::LoadBalancer, "198.51.100.20", 80)).len(), 2);
     // From zone-b: the other one.
     assert_eq!(
-        cluster_ip(&with(&service("", &zone_hinted()), &zoned(Some("zone-b")), &Options::default())),
+        cluster_ip(&run_on(&service("", &zone_hinted()), &zoned(Some("zone-b")), &Options::default())),
         ["10.0.2.1:8080"]
     );
 }
@@ -103,15 +99,15 @@ fn incomplete_or_foreign_hints_fall_back_to_every_endpoint() {
         ep("10.0.2.1", "node-b", "zone-b", &["zone-b"], &[]),
     ]
     .concat();
-    assert_eq!(cluster_ip(&with(&service("", &one_unhinted), &zoned(Some("zone-a")), &Options::default())), all);
+    assert_eq!(cluster_ip(&run_on(&service("", &one_unhinted), &zoned(Some("zone-a")), &Options::default())), all);
     // "hints, but no hints for this zone".
-    assert_eq!(cluster_ip(&with(&service("", &zone_hinted()), &zoned(Some("zone-c")), &Options::default())), all);
+    assert_eq!(cluster_ip(&run_on(&service("", &zone_hinted()), &zoned(Some("zone-c")), &Options::default())), all);
     // "node missing zone label".
-    assert_eq!(cluster_ip(&with(&service("", &zone_hinted()), &zoned(None), &Options::default())), all);
+    assert_eq!(cluster_ip(&run_on(&service("", &zone_hinted()), &zoned(None), &Options::default())), all);
     // A not-ready endpoint's missing hints do not matter: only ready ones count.
     let unready_unhinted =
         zone_hinted() + "- {addresses: [10.0.3.1], nodeName: node-d, zone: zone-a, conditions: {ready: false}}\n";
-    let d = with(&service("", &unready_unhinted), &zoned(Some("zone-a")), &Options::default());
+    let d = run_on(&service("", &unready_unhinted), &zoned(Some("zone-a")), &Options::default());
     assert_eq!(cluster_ip(&d), ["10.0.1.1:8080", "10.0.1.2:8080"]);
 }
 
@@ -124,12 +120,12 @@ fn node_hints_prefer_this_node_then_its_zone() {
         ep("10.0.2.1", "node-b", "zone-b", &["zone-b"], &["node-b"]),
     ]
     .concat();
-    let d = with(&service("", &both), &zoned(Some("zone-a")), &Options::default());
+    let d = run_on(&service("", &both), &zoned(Some("zone-a")), &Options::default());
     assert_eq!(cluster_ip(&d), ["10.0.1.1:8080"], "the endpoint hinted for this node");
     // A node with no endpoint of its own: the node hints name nothing for
     // it, so the zone hints decide.
     let d =
-        with(&service("", &both), &NodeInfo { name: "node-x".into(), ..zoned(Some("zone-a")) }, &Options::default());
+        run_on(&service("", &both), &NodeInfo { name: "node-x".into(), ..zoned(Some("zone-a")) }, &Options::default());
     assert_eq!(cluster_ip(&d), ["10.0.1.1:8080", "10.0.1.2:8080"]);
 }
 
@@ -139,7 +135,7 @@ fn local_policies_ignore_topology() {
     // Local endpoints": the external frontends take this node's endpoints,
     // hints or not; the ClusterIP and the pod-side view of the LB IP
     // (Cluster endpoints) follow the hints.
-    let d = with(
+    let d = run_on(
         &service("  externalTrafficPolicy: Local\n  healthCheckNodePort: 32020", &zone_hinted()),
         &zoned(Some("zone-b")),
         &Options::default(),
@@ -149,7 +145,7 @@ fn local_policies_ignore_topology() {
     assert_eq!(cluster_ip(&d), ["10.0.2.1:8080"]);
     assert_eq!(active(find_in(&d, Kind::LoadBalancer, "198.51.100.20", 80, Scope::Internal)), ["10.0.2.1:8080"]);
     let d =
-        with(&service("  internalTrafficPolicy: Local", &zone_hinted()), &zoned(Some("zone-b")), &Options::default());
+        run_on(&service("  internalTrafficPolicy: Local", &zone_hinted()), &zoned(Some("zone-b")), &Options::default());
     assert_eq!(cluster_ip(&d), ["10.0.1.1:8080"], "internalTrafficPolicy Local: this node's, not zone-b's");
 }
 
@@ -161,7 +157,7 @@ fn no_ready_endpoint_anywhere_falls_back_to_serving_terminating_without_topology
         "- {{addresses: [10.0.1.1], nodeName: node-a, zone: zone-a, {cond}, hints: {{forZones: [{{name: zone-a}}]}}}}\n\
          - {{addresses: [10.0.2.1], nodeName: node-b, zone: zone-b, {cond}, hints: {{forZones: [{{name: zone-b}}]}}}}\n"
     );
-    let d = with(&service("", &eps), &zoned(Some("zone-a")), &Options::default());
+    let d = run_on(&service("", &eps), &zoned(Some("zone-a")), &Options::default());
     assert_eq!(cluster_ip(&d), ["10.0.1.1:8080", "10.0.2.1:8080"]);
 }
 
@@ -178,7 +174,7 @@ fn without_a_controller_traffic_distribution_gives_the_hints() {
     let node = zoned(Some("zone-a"));
     // kube-proxy (the API server, where the controller writes hints): the
     // hints alone decide, and there are none.
-    let d = with(&service("  trafficDistribution: PreferClose", &bare), &node, &Options::default());
+    let d = run_on(&service("  trafficDistribution: PreferClose", &bare), &node, &Options::default());
     assert_eq!(cluster_ip(&d).len(), 3);
     // --manifests: the controller's hints for each mode.
     for (extra, want) in [
@@ -187,16 +183,16 @@ fn without_a_controller_traffic_distribution_gives_the_hints() {
         ("  trafficDistribution: PreferSameNode", vec!["10.0.1.1:8080"]),
         ("", vec!["10.0.1.1:8080", "10.0.1.2:8080", "10.0.2.1:8080"]),
     ] {
-        assert_eq!(cluster_ip(&with(&service(extra, &bare), &node, &derive)), want, "{extra:?}");
+        assert_eq!(cluster_ip(&run_on(&service(extra, &bare), &node, &derive)), want, "{extra:?}");
     }
     let auto = service("", &bare).replace(
         "metadata: {name: web, namespace: shop}",
         "metadata: {name: web, namespace: shop, annotations: {service.kubernetes.io/topology-mode: Auto}}",
     );
-    assert_eq!(cluster_ip(&with(&auto, &node, &derive)), ["10.0.1.1:8080", "10.0.1.2:8080"], "topology-mode: Auto");
+    assert_eq!(cluster_ip(&run_on(&auto, &node, &derive)), ["10.0.1.1:8080", "10.0.1.2:8080"], "topology-mode: Auto");
     // An endpoint without a zone gets no hint, so nobody's hints are complete.
     let zoneless = bare.clone() + "- {addresses: [10.0.4.1], nodeName: node-e}\n";
-    assert_eq!(cluster_ip(&with(&service("  trafficDistribution: PreferClose", &zoneless), &node, &derive)).len(), 4);
+    assert_eq!(cluster_ip(&run_on(&service("  trafficDistribution: PreferClose", &zoneless), &node, &derive)).len(), 4);
 }
 
 #[test]
@@ -211,7 +207,7 @@ fn the_zone_comes_from_the_node_label() {
     // One IP listed as InternalIP and ExternalIP is one address (else every
     // NodePort would conflict with itself).
     assert_eq!(info.addresses, [ip("192.168.1.10")]);
-    let d = with(&service("", &zone_hinted()), &info, &Options::default());
+    let d = run_on(&service("", &zone_hinted()), &info, &Options::default());
     assert_eq!(cluster_ip(&d), ["10.0.1.1:8080", "10.0.1.2:8080"]);
     assert!(d.problems.is_empty(), "{:?}", d.problems);
 }
