@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use datapath_common::Config;
+use datapath_common::{CFG_F_SOCK_HOST_ONLY, Config};
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
@@ -26,6 +26,7 @@ use crate::{
     datapath::{Maps, map_addr},
     health::{Listen, ProxyHealth, ServiceHealth},
     metrics::Http,
+    socket_lb,
     source::{self, Snapshot},
     translate::{self, Desired, NodeInfo, Options},
     writer::Writer,
@@ -48,6 +49,10 @@ pub struct Settings {
     pub tc_interfaces: Vec<String>,
     pub tc_patterns: Vec<glob::Pattern>,
     pub pin_dir: PathBuf,
+    /// `--socket-lb`.
+    pub socket_lb: socket_lb::Mode,
+    /// `--cgroup-path` (None: the node's cgroup2 root).
+    pub cgroup_path: Option<PathBuf>,
     pub sizes: MapSizes,
     pub snat_v4: Option<IpAddr>,
     pub snat_v6: Option<IpAddr>,
@@ -120,6 +125,14 @@ pub fn desired_with(t: &mut translate::Translator, s: &Settings, snap: &Snapshot
 }
 
 fn config(s: &Settings, node: &NodeInfo) -> Config {
+    // The agent runs in the node's network namespace: its own is the host's.
+    let host_netns = match s.socket_lb {
+        socket_lb::Mode::Host => socket_lb::own_netns_cookie().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no netns cookie (SO_NETNS_COOKIE); socket-LB host mode translates nothing");
+            u64::MAX
+        }),
+        _ => 0,
+    };
     let pick = |want: Option<IpAddr>, v4: bool| {
         want.or_else(|| {
             node.addresses.iter().chain(&node.local).copied().find(|a| a.is_ipv4() == v4 && !a.is_loopback())
@@ -131,9 +144,10 @@ fn config(s: &Settings, node: &NodeInfo) -> Config {
         snat_v6: a16(pick(s.snat_v6, false)),
         snat_port_min: s.snat_ports.0,
         snat_port_max: s.snat_ports.1,
-        flags: 0,
+        flags: if s.socket_lb == socket_lb::Mode::Host { CFG_F_SOCK_HOST_ONLY } else { 0 },
         reply_rate: s.reply_rate,
         _pad: 0,
+        host_netns,
     }
 }
 
@@ -315,6 +329,21 @@ fn load_and_attach(s: &Settings) -> anyhow::Result<Datapath> {
     for ifname in &s.tc_interfaces {
         let how = attach::tc_ingress(&mut dp, &s.pin_dir, ifname).with_context(|| format!("TC on {ifname}"))?;
         tracing::info!(ifname, ?how, "TC attached");
+    }
+    match s.socket_lb {
+        socket_lb::Mode::Off => {
+            let n = socket_lb::detach_except(&s.pin_dir, None);
+            if n > 0 {
+                tracing::info!(links = n, "socket-level load balancing off: detached");
+            }
+        }
+        mode => {
+            let cgroup = socket_lb::cgroup_path(s.cgroup_path.as_deref())?;
+            let done = socket_lb::attach(&mut dp, &s.pin_dir, &cgroup)
+                .with_context(|| format!("socket-level load balancing on {}", cgroup.display()))?;
+            let updated = done.iter().filter(|(_, a)| *a == socket_lb::Attached::Updated).count();
+            tracing::info!(cgroup = %cgroup.display(), ?mode, hooks = done.len(), updated, "socket-LB attached");
+        }
     }
     // Only now: the pinned links run the new programs (see `pin_tail_calls`).
     dp.pin_tail_calls(&s.pin_dir).context("pinning the tail-call tables")?;

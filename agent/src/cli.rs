@@ -190,6 +190,21 @@ pub struct AgentArgs {
     /// is attached to every matching interface as it appears.
     #[arg(long, env = "XLB_TC_INTERFACE_PATTERN", value_delimiter = ',')]
     pub tc_interface_pattern: Vec<String>,
+    /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername
+    /// hooks): `all` balances the node's own sockets and pods' at connect,
+    /// `host` only the node's (its network namespace), `off` leaves
+    /// everything to TC and XDP.
+    #[arg(long, env = "XLB_SOCKET_LB", value_enum, default_value = "all")]
+    pub socket_lb: crate::socket_lb::Mode,
+    /// cgroup v2 directory the socket-LB programs attach to (every process
+    /// below it is covered; default: the node's cgroup2 root, found from the
+    /// mounts, or one mounted at /run/xlb/cgroupv2 when none is).
+    #[arg(long, env = "XLB_CGROUP_PATH")]
+    pub cgroup_path: Option<PathBuf>,
+    /// Socket-LB reverse entries (what `recvmsg` / `getpeername` show as the
+    /// service), an LRU map.
+    #[arg(long, env = "XLB_SOCKET_LB_REVERSE_SIZE", default_value_t = MapSizes::default().sock_rev)]
+    pub socket_lb_reverse_size: u32,
     /// bpffs directory for the pinned maps, programs and links.
     #[arg(long, env = "XLB_PIN_DIR", default_value = "/sys/fs/bpf/xlb")]
     pub pin_dir: PathBuf,
@@ -349,12 +364,15 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         tc_interfaces: a.tc_interfaces.clone(),
         tc_patterns,
         pin_dir: a.pin_dir.clone(),
+        socket_lb: a.socket_lb,
+        cgroup_path: a.cgroup_path.clone(),
         sizes: MapSizes {
             services: a.max_services,
             backends: a.max_backends,
             slots: a.slots,
             conntrack: a.conntrack_size,
             affinity: a.affinity_size,
+            sock_rev: a.socket_lb_reverse_size,
             ..MapSizes::default()
         },
         snat_v4: a.snat_ipv4,

@@ -26,7 +26,7 @@ use aya::{
 };
 use datapath_common::{
     AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat, SCHED_MAGLEV, Service,
-    ServiceKey, SourceRangeKey, maps, tail, v4_mapped, verdict,
+    ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, maps, tail, v4_mapped, verdict,
 };
 
 use crate::{
@@ -88,6 +88,9 @@ pub struct MapSizes {
     pub source_ranges: u32,
     /// FRAGS: fragmented datagrams in flight whose later fragments follow the first.
     pub fragments: u32,
+    /// SOCK_REV: socket-LB reverse translations (one per connected socket,
+    /// one per backend an unconnected UDP socket sent to).
+    pub sock_rev: u32,
 }
 
 impl Default for MapSizes {
@@ -100,6 +103,7 @@ impl Default for MapSizes {
             affinity: 65_536,
             source_ranges: 16_384,
             fragments: 8192,
+            sock_rev: 65_536,
         }
     }
 }
@@ -142,7 +146,7 @@ pub struct Maps {
 }
 
 /// Key and value sizes of each pinned map, checked before a pin is reused.
-const LAYOUT: [(&str, usize, usize); 13] = {
+const LAYOUT: [(&str, usize, usize); 14] = {
     use std::mem::size_of;
     [
         (maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>()),
@@ -158,6 +162,7 @@ const LAYOUT: [(&str, usize, usize); 13] = {
         (maps::VERDICTS, 4, 8),
         (maps::CONFIG, 4, size_of::<Config>()),
         (maps::FRONTENDS, 4, size_of::<FrontendInfo>()),
+        (maps::SOCK_REV, size_of::<SockRevKey>(), size_of::<SockRevValue>()),
     ]
 };
 
@@ -542,6 +547,7 @@ impl Datapath {
                         maps::CONNTRACK => sizes.conntrack = max,
                         maps::AFFINITY => sizes.affinity = max,
                         maps::SOURCE_RANGES => sizes.source_ranges = max,
+                        maps::SOCK_REV => sizes.sock_rev = max,
                         _ => {}
                     }
                 }
@@ -564,6 +570,7 @@ impl Datapath {
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
             .map_max_entries(maps::FRONTENDS, sizes.services)
             .map_max_entries(maps::FRAGS, sizes.fragments)
+            .map_max_entries(maps::SOCK_REV, sizes.sock_rev)
             .load(OBJECT)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         Ok(Self {
@@ -633,6 +640,8 @@ impl Datapath {
                 let r = match prog {
                     Program::Xdp(p) => p.load(),
                     Program::SchedClassifier(p) => p.load(),
+                    Program::CgroupSockAddr(p) => p.load(),
+                    Program::CgroupSock(p) => p.load(),
                     _ => Ok(()),
                 };
                 match r {
@@ -644,6 +653,9 @@ impl Datapath {
                     }
                     Err(e) => {
                         eprintln!("loading {name} failed after {tries} EAGAIN retries");
+                        if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = &e {
+                            eprintln!("{io_error}\n{verifier_log}");
+                        }
                         return Err(e.into());
                     }
                     Ok(()) => break,

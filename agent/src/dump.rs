@@ -344,13 +344,18 @@ fn affinity(v: &View) -> (Value, Table) {
     let mut out = Vec::new();
     for (k, a) in v.maps.affinity() {
         let idle = secs_since(a.last_used_ns, now);
+        // Socket-LB keys a network namespace, not an address.
+        let client = match datapath_common::netns_of_client(&k.client) {
+            Some(cookie) => format!("netns:{cookie}"),
+            None => ip(&k.client).to_string(),
+        };
         t.add_row(vec![
-            ip(&k.client).to_string(),
+            client.clone(),
             v.service_name(k.service_id),
             v.backend_name(a.backend_id),
             format!("{idle:.0}s"),
         ]);
-        out.push(json!({"client": ip(&k.client).to_string(), "service": v.service_name(k.service_id),
+        out.push(json!({"client": client, "service": v.service_name(k.service_id),
             "backend": v.backend_name(a.backend_id), "idle_s": idle}));
     }
     (Value::Array(out), t)

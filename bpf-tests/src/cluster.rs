@@ -40,6 +40,7 @@ use std::{
 use crate::{
     NetNs,
     agent::{Agent, PinDir, TempDir, xlb, xlb_bin},
+    cgroup::{Cgroup, Running},
 };
 
 /// Underlay address of node `i` (1-based).
@@ -70,6 +71,10 @@ pub struct Node {
     pub ns: NetNs,
     pub index: usize,
     pub pins: PinDir,
+    /// The node's cgroup: its agent attaches socket-LB here
+    /// (`--cgroup-path`), and the node's client processes run in it
+    /// (`Cluster::client`).
+    pub cgroup: Cgroup,
     pub agent: Option<Agent>,
 }
 
@@ -139,7 +144,7 @@ impl Cluster {
                     ns.exec(&["ip", "-6", "route", "add", &format!("fd44:{j}::/64"), "via", &node_addr6(j)]);
                 }
             }
-            c.nodes.push(Node { ns, index: i, pins: PinDir::new(), agent: None });
+            c.nodes.push(Node { ns, index: i, pins: PinDir::new(), cgroup: Cgroup::new(), agent: None });
         }
         c
     }
@@ -333,6 +338,8 @@ impl Cluster {
             "veth*".into(),
             "--pin-dir".into(),
             n.pins.arg(),
+            "--cgroup-path".into(),
+            n.cgroup.arg(),
             "--http-address".into(),
             "127.0.0.1:10249".into(),
         ];
@@ -362,6 +369,29 @@ impl Cluster {
                 a.wait_log("synced", times);
             }
         }
+    }
+
+    /// Runs `xlb-client args…` on node `node`: in `ns` (the node's own
+    /// namespace, or one of its pods') and in the node's cgroup, where its
+    /// agent's socket-LB programs see it.
+    pub fn client(&self, node: usize, ns: &NetNs, args: &[&str]) -> Result<String, String> {
+        crate::cgroup::client(ns, &self.nodes[node - 1].cgroup, args)
+    }
+
+    /// A long-running `xlb-client` on node `node` (see [`Cluster::client`]).
+    pub fn client_running(&self, node: usize, ns: &NetNs, args: &[&str]) -> Running {
+        Running::start(ns, &self.nodes[node - 1].cgroup, args)
+    }
+
+    /// The verdict counters of node `node` (`xlb dump stats`).
+    pub fn verdicts(&self, node: usize) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.dump(node, &["-o", "json", "stats"])).expect("stats json");
+        v["verdicts"].clone()
+    }
+
+    /// One verdict counter of node `node`.
+    pub fn verdict(&self, node: usize, name: &str) -> u64 {
+        self.verdicts(node)[name].as_u64().unwrap_or_else(|| panic!("no verdict {name}"))
     }
 
     /// `xlb dump …` on node `node`.

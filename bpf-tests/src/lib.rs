@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod cgroup;
 pub mod cluster;
 pub mod fixtures;
 pub mod fuzz;
@@ -205,6 +206,7 @@ pub fn test_sizes() -> MapSizes {
         affinity: 4096,
         source_ranges: 1024,
         fragments: 1024,
+        sock_rev: 1024,
     }
 }
 

@@ -304,6 +304,10 @@ pub struct Config {
     /// [`REPLY_RATE_DEFAULT`].
     pub reply_rate: u32,
     pub _pad: u32,
+    /// Netns cookie of the node's own network namespace (the agent's), for
+    /// socket-level load balancing in host-only mode
+    /// ([`CFG_F_SOCK_HOST_ONLY`]).
+    pub host_netns: u64,
 }
 
 /// [`Config::reply_rate`] when the agent sets none: 1,000 per second per CPU.
@@ -313,6 +317,59 @@ pub const REPLY_RATE_DEFAULT: u32 = 1000;
 /// transparent NAT rather than a router hop). Off by default; the
 /// BPF_PROG_TEST_RUN benchmark sets it because the kernel reruns one buffer.
 pub const CFG_F_KEEP_TTL: u32 = 1 << 0;
+/// [`Config::flags`]: socket-level load balancing translates only sockets
+/// of the node's own network namespace ([`Config::host_netns`]), not pods'
+/// (`--socket-lb=host`).
+pub const CFG_F_SOCK_HOST_ONLY: u32 = 1 << 1;
+
+/// SOCK_REV (LRU hash): what socket-level load balancing rewrote, so the
+/// socket sees the service's address again where the kernel would show the
+/// backend: `recvmsg` (the source of a UDP datagram) and `getpeername`.
+/// Written at connect / sendmsg, deleted when the socket is released
+/// (connected sockets; an unconnected UDP socket's entries age out).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    /// The backend the socket was sent to, network order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Backend port, network order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of SOCK_REV.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    /// The service address the socket asked for, network order, IPv4 mapped.
+    pub addr: [u8; 16],
+    /// Service port, network order.
+    pub port: u16,
+    pub _pad: u16,
+    /// Frontend id: the translation is undone only while REV_NAT still
+    /// holds this address and port under this id.
+    pub rev_nat_id: u32,
+}
+
+/// Socket-level load balancing's own client identity for sessionAffinity:
+/// the netns cookie in an address no packet can carry as its source
+/// (`ff58:4c42::/64` is multicast), so AFFINITY keeps one key per network
+/// namespace, a pod's or the node's (a socket is not bound to its source
+/// address when it connects).
+#[inline(always)]
+pub const fn netns_client(cookie: u64) -> [u8; 16] {
+    let c = cookie.to_be_bytes();
+    [0xff, 0x58, 0x4c, 0x42, 0, 0, 0, 0, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]
+}
+
+/// The netns cookie of an AFFINITY client written by socket-level load
+/// balancing ([`netns_client`]), if it is one.
+pub fn netns_of_client(a: &[u8; 16]) -> Option<u64> {
+    (a[..8] == [0xff, 0x58, 0x4c, 0x42, 0, 0, 0, 0])
+        .then(|| u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]))
+}
 
 /// VERDICTS (per-CPU array): reason → packets. Every packet a program sees is
 /// counted under exactly one reason; `FIB_PASS` or `MTU_PASS` comes on top.
@@ -372,8 +429,25 @@ pub mod verdict {
     /// under a Local policy (`SVC_F_NO_LOCAL_DROP`): dropped, as kube-proxy
     /// does, so the client retransmits.
     pub const NO_LOCAL_ENDPOINT_DROP: u32 = 20;
+    // Socket-level load balancing (the cgroup programs) counts sockets
+    // and messages, not packets, under these.
+    /// A connect (TCP, connected UDP) or an unconnected UDP message to a
+    /// service, sent straight to a backend.
+    pub const SOCK_XLATE: u32 = 21;
+    /// A connect / send to a service without a usable backend: failed with
+    /// ECONNREFUSED (kube-proxy's REJECT).
+    pub const SOCK_REJECT: u32 = 22;
+    /// A connect / send to a service whose endpoints are all on other
+    /// nodes under a Local policy: failed with EHOSTUNREACH.
+    pub const SOCK_NO_LOCAL: u32 = 23;
+    /// A received datagram or a peer address shown as the service again.
+    pub const SOCK_REVERSE: u32 = 24;
+    /// A connect / send to a service that socket-level load balancing
+    /// leaves to the packet path (loadBalancerSourceRanges: the source is
+    /// not known at connect).
+    pub const SOCK_SKIP: u32 = 25;
     /// Number of reasons (size of VERDICTS).
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 26;
     /// Names in index order, for `xlb dump stats` and the tests.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -397,6 +471,11 @@ pub mod verdict {
         "fragment_nat",
         "tail_call_failed",
         "no_local_endpoint_drop",
+        "sock_xlate",
+        "sock_reject",
+        "sock_no_local",
+        "sock_reverse",
+        "sock_skip",
     ];
 }
 
@@ -415,6 +494,7 @@ pub mod maps {
     pub const VERDICTS: &str = "VERDICTS";
     pub const CONFIG: &str = "CONFIG";
     pub const FRONTENDS: &str = "FRONTENDS";
+    pub const SOCK_REV: &str = "SOCK_REV";
     /// Not pinned with the others: see [`super::FragKey`].
     pub const FRAGS: &str = "FRAGS";
     /// The tail-call tables (see [`super::tail`]): replaced by every agent
@@ -422,7 +502,7 @@ pub mod maps {
     pub const XDP_CALLS: &str = "XDP_CALLS";
     pub const TC_CALLS: &str = "TC_CALLS";
     /// Every map the loader pins, in load order.
-    pub const PINNED: [&str; 13] = [
+    pub const PINNED: [&str; 14] = [
         SERVICES,
         BACKENDS,
         SLOTS,
@@ -436,6 +516,7 @@ pub mod maps {
         VERDICTS,
         CONFIG,
         FRONTENDS,
+        SOCK_REV,
     ];
 }
 
@@ -479,7 +560,9 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SourceRangeKey>() == 20);
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<Config>() == 48);
+    assert!(core::mem::size_of::<Config>() == 56);
+    assert!(core::mem::size_of::<SockRevKey>() == 32);
+    assert!(core::mem::size_of::<SockRevValue>() == 24);
     assert!(core::mem::size_of::<FrontendInfo>() == 124);
     assert!(core::mem::size_of::<PktgenConfig>() == 104);
 };
@@ -549,4 +632,6 @@ mod pod {
     unsafe impl aya::Pod for PktgenConfig {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
 }

@@ -12,11 +12,13 @@ mod nat;
 mod parse;
 mod pipeline;
 mod reject;
+mod service;
+mod sock;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use datapath_common::{SCOPE_EXTERNAL, SCOPE_INTERNAL};
 use hook::{Hook, Tc};
@@ -117,6 +119,54 @@ tc_programs!(
     xlb_tc_egress_new_flow,
     xlb_tc_egress_answer
 );
+
+// Socket-level load balancing (`sock.rs`), attached to a cgroup: the
+// node's own sockets and, with `--socket-lb=all`, pods'.
+
+#[cgroup_sock_addr(connect4)]
+pub fn xlb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn xlb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect::<true>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn xlb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn xlb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg::<true>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn xlb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn xlb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<true>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn xlb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn xlb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse::<true>(&ctx)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn xlb_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
+}
 
 /// Benchmark floor: swap MAC addresses and send the frame back. No lookups.
 #[xdp]

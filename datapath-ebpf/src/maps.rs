@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use datapath_common::{
     AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey, FragPorts, FrontendInfo, RevNat,
-    Service, ServiceKey, SourceRangeKey, tail, verdict,
+    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, tail, verdict,
 };
 
 #[map]
@@ -41,6 +41,10 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// and pins it with the others.
 #[map]
 pub static FRONTENDS: HashMap<u32, FrontendInfo> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// Socket-level load balancing's reverse translations (`sock.rs`).
+#[map]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::with_max_entries(1, 0);
 
 #[map]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(1, 0);

@@ -6,22 +6,22 @@ use crate::{
     fragment,
     hook::{Action, Hook},
     maps::{
-        AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REPLY_BUCKET, REV_NAT, RR_CURSOR, SCRATCH, SERVICE_STATS,
-        SERVICES, SLOTS, SOURCE_RANGES, count, count_verdict,
+        BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REPLY_BUCKET, REV_NAT, SCRATCH, SERVICE_STATS, SOURCE_RANGES, count,
+        count_verdict,
     },
     nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, rewrite_addresses, word},
     parse::{Flow, Parsed, parse},
     reject::{NO_BACKEND, reject},
+    service,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::bpf_ktime_get_coarse_ns,
     maps::lpm_trie::Key,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT,
-    CtEntry, CtKey, REPLY_RATE_DEFAULT, SCHED_MAGLEV, SCHED_RANDOM, SCHED_ROUND_ROBIN, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_SOURCE_RANGES, Service, ServiceKey, SourceRangeKey, ct,
+    BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey, REPLY_RATE_DEFAULT,
+    SCOPE_EXTERNAL, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_SOURCE_RANGES, Service, SourceRangeKey, ct,
     hash::flow_hash, tail, verdict,
 };
 
@@ -336,22 +336,6 @@ fn nat_cached<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, t: &mut Targ
 }
 
 #[inline(always)]
-fn lookup_service(flow: &Flow, scope: u8) -> Option<Service> {
-    let mut k = ServiceKey { addr: flow.dst, port: flow.dport, proto: flow.proto, scope };
-    // SAFETY: values are plain data copied out at once.
-    if let Some(s) = unsafe { SERVICES.get(&k) } {
-        return Some(*s);
-    }
-    if scope == SCOPE_INTERNAL {
-        // A pod reaching a NodePort / LoadBalancer / external address.
-        k.scope = SCOPE_EXTERNAL;
-        // SAFETY: as above.
-        return unsafe { SERVICES.get(&k) }.copied();
-    }
-    None
-}
-
-#[inline(always)]
 fn refresh(e: &mut CtEntry, flow: &Flow, reply: bool, now: u64) {
     let s = ct::next_state(flow.proto, e.state, flow.tcp_flags, reply);
     if s != e.state || now.wrapping_sub(e.last_seen_ns) > ct::REFRESH_NS {
@@ -366,7 +350,7 @@ fn refresh(e: &mut CtEntry, flow: &Flow, reply: bool, now: u64) {
 /// check, backend selection, SNAT decision, conntrack entries.
 #[inline(never)]
 fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
-    let Some(svc) = lookup_service(flow, scope) else {
+    let Some(svc) = service::lookup(&flow.dst, flow.dport, flow.proto, scope) else {
         return Step::Pass(verdict::PASS);
     };
     if svc.flags & SVC_F_SOURCE_RANGES != 0 {
@@ -376,11 +360,10 @@ fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
         }
     }
     let hash = flow_hash(&flow.src, flow.sport, flow.dport, flow.proto);
-    let backend_id = select(&svc, flow, hash);
-    let b = match BACKENDS.get(backend_id) {
-        Some(b) if backend_id != 0 && b.state != BACKEND_EMPTY => b,
-        _ if svc.flags & SVC_F_NO_LOCAL_DROP != 0 => return Step::Drop(verdict::NO_LOCAL_ENDPOINT_DROP),
-        _ => return Step::Reject,
+    let (backend_id, b) = match service::backend(&svc, &flow.src, hash) {
+        Some(chosen) => chosen,
+        None if svc.flags & SVC_F_NO_LOCAL_DROP != 0 => return Step::Drop(verdict::NO_LOCAL_ENDPOINT_DROP),
+        None => return Step::Reject,
     };
     t.dst = b.addr;
     t.dport = b.port;
@@ -491,49 +474,6 @@ fn snat_claim(rkey: &mut CtKey, rep: &CtEntry, min: u16, max: u16, hash: u32, no
         }
     }
     None
-}
-
-/// The backend for a new flow, or 0 when the service has none.
-#[inline(never)]
-fn select(svc: &Service, flow: &Flow, hash: u32) -> u32 {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let akey = AffinityKey { client: flow.src, service_id: svc.id };
-    if svc.flags & SVC_F_AFFINITY != 0
-        && let Some(a) = AFFINITY.get_ptr_mut(&akey)
-    {
-        // SAFETY: a live map value.
-        let a = unsafe { &mut *a };
-        let fresh = now.wrapping_sub(a.last_used_ns) <= svc.affinity_timeout_s as u64 * NS_PER_SEC;
-        if fresh && BACKENDS.get(a.backend_id).is_some_and(|b: &Backend| b.state == BACKEND_ACTIVE) {
-            a.last_used_ns = now;
-            return a.backend_id;
-        }
-    }
-    if svc.count == 0 {
-        return 0;
-    }
-    let idx = match svc.scheduler {
-        SCHED_MAGLEV if svc.maglev_len != 0 => svc.maglev_off + hash % svc.maglev_len,
-        SCHED_ROUND_ROBIN => match RR_CURSOR.get_ptr_mut(svc.id) {
-            Some(c) => {
-                // SAFETY: per-CPU slot.
-                let n = unsafe { *c };
-                unsafe { *c = n.wrapping_add(1) };
-                svc.list_off + n % svc.count
-            }
-            None => svc.list_off + hash % svc.count,
-        },
-        // SAFETY: plain helper call.
-        SCHED_RANDOM => svc.list_off + unsafe { bpf_get_prandom_u32() } % svc.count,
-        _ => svc.list_off + hash % svc.count,
-    };
-    let id = SLOTS.get(idx).copied().unwrap_or(0);
-    if svc.flags & SVC_F_AFFINITY != 0 && id != 0 {
-        let v = AffinityValue { last_used_ns: now, backend_id: id, _pad: 0 };
-        let _ = AFFINITY.insert(&akey, &v, 0);
-    }
-    id
 }
 
 /// The node address and port range to SNAT to, when this flow needs SNAT:

@@ -3,7 +3,7 @@
 //! (its destructors never ran). Only the project's own resources: network
 //! namespaces named `xlb…` (and the processes inside them, by PID), test pin
 //! directories under /sys/fs/bpf (`xlbt…`, `xlbk-…`, never the agent's own
-//! `/sys/fs/bpf/xlb`), and test temp directories. Do not run it while tests run.
+//! `/sys/fs/bpf/xlb`), test cgroups (`xlb-test-…`), and test temp directories. Do not run it while tests run.
 
 use std::{fs, path::Path, process::Command};
 
@@ -49,6 +49,25 @@ pub fn run() -> anyhow::Result<()> {
     for ns in &namespaces {
         let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }
+    // Test cgroups (`xlb-test-…` under the cgroup2 root): their processes
+    // were ended with the namespaces above; move any left to the root.
+    let mut cgroups = 0;
+    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let Ok(rd) = fs::read_dir(root) else { continue };
+        for e in rd.flatten() {
+            if !e.file_name().to_string_lossy().starts_with("xlb-test-") {
+                continue;
+            }
+            if let Ok(pids) = fs::read_to_string(e.path().join("cgroup.procs")) {
+                for pid in pids.lines() {
+                    let _ = fs::write(Path::new(root).join("cgroup.procs"), pid);
+                }
+            }
+            if fs::remove_dir(e.path()).is_ok() {
+                cgroups += 1;
+            }
+        }
+    }
     let mut dirs = 0;
     for e in fs::read_dir(std::env::temp_dir())?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -58,7 +77,7 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     println!(
-        "clean: {} namespaces, {killed} processes, {pins} pin directories, {dirs} temp directories removed",
+        "clean: {} namespaces, {killed} processes, {pins} pin directories, {cgroups} cgroups, {dirs} temp directories removed",
         namespaces.len()
     );
     Ok(())

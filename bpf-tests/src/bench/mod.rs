@@ -344,6 +344,7 @@ fn xlb_sizes(n: u32) -> MapSizes {
         affinity: 1024,
         source_ranges: 1024,
         fragments: 1024,
+        sock_rev: 65_536,
     }
 }
 

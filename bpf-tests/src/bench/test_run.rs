@@ -55,6 +55,7 @@ fn setup(services: u32) -> Lb {
         affinity: 1024,
         source_ranges: 16,
         fragments: 1024,
+        sock_rev: 1024,
     };
     let mut lb = Lb::with_sizes(sizes);
     let cfg = Config { flags: CFG_F_KEEP_TTL, ..Config::default() };
