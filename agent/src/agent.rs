@@ -237,7 +237,12 @@ impl Reconciler<'_> {
         let report = self.writer.apply(dp, &d);
         match crate::sweep::sweep(dp, &report) {
             Ok(swept) if swept != Default::default() => {
-                tracing::info!(conntrack = swept.conntrack, affinity = swept.affinity, "moved flows off stale backends")
+                tracing::info!(
+                    conntrack = swept.conntrack,
+                    affinity = swept.affinity,
+                    sockets = swept.sockets,
+                    "moved flows off stale backends"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweeping stale conntrack / affinity entries failed"),

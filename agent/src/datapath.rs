@@ -143,6 +143,8 @@ pub struct Maps {
     verdicts: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
     frontends: BpfHashMap<MapData, u32, FrontendInfo>,
+    /// Absent in a pin directory of an agent older than socket-LB.
+    sock_rev: Option<BpfHashMap<MapData, SockRevKey, SockRevValue>>,
 }
 
 /// Key and value sizes of each pinned map, checked before a pin is reused.
@@ -268,6 +270,11 @@ impl Maps {
         self.backends.get(&id, 0).ok().filter(|b| b.state != datapath_common::BACKEND_EMPTY)
     }
 
+    /// Socket-LB's reverse translations (SOCK_REV).
+    pub fn sock_rev(&self) -> Vec<(SockRevKey, SockRevValue)> {
+        self.sock_rev.as_ref().map(|m| m.iter().filter_map(|r| r.ok()).collect()).unwrap_or_default()
+    }
+
     /// Every FRONTENDS entry, by frontend id.
     pub fn frontends(&self) -> Vec<(u32, FrontendInfo)> {
         self.frontends.iter().filter_map(|r| r.ok()).collect()
@@ -324,6 +331,9 @@ impl Maps {
         add(maps::VERDICTS, self.verdicts.map());
         add(maps::CONFIG, self.config.map());
         add(maps::FRONTENDS, self.frontends.map());
+        if let Some(m) = &self.sock_rev {
+            add(maps::SOCK_REV, m.map());
+        }
         out
     }
 
@@ -341,6 +351,7 @@ impl Maps {
             verdicts: take(ebpf, maps::VERDICTS)?,
             config: take(ebpf, maps::CONFIG)?,
             frontends: take(ebpf, maps::FRONTENDS)?,
+            sock_rev: Some(take(ebpf, maps::SOCK_REV)?),
         })
     }
 
@@ -361,6 +372,7 @@ impl Maps {
             verdicts: typed(o(maps::VERDICTS)?, maps::VERDICTS)?,
             config: typed(o(maps::CONFIG)?, maps::CONFIG)?,
             frontends: typed(o(maps::FRONTENDS)?, maps::FRONTENDS)?,
+            sock_rev: o(maps::SOCK_REV).ok().map(|d| typed(d, maps::SOCK_REV)).transpose()?,
         })
     }
 }
@@ -846,6 +858,13 @@ impl Datapath {
     }
 
     /// Removes a conntrack entry (one direction); absent is not an error.
+    pub fn sock_rev_remove(&mut self, key: &SockRevKey) -> Result<()> {
+        match self.maps.sock_rev.as_mut().map(|m| m.remove(key)) {
+            None | Some(Ok(())) | Some(Err(MapError::KeyNotFound)) => Ok(()),
+            Some(Err(e)) => Err(map_err(maps::SOCK_REV)(e)),
+        }
+    }
+
     pub fn conntrack_remove(&mut self, key: &CtKey) -> Result<()> {
         match self.maps.conntrack.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),

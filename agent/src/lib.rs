@@ -17,6 +17,7 @@ pub mod neighbours;
 pub mod pktgen;
 pub mod region;
 pub mod select;
+pub mod sock_diag;
 pub mod socket_lb;
 pub mod source;
 pub mod sweep;

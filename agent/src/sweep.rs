@@ -38,10 +38,34 @@ use crate::{
 pub struct Swept {
     pub conntrack: usize,
     pub affinity: usize,
+    /// Connected UDP sockets (socket-LB) aborted: see `sock_diag`.
+    pub sockets: usize,
 }
 
 fn by_frontend(list: &[Keep]) -> HashMap<u32, HashSet<u32>> {
     list.iter().map(|k| (k.frontend, k.keep.iter().copied().collect())).collect()
+}
+
+/// Aborts the connected UDP sockets socket-LB sent to a backend their UDP
+/// frontend no longer keeps, and forgets their reverse entries.
+fn sockets(dp: &mut Datapath, keep: &HashMap<u32, HashSet<u32>>) -> Result<usize, crate::Error> {
+    let entries = dp.sock_rev();
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let stale: HashMap<u32, HashSet<([u8; 16], u16)>> = keep
+        .iter()
+        .filter(|(id, _)| dp.frontend(**id).is_some_and(|f| f.key.proto == PROTO_UDP))
+        .map(|(id, ids)| (*id, ids.iter().filter_map(|b| dp.backend(*b)).map(|b| (b.addr, b.port)).collect()))
+        .collect();
+    let cookies = crate::sock_diag::stale_cookies(&entries, &stale);
+    if cookies.is_empty() {
+        return Ok(0);
+    }
+    for (k, _) in entries.iter().filter(|(k, _)| cookies.contains(&k.cookie)) {
+        dp.sock_rev_remove(k)?;
+    }
+    Ok(crate::sock_diag::destroy(&cookies))
 }
 
 /// Deletes the entries `report` made stale.
@@ -52,6 +76,7 @@ pub fn sweep(dp: &mut Datapath, report: &Report) -> Result<Swept, crate::Error> 
         swept.conntrack = dp.conntrack_sweep(|k, e| {
             k.proto == PROTO_UDP && keep.get(&e.rev_nat_id).is_some_and(|ids| !ids.contains(&e.backend_id))
         })?;
+        swept.sockets = sockets(dp, &keep)?;
     }
     if !report.stale_affinity.is_empty() {
         let keep = by_frontend(&report.stale_affinity);

@@ -255,6 +255,48 @@ fn agent_restart_breaks_no_socket_translated_connection() {
     std::thread::sleep(Duration::from_millis(10));
 }
 
+/// A connected UDP socket is balanced once, at connect. When its backend
+/// leaves, the agent aborts it (kube-proxy deletes such UDP conntrack
+/// entries, `conntrack/cleanup.go`; Cilium destroys the sockets): the
+/// client's next call fails, and its reconnect lands on a live backend. A
+/// socket to a backend that stays is left alone.
+#[test]
+fn connected_udp_sockets_reselect_when_their_backend_leaves() {
+    let mut c = cluster(&[WEB], &[]);
+    let dns = vip("10.96.0.10", 53);
+    // Hold sockets until both backends have one.
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let mut h = c.client_running(1, &c.nodes[0].ns, &["udp-hold", &dns]);
+        let pod = echo_pod(&h.ask("hello"));
+        held.push((pod, h));
+        if held.iter().any(|(p, _)| p == "web-1a") && held.iter().any(|(p, _)| p == "web-2a") {
+            break;
+        }
+    }
+    assert!(held.iter().any(|(p, _)| p == "web-2a") && held.iter().any(|(p, _)| p == "web-1a"), "both backends");
+    c.set_pod_state("web-2a", PodState::Gone);
+    c.write_manifests(&[]);
+    c.wait_synced(2);
+    let log = c.nodes[0].agent.as_ref().unwrap().log_text();
+    let to_gone = held.iter().filter(|(p, _)| p == "web-2a").count();
+    assert!(log.contains(&format!("sockets={to_gone}")), "{to_gone} sockets aborted:
+{log}");
+    for (pod, h) in &mut held {
+        let a = h.ask("after");
+        if pod == "web-2a" {
+            // ECONNABORTED is pending on the socket (EDESTADDRREQ first: it
+            // is no longer connected); the reconnect is balanced anew.
+            assert!(field(&a, "errors").contains("103"), "the socket to the removed backend was aborted: {a}");
+            assert_eq!(echo_pod(&a), "web-1a", "reconnected to the live backend: {a}");
+            assert_eq!(field(&a, "from"), dns, "{a}");
+        } else {
+            assert!(!a.contains("errors="), "a socket to a backend that stays is untouched: {a}");
+            assert_eq!(echo_pod(&a), "web-1a", "{a}");
+        }
+    }
+}
+
 /// The `n`-th comma-separated word of an `echo=` field (0: pod, 1: the
 /// client address the backend saw).
 fn echo_field(line: &str, n: usize) -> String {

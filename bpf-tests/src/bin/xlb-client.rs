@@ -12,7 +12,7 @@
 //! xlb-client udp-connected ADDR MSG  connect, send, recvfrom → peer=, from= and the echo
 //! xlb-client connect-error ADDR tcp|udp   how a connect / sendto fails: err=<errno> ms=<time>, or ok
 //! xlb-client stream ADDR             a long-lived connection: one line per tick, until killed
-//! xlb-client udp-hold ADDR           a connected UDP socket: a request per line read on stdin
+//! xlb-client udp-hold ADDR           a connected UDP socket: a request per line read on stdin (reconnects after an error)
 //! xlb-client conn-rate ADDR THREADS SECS  connect, one request/response, close, in a loop per thread
 //! xlb-client rr-latency ADDR N       N request/responses on one connection: p50 / p99 in µs
 //! ```
@@ -148,22 +148,35 @@ fn stream(to: SocketAddr) {
 }
 
 /// A connected UDP socket kept open: for every line on stdin, one request
-/// and its answer (`peer=`, `from=`, the echo), or `err=`.
+/// and its answer (`peer=`, `from=`, the echo). A call that fails is
+/// retried after connecting again (what a resilient client does when its
+/// socket is aborted), up to three times; the errors met are listed first
+/// (`errors=89,103`).
 fn udp_hold(to: SocketAddr) {
     let s = UdpSocket::bind(any(to)).expect("bind");
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     s.connect(to).unwrap_or_else(|e| fail(&format!("connect {to}: {e}")));
     let mut buf = vec![0u8; 65536];
     for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-        let peer = s.peer_addr().map(canonical).map(|p| p.to_string()).unwrap_or_default();
-        let out = s.send(line.as_bytes()).and_then(|_| s.recv_from(&mut buf));
-        match out {
-            Ok((n, from)) => println!(
-                "peer={peer} from={} echo={}",
-                canonical(from),
-                String::from_utf8_lossy(&buf[..n]).trim_end().replace(' ', ",")
-            ),
-            Err(e) => println!("err={} kind={:?}", e.raw_os_error().unwrap_or(0), e.kind()),
+        let mut errors = Vec::new();
+        let answer = loop {
+            match s.send(line.as_bytes()).and_then(|_| s.recv_from(&mut buf)) {
+                Ok((n, from)) => break Some((n, from)),
+                Err(e) if errors.len() < 3 => {
+                    errors.push(e.raw_os_error().unwrap_or(0).to_string());
+                    let _ = s.connect(to);
+                }
+                Err(_) => break None,
+            }
+        };
+        let errors = if errors.is_empty() { String::new() } else { format!("errors={} ", errors.join(",")) };
+        match answer {
+            Some((n, from)) => {
+                let peer = s.peer_addr().map(canonical).map(|p| p.to_string()).unwrap_or_default();
+                let echo = String::from_utf8_lossy(&buf[..n]).trim_end().replace(' ', ",");
+                println!("{errors}peer={peer} from={} echo={echo}", canonical(from));
+            }
+            None => println!("{errors}failed"),
         }
         let _ = std::io::stdout().flush();
     }
