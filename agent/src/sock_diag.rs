@@ -138,7 +138,8 @@ fn in_current(cookies: &Targets) -> io::Result<usize> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut found = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let req = request(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, family, SockId::default());
+        let req =
+            request(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, family, SockId::default());
         send(&fd, &req)?;
         read_msgs(&fd, |fam, id| {
             if cookies.contains(&id.cookie()) {

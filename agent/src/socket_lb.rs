@@ -10,8 +10,7 @@
 
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::{
         fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
@@ -238,8 +237,13 @@ fn link_update(link: &OwnedFd, prog_fd: i32) -> io::Result<()> {
         _pad: [u8; 112],
     }
     const BPF_LINK_UPDATE: libc::c_long = 29;
-    let mut attr =
-        Attr { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog_fd as u32, flags: 0, old_prog_fd: 0, _pad: [0; 112] };
+    let mut attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+        _pad: [0; 112],
+    };
     // SAFETY: bpf(2) with a zeroed attr of the kernel's layout.
     let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &mut attr as *mut Attr, size_of::<Attr>()) };
     if r < 0 {

@@ -116,12 +116,7 @@ pub struct Running {
 impl Running {
     pub fn start(ns: &NetNs, cg: &Cgroup, args: &[&str]) -> Self {
         let (mut cmd, _fds) = command_in(ns, cg, &client_bin());
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start xlb-client");
+        let mut child = cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start xlb-client");
         let out = BufReader::new(child.stdout.take().expect("stdout"));
         let stdin = child.stdin.take();
         Self { child, out, stdin }

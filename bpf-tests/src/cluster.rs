@@ -385,7 +385,8 @@ impl Cluster {
 
     /// The verdict counters of node `node` (`xlb dump stats`).
     pub fn verdicts(&self, node: usize) -> serde_json::Value {
-        let v: serde_json::Value = serde_json::from_str(&self.dump(node, &["-o", "json", "stats"])).expect("stats json");
+        let v: serde_json::Value =
+            serde_json::from_str(&self.dump(node, &["-o", "json", "stats"])).expect("stats json");
         v["verdicts"].clone()
     }
 

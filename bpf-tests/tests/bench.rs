@@ -52,9 +52,24 @@ fn smoke_run_measures_every_system_and_writes_the_report() {
         assert!(st.gbit_s > 0.1, "a TCP stream barely moved: {st:?}");
     }
     assert_eq!(r.tcp_stream.len(), 4, "floor and ClusterIP, both families: {:?}", r.tcp_stream);
-    for key in
-        ["schema", "machine", "conntrack", "throughput", "skipped", "control_plane", "test_run", "memory", "tcp_stream"]
-    {
+    // East-west connections: every path carried connections, without errors.
+    for path in bench::east_west::PATHS {
+        let e =
+            r.east_west.iter().find(|e| e.path == path && e.services == 1).unwrap_or_else(|| panic!("no {path} row"));
+        assert!(e.connections_per_s > 100.0 && e.errors == 0 && e.rr_p50_us > 0.0, "{e:?}");
+    }
+    for key in [
+        "schema",
+        "machine",
+        "conntrack",
+        "throughput",
+        "skipped",
+        "control_plane",
+        "test_run",
+        "memory",
+        "tcp_stream",
+        "east_west",
+    ] {
         assert!(json.get(key).is_some(), "results.json lacks {key}");
     }
     let t = &json["throughput"][0];
@@ -63,6 +78,7 @@ fn smoke_run_measures_every_system_and_writes_the_report() {
     }
     let md = std::fs::read_to_string(dir.path.join("results.md")).unwrap();
     assert!(md.contains("| services | xlb |") && md.contains("iptables-nft"), "{md}");
+    assert!(md.contains("East-west") && md.contains("socket-lb"), "{md}");
     for chart in ["pps.svg", "ns_per_packet.svg"] {
         let svg = std::fs::read_to_string(dir.path.join(chart)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("xlb (one flow)"), "{chart} is not a chart");

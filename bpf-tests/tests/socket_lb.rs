@@ -160,7 +160,8 @@ fn pod_connections_are_translated_at_connect() {
     assert_eq!(after.0 - before.0, 6, "translated at connect");
     assert_eq!(after.1, before.1, "TC balanced none of them");
     let ct: serde_json::Value = serde_json::from_str(&c.dump(1, &["-o", "json", "conntrack"])).unwrap();
-    let tracked = ct.as_array().unwrap().iter().filter(|e| e["source"].as_str().unwrap_or("").contains(&pod.ip4)).count();
+    let tracked =
+        ct.as_array().unwrap().iter().filter(|e| e["source"].as_str().unwrap_or("").contains(&pod.ip4)).count();
     assert_eq!(tracked, 0, "no conntrack entry for socket-translated flows: {ct:#}");
     // The fallback: a thread of this test (not in the cgroup) in the same pod.
     tcp_request(&pod.ns, sa("10.96.0.10", 80), "tc").expect("through TC");
@@ -188,11 +189,11 @@ fn host_mode_translates_only_the_nodes_own_sockets() {
 /// (topology.go: ready endpoints, else serving-terminating ones) holds.
 #[test]
 fn affinity_and_terminating_endpoints_hold_through_socket_lb() {
-    let aff = WEB.replace("name: web,", "name: sticky,").replace("10.96.0.10", "10.96.0.11").replace(
-        "fd96::10",
-        "fd96::11",
-    );
-    let aff = aff.replace("  selector:", "  sessionAffinity: ClientIP\n  selector:").replace("nodePort: 30036", "nodePort: 30037");
+    let aff =
+        WEB.replace("name: web,", "name: sticky,").replace("10.96.0.10", "10.96.0.11").replace("fd96::10", "fd96::11");
+    let aff = aff
+        .replace("  selector:", "  sessionAffinity: ClientIP\n  selector:")
+        .replace("nodePort: 30036", "nodePort: 30037");
     let mut c = cluster(&[WEB, &aff], &[]);
     let host = &c.nodes[0].ns;
     let pods = |c: &Cluster, to: &str, n: &str| -> Vec<String> {
@@ -280,8 +281,11 @@ fn connected_udp_sockets_reselect_when_their_backend_leaves() {
     c.wait_synced(2);
     let log = c.nodes[0].agent.as_ref().unwrap().log_text();
     let to_gone = held.iter().filter(|(p, _)| p == "web-2a").count();
-    assert!(log.contains(&format!("sockets={to_gone}")), "{to_gone} sockets aborted:
-{log}");
+    assert!(
+        log.contains(&format!("sockets={to_gone}")),
+        "{to_gone} sockets aborted:
+{log}"
+    );
     for (pod, h) in &mut held {
         let a = h.ask("after");
         if pod == "web-2a" {

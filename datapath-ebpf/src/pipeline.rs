@@ -6,19 +6,15 @@ use crate::{
     fragment,
     hook::{Action, Hook},
     maps::{
-        BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REPLY_BUCKET, REV_NAT, SCRATCH, SERVICE_STATS, SOURCE_RANGES, count,
-        count_verdict,
+        BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REPLY_BUCKET, REV_NAT, SCRATCH, SERVICE_STATS, SOURCE_RANGES,
+        count, count_verdict,
     },
     nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, rewrite_addresses, word},
     parse::{Flow, Parsed, parse},
     reject::{NO_BACKEND, reject},
     service,
 };
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_coarse_ns,
-    maps::lpm_trie::Key,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use datapath_common::{
     BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey, REPLY_RATE_DEFAULT,
     SCOPE_EXTERNAL, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_SOURCE_RANGES, Service, SourceRangeKey, ct,

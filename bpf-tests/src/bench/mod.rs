@@ -8,6 +8,7 @@
 //! Every (system, services) pair gets a fresh [`net::Net`]. The JSON it
 //! produces is described in docs/benchmarks.md ("JSON schema").
 
+pub mod east_west;
 pub mod model;
 pub mod net;
 pub mod report;
@@ -84,6 +85,11 @@ pub struct Plan {
     pub test_run_repeat: u32,
     /// The systems to measure.
     pub systems: Vec<System>,
+    /// Sizes of the east-west connection runs (`east_west`; empty: none),
+    /// seconds of connection churn and round trips per path.
+    pub east_west_services: Vec<u32>,
+    pub east_west_seconds: f64,
+    pub east_west_round_trips: u32,
 }
 
 impl Plan {
@@ -98,6 +104,9 @@ impl Plan {
             load_bound_s: 30.0,
             test_run_repeat: 100_000,
             systems: System::ALL.to_vec(),
+            east_west_services: vec![1],
+            east_west_seconds: 0.5,
+            east_west_round_trips: 500,
         }
     }
 
@@ -108,6 +117,9 @@ impl Plan {
             seconds: 1.0,
             load_bound_s: 60.0,
             test_run_repeat: 1_000_000,
+            east_west_services: vec![1, 10_000],
+            east_west_seconds: 2.0,
+            east_west_round_trips: 5_000,
             ..Self::smoke()
         }
     }
@@ -119,6 +131,9 @@ impl Plan {
             seconds: 2.0,
             load_bound_s: 120.0,
             test_run_repeat: 1_000_000,
+            east_west_services: vec![1, 10_000],
+            east_west_seconds: 3.0,
+            east_west_round_trips: 10_000,
             ..Self::smoke()
         }
     }
@@ -194,6 +209,9 @@ pub struct Results {
     pub tcp_stream_ratio: BTreeMap<&'static str, f64>,
     /// Cilium's default Maglev table (M = 16381) per service, for comparison.
     pub cilium_maglev_bytes_per_service: u64,
+    /// East-west TCP connections from a pod to a ClusterIP, per path
+    /// (socket-LB, TC, iptables, nftables, the direct floor) and size.
+    pub east_west: Vec<east_west::Row>,
 }
 
 /// Progress reporting (an indicatif bar in the binary, nothing in tests).
@@ -220,6 +238,7 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
         tcp_stream: Vec::new(),
         tcp_stream_ratio: BTreeMap::new(),
         cilium_maglev_bytes_per_service: 16_381 * 4,
+        east_west: Vec::new(),
     };
     if plan.systems.contains(&System::Ipvs)
         && let Some(reason) = ipvs_unavailable()
@@ -287,6 +306,15 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
         let s = stream::measure(plan.seconds.max(1.0), if plan.name == "smoke" { 1 } else { 3 })?;
         res.tcp_stream = s.streams;
         res.tcp_stream_ratio = s.ratios;
+        if !plan.east_west_services.is_empty() {
+            progress.step("east-west connections from a pod".into());
+            res.east_west = east_west::measure(
+                &plan.east_west_services,
+                plan.east_west_seconds,
+                plan.east_west_round_trips,
+                if plan.name == "smoke" { 1 } else { 3 },
+            )?;
+        }
     }
     if plan.test_run_repeat > 0 {
         progress.step("BPF_PROG_TEST_RUN".into());

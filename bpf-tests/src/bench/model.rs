@@ -84,6 +84,28 @@ pub fn objects(svcs: &[Svc]) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
     (services, slices)
 }
 
+/// The same Services with a TCP port (the east-west connection runs).
+pub fn objects_tcp(svcs: &[Svc]) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
+    let (services, slices) = objects(svcs);
+    let tcp = |v: serde_json::Value| as_tcp(&v.to_string());
+    let services = services
+        .iter()
+        .map(|s| Arc::new(serde_json::from_str(&tcp(serde_json::to_value(&**s).unwrap())).unwrap()))
+        .collect();
+    let slices = slices
+        .iter()
+        .map(|s| Arc::new(serde_json::from_str(&tcp(serde_json::to_value(&**s).unwrap())).unwrap()))
+        .collect();
+    (services, slices)
+}
+
+/// Rules or objects written for the UDP services, for TCP services
+/// instead: kube-proxy writes the same chains with the protocol's name
+/// (`-p tcp -m tcp`, `tcp dport`, `. tcp .`, the chain hashes' input).
+pub fn as_tcp(text: &str) -> String {
+    text.replace("udp", "tcp").replace("UDP", "TCP")
+}
+
 /// The EndpointSlice of `s` with `endpoints`, at `version`.
 pub fn slice(s: &Svc, endpoints: &[Ipv4Addr], version: u32) -> EndpointSlice {
     let eps: Vec<_> = endpoints

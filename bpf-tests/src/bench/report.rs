@@ -89,6 +89,7 @@ pub fn markdown(r: &Results) -> String {
             );
         }
     }
+    east_west(r, &mut md);
     if !r.tcp_stream.is_empty() {
         let _ = writeln!(md, "### Bulk TCP from a pod, offloads on (Gbit/s)\n");
         let _ = writeln!(md, "| family | pod → pod (floor) | pod → ClusterIP | ratio |");
@@ -229,4 +230,48 @@ pub fn write_all(r: &Results, dir: &Path) -> anyhow::Result<()> {
         t.cpu_ns_per_packet
     })?;
     Ok(())
+}
+
+/// The east-west table: connections/s and round-trip latency per path,
+/// and socket-LB against the floor and the kube-proxy modes.
+fn east_west(r: &Results, md: &mut String) {
+    if r.east_west.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### East-west: TCP connections/s from a pod to a ClusterIP (round trip p50 / p99 µs on one connection)\n"
+    );
+    let paths = super::east_west::PATHS;
+    let _ = writeln!(md, "| services | {} |", paths.join(" | "));
+    let _ = writeln!(md, "|---:|{}", "---:|".repeat(paths.len()));
+    let sizes: BTreeSet<u32> = r.east_west.iter().map(|e| e.services).collect();
+    let row = |p: &str, n: u32| r.east_west.iter().find(|e| e.path == p && e.services == n);
+    for &n in &sizes {
+        let cells: Vec<String> = paths
+            .iter()
+            .map(|p| match row(p, n) {
+                Some(e) => format!("{} ({:.0} / {:.0})", si(e.connections_per_s), e.rr_p50_us, e.rr_p99_us),
+                None => "-".into(),
+            })
+            .collect();
+        let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
+    }
+    let _ = writeln!(md);
+    for &n in &sizes {
+        let Some(s) = row("socket-lb", n) else { continue };
+        let vs = |p: &str| {
+            row(p, n).filter(|o| o.connections_per_s > 0.0).map(|o| s.connections_per_s / o.connections_per_s)
+        };
+        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}×"));
+        let _ = writeln!(
+            md,
+            "- {n} services: socket-LB connections/s = {} the direct floor, {} TC, {} iptables, {} nftables.",
+            fmt(vs("direct")),
+            fmt(vs("tc")),
+            fmt(vs("iptables-nft")),
+            fmt(vs("nftables"))
+        );
+    }
+    let _ = writeln!(md);
 }

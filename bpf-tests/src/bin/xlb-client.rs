@@ -13,8 +13,10 @@
 //! xlb-client connect-error ADDR tcp|udp   how a connect / sendto fails: err=<errno> ms=<time>, or ok
 //! xlb-client stream ADDR             a long-lived connection: one line per tick, until killed
 //! xlb-client udp-hold ADDR           a connected UDP socket: a request per line read on stdin (reconnects after an error)
-//! xlb-client conn-rate ADDR THREADS SECS  connect, one request/response, close, in a loop per thread
+//! xlb-client conn-rate ADDR[,ADDR…] THREADS SECS  connect (to each address in turn), one request/response, close, in a loop per thread
 //! xlb-client rr-latency ADDR N       N request/responses on one connection: p50 / p99 in µs
+//! xlb-client serve ADDR THREADS      the benchmark's server: a pool of threads, each accepting one
+//!                                    connection at a time and answering each line with one line
 //! ```
 
 use std::{
@@ -32,7 +34,12 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a = |i: usize| args.get(i).map(String::as_str).unwrap_or_else(|| usage());
-    let addr = || a(1).parse::<SocketAddr>().unwrap_or_else(|e| fail(&format!("address {}: {e}", a(1))));
+    // ADDR[,ADDR…]: conn-rate spreads its connections over the list; the
+    // other commands take the first.
+    let addrs = || -> Vec<SocketAddr> {
+        a(1).split(',').map(|s| s.parse().unwrap_or_else(|e| fail(&format!("address {s}: {e}")))).collect()
+    };
+    let addr = || addrs()[0];
     match a(0) {
         "tcp" => println!("{}", tcp(addr(), a(2))),
         "repeat" => {
@@ -45,8 +52,9 @@ fn main() {
         "connect-error" => println!("{}", connect_error(addr(), a(2))),
         "stream" => stream(addr()),
         "udp-hold" => udp_hold(addr()),
-        "conn-rate" => conn_rate(addr(), a(2).parse().expect("THREADS"), a(3).parse().expect("SECS")),
+        "conn-rate" => conn_rate(addrs(), a(2).parse().expect("THREADS"), a(3).parse().expect("SECS")),
         "rr-latency" => rr_latency(addr(), a(2).parse().expect("N")),
+        "serve" => serve(addr(), a(2).parse().expect("THREADS")),
         _ => usage(),
     }
 }
@@ -184,18 +192,20 @@ fn udp_hold(to: SocketAddr) {
 
 /// Connections per second: every thread connects, sends one line, reads
 /// the answer and closes, until the time is up.
-fn conn_rate(to: SocketAddr, threads: usize, secs: f64) {
+fn conn_rate(to: Vec<SocketAddr>, threads: usize, secs: f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+        .map(|t| {
+            let (stop, done, errors, to) = (stop.clone(), done.clone(), errors.clone(), to.clone());
             std::thread::spawn(move || {
                 let mut buf = [0u8; 256];
+                let mut i = t;
                 while !stop.load(Ordering::Relaxed) {
-                    let ok = TcpStream::connect_timeout(&to, TIMEOUT).and_then(|mut s| {
+                    i += 1;
+                    let ok = TcpStream::connect_timeout(&to[i % to.len()], TIMEOUT).and_then(|mut s| {
                         s.set_nodelay(true)?;
                         s.set_read_timeout(Some(TIMEOUT))?;
                         s.write_all(b"x\n")?;
@@ -241,4 +251,33 @@ fn rr_latency(to: SocketAddr, n: usize) {
     rtt.sort_unstable();
     let p = |q: f64| rtt[((rtt.len() as f64 * q) as usize).min(rtt.len() - 1)] as f64 / 1000.0;
     println!("n={} p50_us={:.1} p99_us={:.1}", rtt.len(), p(0.50), p(0.99));
+}
+
+/// The benchmark's server: `threads` threads share the listener, each
+/// serving one connection at a time (no thread per connection, so the
+/// connection rate measures the network path more than thread creation).
+fn serve(addr: SocketAddr, threads: usize) {
+    let listener = std::net::TcpListener::bind(addr).unwrap_or_else(|e| fail(&format!("bind {addr}: {e}")));
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let l = listener.try_clone().expect("dup listener");
+            std::thread::spawn(move || {
+                for s in l.incoming().flatten() {
+                    let _ = s.set_nodelay(true);
+                    let Ok(mut w) = s.try_clone() else { continue };
+                    let mut r = BufReader::new(s);
+                    let mut line = String::new();
+                    while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        if w.write_all(b"ok\n").is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
 }

@@ -29,17 +29,21 @@ fn main() {
                 thread::spawn(move || {
                     let peer = s.peer_addr().map(|p| canonical(p).to_string()).unwrap_or_default();
                     let local = s.local_addr().map(|a| a.port()).unwrap_or(0);
+                    // Each answer leaves in one segment at once: one write,
+                    // no Nagle (a reply split in two writes would wait for
+                    // the client's delayed ACK).
+                    let _ = s.set_nodelay(true);
                     let Ok(mut w) = s.try_clone() else { return };
                     for line in BufReader::new(s).lines().map_while(Result::ok) {
                         if line == "stream" {
                             for i in 0.. {
-                                if writeln!(w, "{n} {peer} {local} tick {i}").is_err() {
+                                if w.write_all(format!("{n} {peer} {local} tick {i}\n").as_bytes()).is_err() {
                                     return;
                                 }
                                 thread::sleep(Duration::from_millis(200));
                             }
                         }
-                        if writeln!(w, "{n} {peer} {local} {line}").is_err() {
+                        if w.write_all(format!("{n} {peer} {local} {line}\n").as_bytes()).is_err() {
                             return;
                         }
                     }
