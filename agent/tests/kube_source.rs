@@ -194,6 +194,9 @@ async fn agent_programs_the_maps_from_the_api_server() {
             "none",
             "--healthz-bind-address",
             "none",
+            // Never the machine's root cgroup: this test is about the source.
+            "--socket-lb",
+            "off",
             "--kubeconfig",
         ])
         .arg(&kubeconfig)

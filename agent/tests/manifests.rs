@@ -111,6 +111,8 @@ fn the_daemonset_runs_real_agent_flags() {
     }
     let mounts = c.volume_mounts.as_ref().unwrap();
     assert!(mounts.iter().any(|m| m.mount_path == "/sys/fs/bpf"), "bpffs is mounted");
+    assert!(mounts.iter().any(|m| m.mount_path == "/run/xlb/host-cgroup"), "the host's cgroup2 is mounted");
+    assert_eq!(pod.host_pid, Some(true), "socket-LB reaches pods' namespaces through the host's /proc");
 
     // Its args plus its environment (ConfigMap and fieldRef) make a valid `xlb` command line.
     let envs = agent_envs();
@@ -135,6 +137,8 @@ fn the_daemonset_runs_real_agent_flags() {
     assert_eq!(s.pin_dir, PathBuf::from("/sys/fs/bpf/xlb"));
     assert_eq!(s.xdp_interfaces, ["eth0"]);
     assert!(s.manifests.is_none(), "in a cluster the agent watches the API server");
+    assert_eq!(s.socket_lb, xlb::socket_lb::Mode::All);
+    assert_eq!(s.cgroup_path.as_deref(), Some(std::path::Path::new("/run/xlb/host-cgroup")));
 }
 
 #[test]

@@ -103,12 +103,22 @@ impl Drop for TempDir {
 pub struct Agent {
     child: Option<Child>,
     pub log: PathBuf,
+    /// The test cgroup its socket-LB programs attach to, unless the test
+    /// chose (`--cgroup-path`, `--socket-lb`): never the machine's root,
+    /// where they would balance every process on it, other tests included.
+    pub cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 impl Agent {
     /// Starts `xlb agent <args>` in `ns` and waits for its first sync.
     pub fn start(ns: &NetNs, log: PathBuf, args: &[String]) -> Self {
         let out = fs::File::create(&log).expect("log file");
+        let chosen = args.iter().any(|a| a.starts_with("--cgroup-path") || a.starts_with("--socket-lb"));
+        let cgroup = (!chosen).then(crate::cgroup::Cgroup::new);
+        let mut args = args.to_vec();
+        if let Some(cg) = &cgroup {
+            args.extend(["--cgroup-path".to_string(), cg.arg()]);
+        }
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", ns.name))
             .arg(xlb_bin())
@@ -119,7 +129,7 @@ impl Agent {
             .stderr(out)
             .spawn()
             .expect("start xlb agent");
-        let mut a = Self { child: Some(child), log };
+        let mut a = Self { child: Some(child), log, cgroup };
         a.wait_log("synced", 1);
         a
     }
