@@ -857,7 +857,7 @@ impl Datapath {
         self.maps.source_ranges.insert(&key, 1, 0).map_err(map_err(maps::SOURCE_RANGES))
     }
 
-    /// Removes a conntrack entry (one direction); absent is not an error.
+    /// Removes a socket-LB reverse entry; absent is not an error.
     pub fn sock_rev_remove(&mut self, key: &SockRevKey) -> Result<()> {
         match self.maps.sock_rev.as_mut().map(|m| m.remove(key)) {
             None | Some(Ok(())) | Some(Err(MapError::KeyNotFound)) => Ok(()),
@@ -865,6 +865,7 @@ impl Datapath {
         }
     }
 
+    /// Removes a conntrack entry (one direction); absent is not an error.
     pub fn conntrack_remove(&mut self, key: &CtKey) -> Result<()> {
         match self.maps.conntrack.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),

@@ -12,13 +12,16 @@
 //! disconnected, and its next connect is balanced again. As Cilium
 //! (`pkg/loadbalancer/reconciler/termination.go`).
 //!
-//! Which sockets: those whose reverse entry (SOCK_REV, keyed by socket
-//! cookie) names a UDP frontend of the sync's stale list and a backend that
-//! frontend no longer keeps. Sockets live in the node's namespace and in
-//! pods': every network namespace of a process on the node is visited
-//! (once each), its UDP sockets dumped and those with a candidate cookie
-//! destroyed. Cookies are unique across namespaces, so no other socket can
-//! match.
+//! Which sockets: connected ones (state ESTABLISHED) whose cookie has a
+//! reverse entry (SOCK_REV) naming a UDP frontend of the sync's stale list
+//! and a backend that frontend no longer keeps, **and** whose current peer
+//! is that backend, as Cilium matches them. An unconnected socket is never
+//! aborted (each of its datagrams is balanced again anyway), nor one that
+//! has connected elsewhere since. Sockets live in the node's namespace and
+//! in pods': every network namespace of a process on the node is visited
+//! (once each; `host_only` visits the node's alone), its connected UDP
+//! sockets dumped and the matching ones destroyed. Cookies are unique
+//! across namespaces, so no other socket can match.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -68,26 +71,47 @@ impl SockId {
     fn cookie(&self) -> u64 {
         self.cookie[0] as u64 | (self.cookie[1] as u64) << 32
     }
+
+    /// The peer address as the maps hold it (an AF_INET socket's is the
+    /// first 4 bytes of `dst`).
+    fn peer(&self, family: u8) -> [u8; 16] {
+        if family == libc::AF_INET as u8 {
+            datapath_common::v4_mapped([self.dst[0], self.dst[1], self.dst[2], self.dst[3]])
+        } else {
+            self.dst
+        }
+    }
 }
 
-/// Cookies of the sockets to abort.
-pub type Targets = HashSet<u64>;
+/// The sockets to abort: cookie → the stale backends (address IPv4
+/// mapped, port network order) its peer may be.
+pub type Targets = HashMap<u64, HashSet<([u8; 16], u16)>>;
 
-/// Aborts every connected UDP socket whose cookie is in `cookies`, in every
-/// network namespace of the node; returns how many went.
-pub fn destroy(cookies: &Targets) -> usize {
-    if cookies.is_empty() {
-        return 0;
+/// What [`destroy`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Destroyed {
+    pub sockets: usize,
+    /// Namespaces that could not be entered (a container without
+    /// `CAP_SYS_ADMIN`/`CAP_SYS_PTRACE`): their sockets were not looked at.
+    pub unreachable: usize,
+}
+
+/// Aborts the connected UDP sockets `targets` names, in the node's network
+/// namespace and (unless `host_only`) every other one on the node.
+pub fn destroy(targets: &Targets, host_only: bool) -> io::Result<Destroyed> {
+    let mut done = Destroyed::default();
+    if targets.is_empty() {
+        return Ok(done);
     }
-    let mut done = 0;
-    // The agent's own namespace (the node's) first, then every other one.
-    done += in_current(cookies).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "sock_diag in the node's namespace failed");
-        0
-    });
+    // The agent's own namespace (the node's) first: a failure there (no
+    // INET_DIAG_DESTROY in the kernel, say) is the caller's to report.
+    done.sockets += in_current(targets)?;
+    if host_only {
+        return Ok(done);
+    }
     let own = fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()).ok();
     for path in namespaces(own) {
-        let cookies = cookies.clone();
+        let targets = targets.clone();
         let joined = std::thread::spawn(move || -> io::Result<usize> {
             let f = fs::File::open(&path)?;
             // SAFETY: setns on a namespace descriptor, on this thread only;
@@ -95,19 +119,20 @@ pub fn destroy(cookies: &Targets) -> usize {
             if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            in_current(&cookies)
+            in_current(&targets)
         })
         .join();
         match joined {
-            Ok(Ok(n)) => done += n,
-            Ok(Err(e)) => tracing::debug!(error = %e, "sock_diag in a pod namespace failed"),
-            Err(_) => {}
+            Ok(Ok(n)) => done.sockets += n,
+            _ => done.unreachable += 1,
         }
     }
-    done
+    Ok(done)
 }
 
-/// One `/proc/<pid>/ns/net` per network namespace other than `own`.
+/// One `/proc/<pid>/ns/net` per network namespace other than `own`
+/// (a namespace the agent may not stat counts once per process, as
+/// unreachable, when entering it fails).
 fn namespaces(own: Option<u64>) -> Vec<PathBuf> {
     let mut seen: HashSet<u64> = own.into_iter().collect();
     let mut out = Vec::new();
@@ -126,9 +151,9 @@ fn namespaces(own: Option<u64>) -> Vec<PathBuf> {
     out
 }
 
-/// Dumps the UDP sockets of the current thread's namespace (both families)
-/// and destroys those with a cookie in `cookies`.
-fn in_current(cookies: &Targets) -> io::Result<usize> {
+/// Dumps the connected UDP sockets of the current thread's namespace (both
+/// families) and destroys those `targets` names whose peer is a stale backend.
+fn in_current(targets: &Targets) -> io::Result<usize> {
     // SAFETY: a plain netlink socket, owned below.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
     if fd < 0 {
@@ -142,7 +167,7 @@ fn in_current(cookies: &Targets) -> io::Result<usize> {
             request(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, family, SockId::default());
         send(&fd, &req)?;
         read_msgs(&fd, |fam, id| {
-            if cookies.contains(&id.cookie()) {
+            if targets.get(&id.cookie()).is_some_and(|stale| stale.contains(&(id.peer(fam), id.dport))) {
                 found.push((fam, id));
             }
         })?;
@@ -153,6 +178,9 @@ fn in_current(cookies: &Targets) -> io::Result<usize> {
         send(&fd, &req)?;
         match read_msgs(&fd, |_, _| {}) {
             Ok(()) => n += 1,
+            // The kernel cannot (no CONFIG_INET_DIAG_DESTROY): say so once, up.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Err(e),
+            // Gone meanwhile.
             Err(e) => tracing::debug!(error = %e, cookie = id.cookie(), "SOCK_DESTROY failed"),
         }
     }
@@ -170,7 +198,8 @@ fn request(kind: u16, flags: u16, family: u8, id: SockId) -> Request {
         protocol: libc::IPPROTO_UDP as u8,
         ext: 0,
         pad: 0,
-        states: u32::MAX,
+        // Connected UDP sockets only (TCP_ESTABLISHED).
+        states: 1 << 1,
         id,
     }
 }
@@ -219,16 +248,18 @@ fn read_msgs(fd: &OwnedFd, mut each: impl FnMut(u8, SockId)) -> io::Result<()> {
     }
 }
 
-/// The cookies of connected UDP sockets balanced to a backend outside what
-/// their frontend keeps: `stale` maps a UDP frontend id to the (address,
-/// port) of the backends it keeps; `entries` are SOCK_REV's.
-pub fn stale_cookies(
+/// The sockets balanced to a backend outside what their frontend keeps:
+/// `keep` maps a UDP frontend id to the (address, port) of the backends it
+/// keeps; `entries` are SOCK_REV's. Per cookie, the stale backends.
+pub fn stale(
     entries: &[(datapath_common::SockRevKey, datapath_common::SockRevValue)],
-    stale: &HashMap<u32, HashSet<([u8; 16], u16)>>,
+    keep: &HashMap<u32, HashSet<([u8; 16], u16)>>,
 ) -> Targets {
-    entries
-        .iter()
-        .filter(|(k, v)| stale.get(&v.rev_nat_id).is_some_and(|keep| !keep.contains(&(k.addr, k.port))))
-        .map(|(k, _)| k.cookie)
-        .collect()
+    let mut out = Targets::new();
+    for (k, v) in entries {
+        if keep.get(&v.rev_nat_id).is_some_and(|kept| !kept.contains(&(k.addr, k.port))) {
+            out.entry(k.cookie).or_default().insert((k.addr, k.port));
+        }
+    }
+    out
 }

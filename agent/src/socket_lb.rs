@@ -36,17 +36,20 @@ pub enum Mode {
     Off,
 }
 
-/// The programs and the hooks they attach to (the pin names' `<hook>`).
+/// The programs and the hooks they attach to (the pin names' `<hook>`),
+/// in attach order: the reverse hooks before the ones that translate, so a
+/// socket is never translated without its replies being shown as the
+/// service.
 pub const PROGRAMS: [(&str, &str); 9] = [
-    ("xlb_sock_connect4", "connect4"),
-    ("xlb_sock_connect6", "connect6"),
-    ("xlb_sock_sendmsg4", "sendmsg4"),
-    ("xlb_sock_sendmsg6", "sendmsg6"),
+    ("xlb_sock_release", "sock_release"),
     ("xlb_sock_recvmsg4", "recvmsg4"),
     ("xlb_sock_recvmsg6", "recvmsg6"),
     ("xlb_sock_getpeername4", "getpeername4"),
     ("xlb_sock_getpeername6", "getpeername6"),
-    ("xlb_sock_release", "sock_release"),
+    ("xlb_sock_connect4", "connect4"),
+    ("xlb_sock_connect6", "connect6"),
+    ("xlb_sock_sendmsg4", "sendmsg4"),
+    ("xlb_sock_sendmsg6", "sendmsg6"),
 ];
 
 /// Where cgroup v2 is mounted, from `/proc/self/mountinfo`: `/sys/fs/cgroup`
@@ -99,6 +102,15 @@ pub fn cgroup_path(path: Option<&Path>) -> anyhow::Result<PathBuf> {
 /// The netns cookie of the agent's network namespace (the node's):
 /// `SO_NETNS_COOKIE` on a fresh socket.
 pub fn own_netns_cookie() -> io::Result<u64> {
+    static COOKIE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(c) = COOKIE.get() {
+        return Ok(*c);
+    }
+    let c = read_netns_cookie()?;
+    Ok(*COOKIE.get_or_init(|| c))
+}
+
+fn read_netns_cookie() -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     // SAFETY: a plain socket, closed by OwnedFd.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -133,11 +145,32 @@ pub enum Attached {
 }
 
 /// Attaches every socket-LB program to `cgroup` (or swaps the pinned links
-/// to them), then removes pins for other cgroups.
+/// to them), then removes pins for other cgroups. When one fails, the links
+/// this call created are removed again (a swapped one keeps running).
 pub fn attach(dp: &mut Datapath, dir: &Path, cgroup: &Path) -> anyhow::Result<Vec<(&'static str, Attached)>> {
     let id = fs::metadata(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?.ino();
-    let links = dir.join("links");
     let mut out = Vec::new();
+    let r = attach_all(dp, dir, cgroup, id, &mut out);
+    if r.is_err() {
+        for (hook, how) in &out {
+            if *how == Attached::New {
+                let _ = fs::remove_file(dir.join("links").join(pin_name(hook, id)));
+            }
+        }
+    }
+    r?;
+    detach_except(dir, Some(id));
+    Ok(out)
+}
+
+fn attach_all(
+    dp: &mut Datapath,
+    dir: &Path,
+    cgroup: &Path,
+    id: u64,
+    out: &mut Vec<(&'static str, Attached)>,
+) -> anyhow::Result<()> {
+    let links = dir.join("links");
     for (name, hook) in PROGRAMS {
         let path = links.join(pin_name(hook, id));
         let prog = dp.program_mut(name).with_context(|| format!("no program {name}"))?;
@@ -167,8 +200,7 @@ pub fn attach(dp: &mut Datapath, dir: &Path, cgroup: &Path) -> anyhow::Result<Ve
         link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
         out.push((hook, Attached::New));
     }
-    detach_except(dir, Some(id));
-    Ok(out)
+    Ok(())
 }
 
 /// Removes the socket-LB link pins (detaching them) except those of cgroup

@@ -58,14 +58,33 @@ fn sockets(dp: &mut Datapath, keep: &HashMap<u32, HashSet<u32>>) -> Result<usize
         .filter(|(id, _)| dp.frontend(**id).is_some_and(|f| f.key.proto == PROTO_UDP))
         .map(|(id, ids)| (*id, ids.iter().filter_map(|b| dp.backend(*b)).map(|b| (b.addr, b.port)).collect()))
         .collect();
-    let cookies = crate::sock_diag::stale_cookies(&entries, &stale);
-    if cookies.is_empty() {
+    let targets = crate::sock_diag::stale(&entries, &stale);
+    if targets.is_empty() {
         return Ok(0);
     }
-    for (k, _) in entries.iter().filter(|(k, _)| cookies.contains(&k.cookie)) {
+    // The stale reverse entries go whatever the sockets are (an unconnected
+    // socket's next datagram is balanced again and writes a new one).
+    for (k, _) in entries.iter().filter(|(k, _)| targets.get(&k.cookie).is_some_and(|s| s.contains(&(k.addr, k.port))))
+    {
         dp.sock_rev_remove(k)?;
     }
-    Ok(crate::sock_diag::destroy(&cookies))
+    let host_only = dp.config().is_ok_and(|c| c.flags & datapath_common::CFG_F_SOCK_HOST_ONLY != 0);
+    match crate::sock_diag::destroy(&targets, host_only) {
+        Ok(d) => {
+            if d.unreachable > 0 {
+                tracing::warn!(
+                    namespaces = d.unreachable,
+                    "could not enter some network namespaces to abort their UDP sockets to removed backends \
+                     (needs CAP_SYS_ADMIN and CAP_SYS_PTRACE, and the host's PIDs)"
+                );
+            }
+            Ok(d.sockets)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "aborting connected UDP sockets to removed backends failed (sock_diag SOCK_DESTROY)");
+            Ok(0)
+        }
+    }
 }
 
 /// Deletes the entries `report` made stale.

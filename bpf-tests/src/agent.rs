@@ -113,7 +113,9 @@ impl Agent {
     /// Starts `xlb agent <args>` in `ns` and waits for its first sync.
     pub fn start(ns: &NetNs, log: PathBuf, args: &[String]) -> Self {
         let out = fs::File::create(&log).expect("log file");
-        let chosen = args.iter().any(|a| a.starts_with("--cgroup-path") || a.starts_with("--socket-lb"));
+        let chosen = args.iter().any(|a| a.starts_with("--cgroup-path"))
+            || args.windows(2).any(|w| w[0] == "--socket-lb" && w[1] == "off")
+            || args.iter().any(|a| a == "--socket-lb=off");
         let cgroup = (!chosen).then(crate::cgroup::Cgroup::new);
         let mut args = args.to_vec();
         if let Some(cg) = &cgroup {

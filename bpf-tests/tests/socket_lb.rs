@@ -101,8 +101,15 @@ fn host_reaches_cluster_ip_over_tcp_and_udp_in_both_families() {
         }
         assert_eq!(udp_pods.len(), 2, "{ip}: both backends answer over UDP: {udp_pods:?}");
     }
+    // A dual-stack (AF_INET6) socket reaching the IPv4 service through its
+    // v4-mapped address: connect6 / sendmsg6 and recvmsg6 / getpeername6.
+    let mapped = "[::ffff:10.96.0.10]";
+    let a = lines(c.client(1, host, &["tcp", &format!("{mapped}:80"), "m"])).remove(0);
+    assert_eq!(field(&a, "peer"), vip("10.96.0.10", 80), "v4-mapped over IPv6: {a}");
+    let a = lines(c.client(1, host, &["udp", &format!("{mapped}:53"), "m"])).remove(0);
+    assert_eq!(field(&a, "from"), vip("10.96.0.10", 53), "v4-mapped over IPv6: {a}");
     let after = (c.verdict(1, "sock_xlate"), c.verdict(1, "new_flow"), c.verdict(2, "new_flow"));
-    assert_eq!(after.0 - before.0, 2 * (6 + 6 + 6), "every connect and datagram translated at the socket");
+    assert_eq!(after.0 - before.0, 2 * (6 + 6 + 6) + 2, "every connect and datagram translated at the socket");
     assert_eq!((after.1, after.2), (before.1, before.2), "no packet of these flows was balanced again by TC or XDP");
 }
 
@@ -121,22 +128,77 @@ fn host_reaches_its_own_node_port() {
 
 /// "should be rejected when no endpoints exist" (service.go) through the
 /// socket: connect fails at once with ECONNREFUSED, as kube-proxy's REJECT
-/// makes it; so does a datagram sent to the service; from the node and
-/// from a pod, both families.
+/// makes it; so does a datagram sent to the service and a UDP connect; from
+/// the node and from a pod, both families. A Service with
+/// `internalTrafficPolicy: Local` whose endpoints are all on the other node
+/// fails with EHOSTUNREACH (kube-proxy drops; see the README).
 #[test]
 fn no_endpoints_fail_at_connect_with_econnrefused() {
-    let c = cluster(&[EMPTY], &[]);
+    let local_only = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: far, namespace: demo}
+spec:
+  clusterIP: 10.96.0.21
+  clusterIPs: [10.96.0.21]
+  internalTrafficPolicy: Local
+  selector: {app: far}
+  ports: [{name: http, port: 80, targetPort: 9376}]
+"#;
+    let mut c = Cluster::new(2, &[9376, 5353]);
+    c.add_pod("client", 1, "");
+    c.add_pod("far-2a", 2, "far");
+    c.add_services(EMPTY);
+    c.add_services(local_only);
+    c.write_manifests(&[]);
+    c.start_agents(&[]);
     for (who, ns) in [("host", &c.nodes[0].ns), ("pod", &c.pod("client").ns)] {
         for ip in ["10.96.0.20", "fd96::20"] {
-            for (port, proto) in [(80, "tcp"), (53, "udp")] {
+            for (port, proto) in [(80, "tcp"), (53, "udp"), (53, "udp-connect")] {
                 let a = lines(c.client(1, ns, &["connect-error", &vip(ip, port), proto])).remove(0);
                 assert_eq!(field(&a, "err"), "111", "{who} {proto} {ip}: ECONNREFUSED: {a}");
                 let ms: u64 = field(&a, "ms").parse().unwrap();
                 assert!(ms < 500, "{who} {proto} {ip}: failed at once, not after a timeout: {a}");
             }
         }
+        let a = lines(c.client(1, ns, &["connect-error", &vip("10.96.0.21", 80), "tcp"])).remove(0);
+        assert_eq!(field(&a, "err"), "113", "{who}: Local policy, no local endpoint: EHOSTUNREACH: {a}");
     }
-    assert_eq!(c.verdict(1, "sock_reject"), 8);
+    assert_eq!(c.verdict(1, "sock_reject"), 12);
+    assert_eq!(c.verdict(1, "sock_no_local"), 2);
+    // From node 2, where its endpoint is, the same Service answers.
+    let a = lines(c.client(2, &c.nodes[1].ns, &["tcp", &vip("10.96.0.21", 80), "x"])).remove(0);
+    assert_eq!(echo_pod(&a), "far-2a", "{a}");
+}
+
+/// A LoadBalancer address with `loadBalancerSourceRanges` is left to the
+/// packet path (the source is not known at connect): counted `sock_skip`,
+/// and TC balances it, applying the ranges.
+#[test]
+fn source_ranges_are_left_to_the_packet_path() {
+    let ranged = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ranged, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  clusterIPs: [10.96.0.30]
+  selector: {app: web}
+  loadBalancerSourceRanges: [10.244.0.0/16]
+  ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30038}]
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.30}]}
+"#;
+    let c = cluster(&[ranged], &[]);
+    let pod = &c.pod("client").ns;
+    let before = (c.verdict(1, "sock_skip"), c.verdict(1, "new_flow"), c.verdict(1, "sock_xlate"));
+    let a = lines(c.client(1, pod, &["tcp", &vip("198.51.100.30", 80), "r"])).remove(0);
+    assert!(a.contains("echo=web-"), "{a}");
+    let a = lines(c.client(1, pod, &["tcp", &vip("10.96.0.30", 80), "r"])).remove(0);
+    assert_eq!(field(&a, "peer"), vip("10.96.0.30", 80), "the ClusterIP has no ranges: socket-LB: {a}");
+    let after = (c.verdict(1, "sock_skip"), c.verdict(1, "new_flow"), c.verdict(1, "sock_xlate"));
+    assert_eq!((after.0 - before.0, after.1 - before.1, after.2 - before.2), (1, 1, 1), "skip + TC, then socket-LB");
 }
 
 /// `--socket-lb=all` (the default): a pod's connections to a ClusterIP are
@@ -265,37 +327,53 @@ fn agent_restart_breaks_no_socket_translated_connection() {
 fn connected_udp_sockets_reselect_when_their_backend_leaves() {
     let mut c = cluster(&[WEB], &[]);
     let dns = vip("10.96.0.10", 53);
-    // Hold sockets until both backends have one.
+    // Connected sockets, on the node and in a pod (the agent enters the
+    // pod's namespace to find those), and unconnected ones; held until
+    // each kind has one on each backend.
     let mut held = Vec::new();
-    for _ in 0..12 {
-        let mut h = c.client_running(1, &c.nodes[0].ns, &["udp-hold", &dns]);
-        let pod = echo_pod(&h.ask("hello"));
-        held.push((pod, h));
-        if held.iter().any(|(p, _)| p == "web-1a") && held.iter().any(|(p, _)| p == "web-2a") {
-            break;
+    let kinds =
+        [("host", &c.nodes[0].ns, false), ("pod", &c.pod("client").ns, false), ("unconnected", &c.nodes[0].ns, true)];
+    for (kind, ns, unconnected) in kinds {
+        let mut pods = std::collections::BTreeSet::new();
+        for _ in 0..16 {
+            let args: &[&str] = if unconnected { &["udp-hold", &dns, "unconnected"] } else { &["udp-hold", &dns] };
+            let mut h = c.client_running(1, ns, args);
+            let pod = echo_pod(&h.ask("hello"));
+            pods.insert(pod.clone());
+            held.push((kind, pod, h));
+            if pods.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(pods.len(), 2, "{kind}: both backends");
+    }
+    // An unconnected socket keeps its backend from datagram to datagram.
+    for (kind, pod, h) in held.iter_mut().filter(|(k, ..)| *k == "unconnected") {
+        for i in 0..4 {
+            assert_eq!(&echo_pod(&h.ask(&format!("again {i}"))), pod, "{kind}");
         }
     }
-    assert!(held.iter().any(|(p, _)| p == "web-2a") && held.iter().any(|(p, _)| p == "web-1a"), "both backends");
     c.set_pod_state("web-2a", PodState::Gone);
     c.write_manifests(&[]);
     c.wait_synced(2);
     let log = c.nodes[0].agent.as_ref().unwrap().log_text();
-    let to_gone = held.iter().filter(|(p, _)| p == "web-2a").count();
-    assert!(
-        log.contains(&format!("sockets={to_gone}")),
-        "{to_gone} sockets aborted:
-{log}"
-    );
-    for (pod, h) in &mut held {
+    let to_gone = held.iter().filter(|(k, p, _)| p == "web-2a" && *k != "unconnected").count();
+    assert!(log.contains(&format!("sockets={to_gone}\n")), "{to_gone} connected sockets aborted:\n{log}");
+    for (kind, pod, h) in &mut held {
         let a = h.ask("after");
-        if pod == "web-2a" {
+        if *kind == "unconnected" {
+            // Never aborted: its next datagram is balanced again.
+            assert!(!a.contains("errors="), "an unconnected socket is not aborted: {a}");
+            assert_eq!(echo_pod(&a), "web-1a", "{a}");
+            assert_eq!(field(&a, "from"), dns, "{a}");
+        } else if pod == "web-2a" {
             // ECONNABORTED is pending on the socket (EDESTADDRREQ first: it
             // is no longer connected); the reconnect is balanced anew.
-            assert!(field(&a, "errors").contains("103"), "the socket to the removed backend was aborted: {a}");
-            assert_eq!(echo_pod(&a), "web-1a", "reconnected to the live backend: {a}");
+            assert!(field(&a, "errors").contains("103"), "{kind}: the socket to the removed backend was aborted: {a}");
+            assert_eq!(echo_pod(&a), "web-1a", "{kind}: reconnected to the live backend: {a}");
             assert_eq!(field(&a, "from"), dns, "{a}");
         } else {
-            assert!(!a.contains("errors="), "a socket to a backend that stays is untouched: {a}");
+            assert!(!a.contains("errors="), "{kind}: a socket to a backend that stays is untouched: {a}");
             assert_eq!(echo_pod(&a), "web-1a", "{a}");
         }
     }

@@ -356,7 +356,7 @@ fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
         }
     }
     let hash = flow_hash(&flow.src, flow.sport, flow.dport, flow.proto);
-    let (backend_id, b) = match service::backend(&svc, &flow.src, hash) {
+    let (backend_id, b) = match service::backend(&svc, &flow.src, hash, false) {
         Some(chosen) => chosen,
         None if svc.flags & SVC_F_NO_LOCAL_DROP != 0 => return Step::Drop(verdict::NO_LOCAL_ENDPOINT_DROP),
         None => return Step::Reject,

@@ -39,10 +39,12 @@ pub fn lookup(addr: &[u8; 16], port: u16, proto: u8, scope: u8) -> Option<Servic
 /// The backend for a new flow or socket of `client` (its address, or the
 /// identity socket-LB gives a network namespace), with `hash` for the
 /// hashing schedulers; `None` when the service has no usable backend (the
-/// caller rejects, or drops under `SVC_F_NO_LOCAL_DROP`).
+/// caller rejects, or drops under `SVC_F_NO_LOCAL_DROP`). `sticky`: pick by
+/// `hash` whatever the scheduler (an unconnected UDP socket is balanced at
+/// every datagram, and must keep one backend as a tracked flow does).
 #[inline(always)]
-pub fn backend(svc: &Service, client: &[u8; 16], hash: u32) -> Option<(u32, &'static Backend)> {
-    let id = select(svc, client, hash);
+pub fn backend(svc: &Service, client: &[u8; 16], hash: u32, sticky: bool) -> Option<(u32, &'static Backend)> {
+    let id = select(svc, client, hash, sticky);
     match BACKENDS.get(id) {
         Some(b) if id != 0 && b.state != BACKEND_EMPTY => Some((id, b)),
         _ => None,
@@ -53,7 +55,7 @@ pub fn backend(svc: &Service, client: &[u8; 16], hash: u32) -> Option<(u32, &'st
 /// sessionAffinity first (a live entry to an active backend), then the
 /// service's scheduler over its eligible list.
 #[inline(never)]
-fn select(svc: &Service, client: &[u8; 16], hash: u32) -> u32 {
+fn select(svc: &Service, client: &[u8; 16], hash: u32, sticky: bool) -> u32 {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let akey = AffinityKey { client: *client, service_id: svc.id };
@@ -73,6 +75,7 @@ fn select(svc: &Service, client: &[u8; 16], hash: u32) -> u32 {
     }
     let idx = match svc.scheduler {
         SCHED_MAGLEV if svc.maglev_len != 0 => svc.maglev_off + hash % svc.maglev_len,
+        _ if sticky => svc.list_off + hash % svc.count,
         SCHED_ROUND_ROBIN => match RR_CURSOR.get_ptr_mut(svc.id) {
             Some(c) => {
                 // SAFETY: per-CPU slot.

@@ -14,7 +14,9 @@
 //!   namespace (`datapath_common::netns_client`): an unbound socket has no
 //!   source address yet at connect;
 //! - the hash for the hashing schedulers is random for TCP and the socket
-//!   cookie for UDP (one unconnected socket keeps its backend), as Cilium;
+//!   cookie for UDP, as Cilium; an unconnected UDP socket's datagrams are
+//!   picked by that hash under every scheduler, so the socket keeps one
+//!   backend (as a tracked UDP flow does on the packet path);
 //! - no backend: the call fails with ECONNREFUSED, what kube-proxy's REJECT
 //!   gives; under a Local policy with no local endpoint, EHOSTUNREACH (the
 //!   packet path drops, and the client waits for its timeout);
@@ -112,7 +114,7 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: a 4-byte read of a readable field.
     let proto = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).protocol) };
     match proto as u8 {
-        PROTO_TCP | PROTO_UDP if proto < 256 => forward::<V6>(ctx, proto as u8),
+        PROTO_TCP | PROTO_UDP if proto < 256 => forward::<V6>(ctx, proto as u8, false),
         _ => PROCEED,
     }
 }
@@ -126,12 +128,14 @@ pub fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     if proto != PROTO_UDP as u32 {
         return PROCEED;
     }
-    forward::<V6>(ctx, PROTO_UDP)
+    forward::<V6>(ctx, PROTO_UDP, true)
 }
 
-/// The service → backend rewrite, shared by connect and sendmsg.
+/// The service → backend rewrite, shared by connect and sendmsg
+/// (`datagram`: an unconnected socket's message, balanced by its cookie so
+/// the socket keeps one backend under every scheduler).
 #[inline(never)]
-fn forward<const V6: bool>(ctx: &SockAddrContext, proto: u8) -> i32 {
+fn forward<const V6: bool>(ctx: &SockAddrContext, proto: u8, datagram: bool) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
         return PROCEED;
     };
@@ -157,7 +161,7 @@ fn forward<const V6: bool>(ctx: &SockAddrContext, proto: u8) -> i32 {
     } else {
         mix(cookie)
     };
-    let Some((_, b)) = service::backend(&svc, &netns_client(netns), hash) else {
+    let Some((_, b)) = service::backend(&svc, &netns_client(netns), hash, datagram) else {
         return if svc.flags & SVC_F_NO_LOCAL_DROP != 0 {
             fail(verdict::SOCK_NO_LOCAL, EHOSTUNREACH)
         } else {

@@ -10,9 +10,10 @@
 //! xlb-client repeat ADDR N MSG       N such requests, one line each
 //! xlb-client udp ADDR MSG            unconnected: sendto, recvfrom → from= and the echo
 //! xlb-client udp-connected ADDR MSG  connect, send, recvfrom → peer=, from= and the echo
-//! xlb-client connect-error ADDR tcp|udp   how a connect / sendto fails: err=<errno> ms=<time>, or ok
+//! xlb-client connect-error ADDR tcp|udp|udp-connect   how a connect / sendto fails: err=<errno> ms=<time>, or ok
 //! xlb-client stream ADDR             a long-lived connection: one line per tick, until killed
-//! xlb-client udp-hold ADDR           a connected UDP socket: a request per line read on stdin (reconnects after an error)
+//! xlb-client udp-hold ADDR [unconnected]  a UDP socket kept open (connected, or sendto each time):
+//!                                    a request per line read on stdin (reconnects after an error)
 //! xlb-client conn-rate ADDR[,ADDR…] THREADS SECS  connect (to each address in turn), one request/response, close, in a loop per thread
 //! xlb-client rr-latency ADDR N       N request/responses on one connection: p50 / p99 in µs
 //! xlb-client serve ADDR THREADS      the benchmark's server: a pool of threads, each accepting one
@@ -51,7 +52,7 @@ fn main() {
         "udp-connected" => println!("{}", udp(addr(), a(2), true)),
         "connect-error" => println!("{}", connect_error(addr(), a(2))),
         "stream" => stream(addr()),
-        "udp-hold" => udp_hold(addr()),
+        "udp-hold" => udp_hold(addr(), args.get(2).map(String::as_str) == Some("unconnected")),
         "conn-rate" => conn_rate(addrs(), a(2).parse().expect("THREADS"), a(3).parse().expect("SECS")),
         "rr-latency" => rr_latency(addr(), a(2).parse().expect("N")),
         "serve" => serve(addr(), a(2).parse().expect("THREADS")),
@@ -122,6 +123,7 @@ fn connect_error(to: SocketAddr, proto: &str) -> String {
     let started = Instant::now();
     let r = match proto {
         "tcp" => TcpStream::connect_timeout(&to, TIMEOUT).map(drop),
+        "udp-connect" => UdpSocket::bind(any(to)).and_then(|s| s.connect(to)),
         _ => UdpSocket::bind(any(to)).and_then(|s| s.send_to(b"x", to)).map(drop),
     };
     let ms = started.elapsed().as_millis();
@@ -160,19 +162,24 @@ fn stream(to: SocketAddr) {
 /// retried after connecting again (what a resilient client does when its
 /// socket is aborted), up to three times; the errors met are listed first
 /// (`errors=89,103`).
-fn udp_hold(to: SocketAddr) {
+fn udp_hold(to: SocketAddr, unconnected: bool) {
     let s = UdpSocket::bind(any(to)).expect("bind");
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-    s.connect(to).unwrap_or_else(|e| fail(&format!("connect {to}: {e}")));
+    if !unconnected {
+        s.connect(to).unwrap_or_else(|e| fail(&format!("connect {to}: {e}")));
+    }
     let mut buf = vec![0u8; 65536];
     for line in std::io::stdin().lock().lines().map_while(Result::ok) {
         let mut errors = Vec::new();
         let answer = loop {
-            match s.send(line.as_bytes()).and_then(|_| s.recv_from(&mut buf)) {
+            let sent = if unconnected { s.send_to(line.as_bytes(), to) } else { s.send(line.as_bytes()) };
+            match sent.and_then(|_| s.recv_from(&mut buf)) {
                 Ok((n, from)) => break Some((n, from)),
                 Err(e) if errors.len() < 3 => {
                     errors.push(e.raw_os_error().unwrap_or(0).to_string());
-                    let _ = s.connect(to);
+                    if !unconnected {
+                        let _ = s.connect(to);
+                    }
                 }
                 Err(_) => break None,
             }
