@@ -37,6 +37,18 @@ pub fn sh(args: &[&str]) {
     );
 }
 
+/// An IPv4-mapped IPv6 socket address as the IPv4 address it stands for
+/// (what a dual-stack server reports for IPv4 peers); others unchanged.
+pub fn canonical(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        a => a,
+    }
+}
+
 /// A unique name for a test resource: `prefix` + pid + counter (≤ 15 chars for interfaces).
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

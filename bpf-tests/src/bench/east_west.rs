@@ -56,12 +56,7 @@ struct Net {
 
 impl Net {
     fn new() -> Self {
-        let (pod, node, backend) = (NetNs::new("xlbep"), NetNs::new("xlben"), NetNs::new("xlbeb"));
-        for (ours, peer, ns) in [("p1", "c0", &pod), ("p2", "s0", &backend)] {
-            node.exec(&["ip", "link", "add", ours, "type", "veth", "peer", "name", peer]);
-            node.exec(&["ip", "link", "set", peer, "netns", &ns.name]);
-            node.exec(&["ip", "link", "set", ours, "up"]);
-        }
+        let (pod, node, backend) = super::stream::pod_node_backend(["xlbep", "xlben", "xlbeb"]);
         node.exec_lines(&[
             "ip addr add 10.244.1.1/24 dev p1",
             "ip addr add 10.98.0.1/24 dev p2",
@@ -81,11 +76,11 @@ impl Net {
             "ip addr add 10.98.0.3/24 dev s0",
             "ip route add default via 10.98.0.1",
         ]);
-        // Resolved up front, as the agent's managed neighbours would be.
         let (c0, s0) = (pod.mac("c0"), backend.mac("s0"));
-        for (addr, mac, dev) in [("10.244.1.2", &c0, "p1"), ("10.98.0.2", &s0, "p2"), ("10.98.0.3", &s0, "p2")] {
-            node.exec(&["ip", "neigh", "replace", addr, "lladdr", mac, "nud", "permanent", "dev", dev]);
-        }
+        super::stream::neighbours(
+            &node,
+            &[("10.244.1.2", &c0, "p1"), ("10.98.0.2", &s0, "p2"), ("10.98.0.3", &s0, "p2")],
+        );
         let echo = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", backend.name))
             .arg(crate::cgroup::client_bin())

@@ -55,14 +55,30 @@ struct Net {
     backend: NetNs,
 }
 
+/// A pod, a node and a backend namespace: the node's `p1` is the pod's
+/// `c0`, its `p2` the backend's `s0` (the node sides up, no addresses yet).
+pub(crate) fn pod_node_backend(prefixes: [&str; 3]) -> (NetNs, NetNs, NetNs) {
+    let (pod, node, backend) = (NetNs::new(prefixes[0]), NetNs::new(prefixes[1]), NetNs::new(prefixes[2]));
+    for (ours, peer, ns) in [("p1", "c0", &pod), ("p2", "s0", &backend)] {
+        node.exec(&["ip", "link", "add", ours, "type", "veth", "peer", "name", peer]);
+        node.exec(&["ip", "link", "set", peer, "netns", &ns.name]);
+        node.exec(&["ip", "link", "set", ours, "up"]);
+    }
+    (pod, node, backend)
+}
+
+/// Permanent neighbours on the node, resolved up front as the agent's
+/// managed neighbours would be: a FIB lookup cannot resolve one and would
+/// leave packets to the kernel.
+pub(crate) fn neighbours(node: &NetNs, entries: &[(&str, &str, &str)]) {
+    for (addr, mac, dev) in entries {
+        node.exec(&["ip", "neigh", "replace", addr, "lladdr", mac, "nud", "permanent", "dev", dev]);
+    }
+}
+
 impl Net {
     fn new() -> Self {
-        let (pod, node, backend) = (NetNs::new("xlbtp"), NetNs::new("xlbtn"), NetNs::new("xlbtb"));
-        for (ours, peer, ns) in [("p1", "c0", &pod), ("p2", "s0", &backend)] {
-            node.exec(&["ip", "link", "add", ours, "type", "veth", "peer", "name", peer]);
-            node.exec(&["ip", "link", "set", peer, "netns", &ns.name]);
-            node.exec(&["ip", "link", "set", ours, "up"]);
-        }
+        let (pod, node, backend) = pod_node_backend(["xlbtp", "xlbtn", "xlbtb"]);
         node.exec_lines(&[
             "ip addr add 10.97.1.1/24 dev p1",
             "ip addr add 10.97.2.1/24 dev p2",
@@ -80,14 +96,11 @@ impl Net {
                 &format!("ip -6 route add default via fd97:{n}::1"),
             ]);
         }
-        // Resolved up front, as the agent's managed neighbours would be: a
-        // FIB lookup cannot resolve one and would leave packets to the kernel.
         let (c0, s0) = (pod.mac("c0"), backend.mac("s0"));
-        for (addr, mac, dev) in
-            [("10.97.1.2", &c0, "p1"), ("fd97:1::2", &c0, "p1"), ("10.97.2.2", &s0, "p2"), ("fd97:2::2", &s0, "p2")]
-        {
-            node.exec(&["ip", "neigh", "replace", addr, "lladdr", mac, "nud", "permanent", "dev", dev]);
-        }
+        neighbours(
+            &node,
+            &[("10.97.1.2", &c0, "p1"), ("fd97:1::2", &c0, "p1"), ("10.97.2.2", &s0, "p2"), ("fd97:2::2", &s0, "p2")],
+        );
         Self { pod, node, backend }
     }
 }

@@ -20,6 +20,7 @@
 //!                                    connection at a time and answering each line with one line
 //! ```
 
+use bpf_tests::canonical;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -67,16 +68,6 @@ fn usage() -> ! {
 fn fail(msg: &str) -> ! {
     eprintln!("xlb-client: {msg}");
     std::process::exit(2)
-}
-
-fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        a => a,
-    }
 }
 
 fn connect(to: SocketAddr) -> TcpStream {

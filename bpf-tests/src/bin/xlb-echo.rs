@@ -6,6 +6,7 @@
 //! `stream` makes it answer every 200 ms until the client goes away, for
 //! long-lived connections.
 
+use bpf_tests::canonical;
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, UdpSocket},
@@ -63,16 +64,5 @@ fn main() {
     // Serve until killed.
     loop {
         thread::park();
-    }
-}
-
-/// IPv4-mapped IPv6 peers (from the dual-stack socket) as plain IPv4.
-fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        a => a,
     }
 }
