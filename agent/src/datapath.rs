@@ -30,7 +30,9 @@ use datapath_common::{
 };
 
 use crate::{
+    filter::{Dir, Filter},
     maglev,
+    mapped::Mapped,
     region::{Allocator, Region},
 };
 
@@ -386,36 +388,18 @@ impl Deref for Datapath {
 }
 
 /// SLOTS mapped into our memory (the map is `BPF_F_MMAPABLE`): a region is
-/// written with plain stores. Unmapped on drop.
+/// written with plain stores.
 struct SlotsMem {
-    ptr: *mut u32,
+    mem: Mapped,
     len: usize,
 }
-
-// SAFETY: the mapping is owned by this value and only written through
-// `&mut Datapath`.
-unsafe impl Send for SlotsMem {}
-unsafe impl Sync for SlotsMem {}
 
 impl SlotsMem {
     /// Maps `entries` u32s of the array map `fd`; `None` if the map is not
     /// mappable (e.g. pinned by an older agent).
     fn map(fd: std::os::fd::BorrowedFd<'_>, entries: u32) -> Option<Self> {
-        use std::os::fd::AsRawFd as _;
-        let len = entries as usize * SLOT_STRIDE * 4;
-        // SAFETY: a shared mapping of a BPF array map; the kernel checks
-        // that it is mmapable and `len` fits.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        (ptr != libc::MAP_FAILED).then_some(Self { ptr: ptr.cast(), len: entries as usize })
+        let mem = Mapped::map(fd, entries as usize * SLOT_STRIDE * 4)?;
+        Some(Self { mem, len: entries as usize })
     }
 
     fn write(&mut self, off: u32, values: &[u32]) -> bool {
@@ -424,19 +408,11 @@ impl SlotsMem {
             return false;
         }
         for (i, v) in values.iter().enumerate() {
-            // SAFETY: in bounds (checked above) of our live mapping.
-            unsafe { self.ptr.add((off + i) * SLOT_STRIDE).write_volatile(*v) };
+            self.mem.store((off + i) * SLOT_STRIDE * 4, *v);
         }
         // The region must be visible before the SERVICES flip that follows.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem.publish();
         true
-    }
-}
-
-impl Drop for SlotsMem {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len * SLOT_STRIDE * 4) };
     }
 }
 
@@ -507,6 +483,29 @@ fn source_range_key(id: u32, addr: IpAddr, prefix: u8) -> Result<Key<SourceRange
     Ok(Key::new(32 + bits, SourceRangeKey { service_id_be: id.to_be(), addr: map_addr(addr) }))
 }
 
+/// Maps this object's FILTER and lists every frontend and backend the
+/// (possibly pinned) maps already hold, so the new programs pass no packet
+/// of a flow that exists.
+fn filter(ebpf: &Ebpf, maps: &Maps) -> Result<Filter> {
+    let fd = match ebpf.map(maps::FILTER) {
+        Some(aya::maps::Map::Array(d)) => d.fd().as_fd(),
+        _ => return Err(Error::MissingMap(maps::FILTER)),
+    };
+    let mem = Mapped::map(fd, size_of::<datapath_common::filter::FlowFilter>()).ok_or_else(|| Error::Map {
+        name: maps::FILTER,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "mmap",
+            io_error: std::io::Error::last_os_error(),
+        }),
+    })?;
+    let mut filter = Filter::new(mem);
+    filter.rebuild(
+        maps.services().into_iter().map(|(k, _)| (k.addr, k.port)),
+        maps.backends().into_iter().map(|(_, b)| (b.addr, b.port)),
+    );
+    Ok(filter)
+}
+
 /// A loaded datapath: the programs (not attached) and typed handles on every map.
 pub struct Datapath {
     pub ebpf: Ebpf,
@@ -519,6 +518,8 @@ pub struct Datapath {
     regions: HashMap<ServiceKey, Region>,
     /// Backends as written, for the Maglev keys.
     backends: HashMap<u32, Backend>,
+    /// The "maybe ours" filter, rebuilt from SERVICES and BACKENDS at load.
+    filter: Filter,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
@@ -585,6 +586,7 @@ impl Datapath {
             .map_max_entries(maps::SOCK_REV, sizes.sock_rev)
             .load(OBJECT)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
+        let filter = filter(&ebpf, &maps)?;
         Ok(Self {
             ebpf,
             maps,
@@ -593,7 +595,14 @@ impl Datapath {
             slots_mem: None,
             regions: HashMap::new(),
             backends: HashMap::new(),
+            filter,
         })
+    }
+
+    /// True when FILTER lets packets to (`Dir::Dst`) or from (`Dir::Src`)
+    /// `addr:port` (network order) through to conntrack and the service lookup.
+    pub fn filter_passes(&self, dir: Dir, addr: &[u8; 16], port_be: u16) -> bool {
+        self.filter.passes(dir, addr, port_be)
     }
 
     pub fn sizes(&self) -> MapSizes {
@@ -692,8 +701,14 @@ impl Datapath {
         if id == 0 || id >= self.sizes.backends {
             return Err(Error::BackendId(id, self.sizes.backends));
         }
-        self.maps.backends.set(id, b, 0).map_err(map_err(maps::BACKENDS))?;
-        self.backends.insert(id, *b);
+        self.filter.add(Dir::Src, &b.addr, b.port);
+        if let Err(e) = self.maps.backends.set(id, b, 0) {
+            self.filter.remove(Dir::Src, &b.addr, b.port);
+            return Err(map_err(maps::BACKENDS)(e));
+        }
+        if let Some(old) = self.backends.insert(id, *b) {
+            self.filter.remove(Dir::Src, &old.addr, old.port);
+        }
         Ok(())
     }
 
@@ -746,8 +761,17 @@ impl Datapath {
             maglev_len: m,
             affinity_timeout_s: spec.affinity_timeout_s,
         };
+        // A frontend counts once however often it is rewritten: only a new
+        // key (no region yet) adds a reference to its port.
+        let new = !self.regions.contains_key(&key);
+        if new {
+            self.filter.add(Dir::Dst, &key.addr, key.port);
+        }
         if let Err(e) = self.maps.services.insert(key, value, 0) {
             self.alloc.release(region);
+            if new {
+                self.filter.remove(Dir::Dst, &key.addr, key.port);
+            }
             return Err(map_err(maps::SERVICES)(e));
         }
         if let Some(old) = self.regions.insert(key, region) {
@@ -800,6 +824,7 @@ impl Datapath {
         }
         if let Some(r) = self.regions.remove(key) {
             self.alloc.release(r);
+            self.filter.remove(Dir::Dst, &key.addr, key.port);
         }
         Ok(())
     }
@@ -811,7 +836,9 @@ impl Datapath {
             return Err(Error::BackendId(id, self.sizes.backends));
         }
         self.maps.backends.set(id, Backend::default(), 0).map_err(map_err(maps::BACKENDS))?;
-        self.backends.remove(&id);
+        if let Some(old) = self.backends.remove(&id) {
+            self.filter.remove(Dir::Src, &old.addr, old.port);
+        }
         Ok(())
     }
 
@@ -839,6 +866,10 @@ impl Datapath {
         }
         let backends = self.maps.backends();
         self.backends = backends.iter().copied().collect();
+        // `load_pinned` listed every pinned frontend and backend in FILTER;
+        // from here on the counts follow `regions` and `backends`.
+        self.filter
+            .rebuild(self.regions.keys().map(|k| (k.addr, k.port)), self.backends.values().map(|b| (b.addr, b.port)));
         Ok((services.len(), backends.len()))
     }
 
@@ -863,6 +894,12 @@ impl Datapath {
             None | Some(Ok(())) | Some(Err(MapError::KeyNotFound)) => Ok(()),
             Some(Err(e)) => Err(map_err(maps::SOCK_REV)(e)),
         }
+    }
+
+    /// Writes a conntrack entry (one direction), as the datapath would: for
+    /// tests that need a flow in a given state.
+    pub fn conntrack_insert(&mut self, key: &CtKey, e: &CtEntry) -> Result<()> {
+        self.maps.conntrack.insert(key, e, 0).map_err(map_err(maps::CONNTRACK))
     }
 
     /// Removes a conntrack entry (one direction); absent is not an error.

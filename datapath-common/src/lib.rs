@@ -15,6 +15,7 @@
 
 pub mod csum;
 pub mod ct;
+pub mod filter;
 pub mod hash;
 
 /// IP protocol numbers the datapath load-balances.
@@ -497,6 +498,10 @@ pub mod maps {
     pub const SOCK_REV: &str = "SOCK_REV";
     /// Not pinned with the others: see [`super::FragKey`].
     pub const FRAGS: &str = "FRAGS";
+    /// The "maybe ours" filter ([`super::filter`]). Not pinned: every agent
+    /// rebuilds it from SERVICES and BACKENDS when it loads its programs,
+    /// which use their own copy from then on.
+    pub const FILTER: &str = "FILTER";
     /// The tail-call tables (see [`super::tail`]): replaced by every agent
     /// that loads new programs, pinned under `progs/` once they are attached.
     pub const XDP_CALLS: &str = "XDP_CALLS";

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use datapath_common::{
     AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey, FragPorts, FrontendInfo, RevNat,
-    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, tail, verdict,
+    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, filter::FlowFilter, tail, verdict,
 };
 
 #[map]
@@ -45,6 +45,10 @@ pub static FRONTENDS: HashMap<u32, FrontendInfo> = HashMap::with_max_entries(1, 
 /// Socket-level load balancing's reverse translations (`sock.rs`).
 #[map]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::with_max_entries(1, 0);
+
+/// The "maybe ours" filter (`datapath_common::filter`), memory-mapped by the agent.
+#[map]
+pub static FILTER: Array<FlowFilter> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(1, 0);

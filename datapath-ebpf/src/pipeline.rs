@@ -6,8 +6,8 @@ use crate::{
     fragment,
     hook::{Action, Hook},
     maps::{
-        BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, REPLY_BUCKET, REV_NAT, SCRATCH, SERVICE_STATS, SOURCE_RANGES,
-        count, count_verdict,
+        BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, FILTER, REPLY_BUCKET, REV_NAT, SCRATCH, SERVICE_STATS,
+        SOURCE_RANGES, count, count_verdict,
     },
     nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, rewrite_addresses, word},
     parse::{Flow, Parsed, parse},
@@ -63,6 +63,10 @@ pub fn process(hook: &mut impl Hook) -> Action {
         Parsed::ExtHeader => return done(verdict::EXT_HEADER_PASS, Action::Pass),
         Parsed::Fragment => return tail_call(hook, tail::FRAGMENT),
         Parsed::IcmpError => return tail_call(hook, tail::ICMP_ERROR),
+    }
+    // Not to a frontend, not a backend's reply: nothing to look up.
+    if FILTER.get(0).is_some_and(|f| !f.maybe_ours(&flow.src, flow.sport, &flow.dst, flow.dport)) {
+        return done(verdict::PASS, Action::Pass);
     }
     // Bytes for the counters from the parsed lengths: no helper call.
     let len = (flow.l4 + flow.l4_len) as u32;

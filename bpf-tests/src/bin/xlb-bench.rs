@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! xlb-bench [--plan smoke|standard|full] [--systems xlb,nftables,…]
-//!           [--services 1,1000] [--seconds S] [--no-test-run]
+//!           [--services 1,1000] [--seconds S] [--no-test-run | --test-run-only]
 //!           [--out DIR] [--json FILE]
 //! ```
 //! Prints the Markdown report; with `--out`, writes results.json,
@@ -52,6 +52,10 @@ fn main() -> anyhow::Result<()> {
     }
     if args.iter().any(|a| a == "--no-test-run") {
         plan.test_run_repeat = 0;
+    }
+    // Only the BPF_PROG_TEST_RUN figures (seconds, for iterating on the datapath).
+    if args.iter().any(|a| a == "--test-run-only") {
+        plan.systems.clear();
     }
     // Programming + two traffic modes + endpoint change per (size, system), then TCP streams and test_run.
     let steps = plan.services.len() as u64 * bench::System::ALL.len() as u64 * 4 + 2;
