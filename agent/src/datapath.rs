@@ -687,6 +687,11 @@ impl Datapath {
     }
 
     /// A program of the object by name (`xlb_xdp`, `xlb_tc_ingress`, …).
+    pub fn program(&self, name: &str) -> Option<&Program> {
+        self.ebpf.program(name)
+    }
+
+    /// As [`Datapath::program`], to attach or detach it.
     pub fn program_mut(&mut self, name: &str) -> Option<&mut Program> {
         self.ebpf.program_mut(name)
     }

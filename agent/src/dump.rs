@@ -12,9 +12,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use datapath_common::{
-    AffinityKey, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT, CtKey, FrontendInfo,
-    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, Service,
-    ServiceKey, ct, is_v4_mapped, verdict,
+    AffinityKey, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey,
+    FrontendInfo, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_NODEPORT,
+    SVC_F_SOURCE_RANGES, Service, ServiceKey, ct, is_v4_mapped, verdict,
 };
 use serde_json::{Value, json};
 
@@ -63,9 +63,14 @@ fn secs_since(then: u64, now: u64) -> f64 {
     now.saturating_sub(then) as f64 / 1e9
 }
 
-fn state_name(s: u8) -> &'static str {
-    match s {
+fn state_name(e: &CtEntry) -> &'static str {
+    if ct::closing(e) {
+        return "closing";
+    }
+    match e.state {
         ct::STATE_SYN_SENT => "syn_sent",
+        ct::STATE_ESTABLISHED if e.fin_out != 0 => "half_closed_out",
+        ct::STATE_ESTABLISHED if e.fin_in != 0 => "half_closed_in",
         ct::STATE_ESTABLISHED => "established",
         ct::STATE_CLOSING => "closing",
         ct::STATE_CLOSED => "closed",
@@ -328,12 +333,12 @@ fn conntrack(v: &View) -> (Value, Table) {
             v.service_name(e.rev_nat_id),
             v.backend_name(e.backend_id),
             nat.clone(),
-            state_name(e.state).into(),
+            state_name(&e).into(),
             format!("{idle:.0}s"),
         ]);
         out.push(json!({"source": addr_port(&k.src, k.sport), "destination": addr_port(&k.dst, k.dport),
             "protocol": proto_name(k.proto), "direction": dir, "service": v.service_name(e.rev_nat_id),
-            "backend": v.backend_name(e.backend_id), "nat": nat, "state": state_name(e.state), "idle_s": idle}));
+            "backend": v.backend_name(e.backend_id), "nat": nat, "state": state_name(&e), "idle_s": idle}));
     }
     (Value::Array(out), t)
 }
@@ -394,11 +399,11 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
         let name = v.service_name(svc.id);
         lines.push(format!("{frontend}/{protocol} is frontend #{} of {name}, matched by {hook}", svc.id));
         let ct_key = CtKey { src: caddr, dst: vaddr, sport, dport, proto, _pad: [0; 3] };
-        if let Some(e) = v.maps.conntrack_get(&ct_key).filter(|e| !ct::expired(e.state, e.last_seen_ns, now_ns())) {
+        if let Some(e) = v.maps.conntrack_get(&ct_key).filter(|e| !ct::expired(e, now_ns())) {
             let b = v.backend_name(e.backend_id);
             lines.push(format!(
                 "→ backend {b}: existing conntrack entry ({}, idle {:.0}s)",
-                state_name(e.state),
+                state_name(&e),
                 secs_since(e.last_seen_ns, now_ns())
             ));
             answer = json!({"service": name, "backend": b, "reason": "conntrack"});

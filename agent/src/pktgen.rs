@@ -280,7 +280,8 @@ fn enter(netns: &std::fs::File) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pin_to_cpu(cpu: usize) {
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

@@ -245,17 +245,17 @@ impl Lb {
 
     /// As [`Lb::run`], but returns the kernel's refusal (the skb test-run
     /// path rejects some frames before any program sees them).
-    pub fn try_run(&mut self, prog: Prog, input: &[u8]) -> Result<(Verdict, Vec<u8>), ProgramError> {
+    pub fn try_run(&self, prog: Prog, input: &[u8]) -> Result<(Verdict, Vec<u8>), ProgramError> {
         let mut out = vec![0u8; input.len() + 256];
         let (ret, size) = match prog {
             Prog::Xdp => {
-                let p: &mut Xdp = self.dp.program_mut("xlb_xdp").unwrap().try_into().unwrap();
+                let p: &Xdp = self.dp.program("xlb_xdp").unwrap().try_into().unwrap();
                 let r = run(p, input, &mut out, 1)?;
                 (r.0, r.1)
             }
             Prog::TcIngress | Prog::TcEgress => {
                 let name = if prog == Prog::TcIngress { "xlb_tc_ingress" } else { "xlb_tc_egress" };
-                let p: &mut SchedClassifier = self.dp.program_mut(name).unwrap().try_into().unwrap();
+                let p: &SchedClassifier = self.dp.program(name).unwrap().try_into().unwrap();
                 let r = run(p, input, &mut out, 1)?;
                 (r.0, r.1)
             }
@@ -271,6 +271,34 @@ impl Lb {
             other => panic!("unexpected return code {other:?}"),
         };
         Ok((v, out))
+    }
+
+    /// Runs every frame on CPU 0 and CPU 1 at once: one thread pinned to
+    /// each, in `env`'s namespace, both released by a barrier before each
+    /// frame. Per frame: CPU 0's verdict and output, then CPU 1's.
+    pub fn race(&self, prog: Prog, env: &FibEnv, frames: &[Vec<u8>]) -> Vec<[(Verdict, Vec<u8>); 2]> {
+        let barrier = std::sync::Barrier::new(2);
+        let mut per_cpu = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        xlb::pktgen::pin_to_cpu(cpu);
+                        let _in = env.enter();
+                        let mut out = Vec::with_capacity(frames.len());
+                        for f in frames {
+                            barrier.wait();
+                            out.push(self.try_run(prog, f).unwrap_or_else(|e| panic!("test_run {prog:?}: {e}")));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().expect("racing thread")).collect::<Vec<_>>()
+        });
+        let cpu1 = per_cpu.pop().unwrap();
+        let cpu0 = per_cpu.pop().unwrap();
+        cpu0.into_iter().zip(cpu1).map(|(a, b)| [a, b]).collect()
     }
 
     /// Verdict counters by name.

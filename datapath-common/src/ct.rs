@@ -3,11 +3,15 @@
 //! Time is a parameter (nanoseconds of `bpf_ktime_get_coarse_ns`, i.e.
 //! CLOCK_MONOTONIC_COARSE), so the host tests drive it with a fake clock.
 
-use crate::{PROTO_TCP, PROTO_UDP};
+use crate::{CtEntry, PROTO_TCP, PROTO_UDP};
 
-/// `CtEntry::state` values.
+/// `CtEntry::state` values. A FIN does not change the state: it sets the
+/// entry's `fin_out` (its own direction) or `fin_in` (the other one), and
+/// the flow is closing only once both are set (`closing`).
 pub const STATE_SYN_SENT: u8 = 1;
 pub const STATE_ESTABLISHED: u8 = 2;
+/// Entries written before the per-direction FIN bytes existed (any FIN
+/// closed the flow); kept so a restored entry keeps its meaning.
 pub const STATE_CLOSING: u8 = 3;
 pub const STATE_CLOSED: u8 = 4;
 pub const STATE_UDP: u8 = 5;
@@ -19,7 +23,7 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 const SEC: u64 = 1_000_000_000;
-/// Timeouts, as Cilium's defaults: SYN 60 s, established 6 h, FIN/RST 10 s, UDP 60 s.
+/// Timeouts, as Cilium's defaults: SYN 60 s, established 6 h, closing (FINs both ways, or a RST) 10 s, UDP 60 s.
 pub const TIMEOUT_SYN_NS: u64 = 60 * SEC;
 pub const TIMEOUT_ESTABLISHED_NS: u64 = 6 * 3600 * SEC;
 pub const TIMEOUT_CLOSE_NS: u64 = 10 * SEC;
@@ -45,7 +49,8 @@ pub const fn initial_state(proto: u8, tcp_flags: u8) -> u8 {
 }
 
 /// State after a packet of an existing flow. `reply` is true for the
-/// backend → client direction.
+/// backend → client direction. A FIN leaves the state as it is (see
+/// `closing`); a RST closes the flow in both directions.
 #[inline(always)]
 pub const fn next_state(proto: u8, state: u8, tcp_flags: u8, reply: bool) -> u8 {
     if proto != PROTO_TCP {
@@ -53,9 +58,6 @@ pub const fn next_state(proto: u8, state: u8, tcp_flags: u8, reply: bool) -> u8 
     }
     if tcp_flags & TCP_RST != 0 {
         return STATE_CLOSED;
-    }
-    if tcp_flags & TCP_FIN != 0 {
-        return if state == STATE_CLOSED { STATE_CLOSED } else { STATE_CLOSING };
     }
     match state {
         STATE_SYN_SENT => {
@@ -67,10 +69,22 @@ pub const fn next_state(proto: u8, state: u8, tcp_flags: u8, reply: bool) -> u8 
     }
 }
 
-/// How long an entry in `state` lives without traffic.
+/// True when both directions of a TCP flow sent a FIN (Cilium's
+/// `tx_closing && rx_closing`), or the entry predates the per-direction
+/// bytes and saw a FIN. A half-closed flow (one FIN) is not closing: its
+/// quiet side may still be sending, so it keeps the established timeout.
 #[inline(always)]
-pub const fn timeout_ns(state: u8) -> u64 {
-    match state {
+pub const fn closing(e: &CtEntry) -> bool {
+    e.state == STATE_CLOSING || (e.fin_out != 0 && e.fin_in != 0)
+}
+
+/// How long entry `e` lives without traffic.
+#[inline(always)]
+pub const fn timeout_ns(e: &CtEntry) -> u64 {
+    if closing(e) {
+        return TIMEOUT_CLOSE_NS;
+    }
+    match e.state {
         STATE_SYN_SENT => TIMEOUT_SYN_NS,
         STATE_ESTABLISHED => TIMEOUT_ESTABLISHED_NS,
         STATE_UDP => TIMEOUT_UDP_NS,
@@ -78,28 +92,32 @@ pub const fn timeout_ns(state: u8) -> u64 {
     }
 }
 
-/// True when an entry last seen at `last_seen_ns` in `state` is dead at `now_ns`.
+/// True when entry `e` is dead at `now_ns`. A `last_seen_ns` of 0 marks an
+/// entry a new flow is taking over (the datapath's `claim`): dead as well.
 #[inline(always)]
-pub const fn expired(state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    now_ns.saturating_sub(last_seen_ns) > timeout_ns(state)
+pub const fn expired(e: &CtEntry, now_ns: u64) -> bool {
+    e.last_seen_ns == 0 || now_ns.saturating_sub(e.last_seen_ns) > timeout_ns(e)
 }
 
-/// True when a forward packet must start a new flow even though an entry
-/// exists: the entry expired, or it is closing/closed and a new SYN reuses
-/// the tuple (a client port reused after TIME_WAIT gets a fresh pick).
+/// True when a forward packet must start a new flow even though entry `e`
+/// exists: the entry expired, or the flow is closing/closed and a new SYN
+/// reuses the tuple (a client port reused after TIME_WAIT gets a fresh
+/// pick). A SYN on a half-closed flow does not.
 #[inline(always)]
-pub const fn starts_new_flow(proto: u8, state: u8, last_seen_ns: u64, now_ns: u64, tcp_flags: u8) -> bool {
-    if expired(state, last_seen_ns, now_ns) {
+pub const fn starts_new_flow(proto: u8, e: &CtEntry, now_ns: u64, tcp_flags: u8) -> bool {
+    if expired(e, now_ns) {
         return true;
     }
-    proto == PROTO_TCP
-        && (state == STATE_CLOSING || state == STATE_CLOSED)
-        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    proto == PROTO_TCP && (closing(e) || e.state == STATE_CLOSED) && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(state: u8, last_seen_ns: u64) -> CtEntry {
+        CtEntry { state, last_seen_ns, ..CtEntry::default() }
+    }
 
     #[test]
     fn tcp_handshake_to_close() {
@@ -108,10 +126,26 @@ mod tests {
         let s = next_state(PROTO_TCP, s, TCP_SYN | TCP_ACK, true);
         assert_eq!(s, STATE_ESTABLISHED);
         assert_eq!(next_state(PROTO_TCP, s, TCP_ACK, false), STATE_ESTABLISHED);
-        let s = next_state(PROTO_TCP, s, TCP_FIN | TCP_ACK, false);
-        assert_eq!(s, STATE_CLOSING);
-        assert_eq!(timeout_ns(s), TIMEOUT_CLOSE_NS);
+        // A FIN is recorded per direction, not in the state.
+        assert_eq!(next_state(PROTO_TCP, s, TCP_FIN | TCP_ACK, false), STATE_ESTABLISHED);
         assert_eq!(next_state(PROTO_TCP, s, TCP_RST, true), STATE_CLOSED);
+    }
+
+    #[test]
+    fn only_both_fins_close_a_flow() {
+        let t0 = 1_000 * SEC;
+        let mut e = entry(STATE_ESTABLISHED, t0);
+        e.fin_out = 1;
+        assert!(!closing(&e), "half-closed");
+        assert_eq!(timeout_ns(&e), TIMEOUT_ESTABLISHED_NS);
+        assert!(!expired(&e, t0 + 11 * SEC));
+        assert!(!starts_new_flow(PROTO_TCP, &e, t0 + 1, TCP_SYN), "a SYN on a half-closed flow keeps it");
+        e.fin_in = 1;
+        assert!(closing(&e));
+        assert!(expired(&e, t0 + 11 * SEC));
+        assert!(starts_new_flow(PROTO_TCP, &e, t0 + 1, TCP_SYN));
+        // An entry restored from before the per-direction bytes.
+        assert!(closing(&entry(STATE_CLOSING, t0)));
     }
 
     #[test]
@@ -131,16 +165,16 @@ mod tests {
     #[test]
     fn timeouts_with_a_fake_clock() {
         let t0 = 1_000 * SEC;
-        assert!(!expired(STATE_ESTABLISHED, t0, t0 + TIMEOUT_ESTABLISHED_NS));
-        assert!(expired(STATE_ESTABLISHED, t0, t0 + TIMEOUT_ESTABLISHED_NS + 1));
-        assert!(expired(STATE_SYN_SENT, t0, t0 + 61 * SEC));
-        assert!(!expired(STATE_UDP, t0, t0 + 59 * SEC));
-        assert!(expired(STATE_UDP, t0, t0 + 61 * SEC));
+        assert!(!expired(&entry(STATE_ESTABLISHED, t0), t0 + TIMEOUT_ESTABLISHED_NS));
+        assert!(expired(&entry(STATE_ESTABLISHED, t0), t0 + TIMEOUT_ESTABLISHED_NS + 1));
+        assert!(expired(&entry(STATE_SYN_SENT, t0), t0 + 61 * SEC));
+        assert!(!expired(&entry(STATE_UDP, t0), t0 + 59 * SEC));
+        assert!(expired(&entry(STATE_UDP, t0), t0 + 61 * SEC));
         // A closed tuple reused by a new SYN starts a new flow; an ACK does not.
-        assert!(starts_new_flow(PROTO_TCP, STATE_CLOSED, t0, t0 + 1, TCP_SYN));
-        assert!(!starts_new_flow(PROTO_TCP, STATE_CLOSED, t0, t0 + 1, TCP_ACK));
-        assert!(!starts_new_flow(PROTO_TCP, STATE_ESTABLISHED, t0, t0 + 1, TCP_SYN));
+        assert!(starts_new_flow(PROTO_TCP, &entry(STATE_CLOSED, t0), t0 + 1, TCP_SYN));
+        assert!(!starts_new_flow(PROTO_TCP, &entry(STATE_CLOSED, t0), t0 + 1, TCP_ACK));
+        assert!(!starts_new_flow(PROTO_TCP, &entry(STATE_ESTABLISHED, t0), t0 + 1, TCP_SYN));
         // A clock that went backwards never expires an entry.
-        assert!(!expired(STATE_SYN_SENT, t0, t0 - SEC));
+        assert!(!expired(&entry(STATE_SYN_SENT, t0), t0 - SEC));
     }
 }

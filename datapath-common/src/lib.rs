@@ -195,7 +195,14 @@ pub struct CtEntry {
     /// host order) known to fit the egress route's MTU. A longer packet
     /// takes a fresh lookup, which checks the MTU.
     pub fib_mtu: u16,
-    pub _pad: u16,
+    /// TCP: 1 once this entry's direction sent a FIN. Written only by that
+    /// direction's packets.
+    pub fin_out: u8,
+    /// TCP: 1 once the other direction sent a FIN. Written only by the other
+    /// direction's packets (through its peer update), so neither byte is
+    /// ever read-modified-written by two CPUs. Both set: the flow is closing
+    /// (`ct::closing`); one set is a half-close, which keeps the flow.
+    pub fin_in: u8,
 }
 
 /// FRAGS (LRU hash): the ports of a fragmented datagram, recorded by its
@@ -447,8 +454,19 @@ pub mod verdict {
     /// leaves to the packet path (loadBalancerSourceRanges: the source is
     /// not known at connect).
     pub const SOCK_SKIP: u32 = 25;
+    /// A new flow's first packet whose flow another CPU had just started
+    /// (both packets missed conntrack at once): given that CPU's backend and
+    /// SNAT port, so one flow has one translation.
+    pub const CT_RACE: u32 = 26;
+    /// As CT_RACE, but the other CPU was still writing its entry: dropped
+    /// (the sender retransmits) rather than translated differently.
+    pub const CT_RACE_DROP: u32 = 27;
+    /// Counted *in addition* to the packet's reason: a TCP packet without
+    /// SYN that found no conntrack entry and was balanced as a new flow
+    /// (Katran's LRU_MISS): its entry was evicted or expired mid-connection.
+    pub const CT_MISS_NON_SYN: u32 = 28;
     /// Number of reasons (size of VERDICTS).
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 29;
     /// Names in index order, for `xlb dump stats` and the tests.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -477,6 +495,9 @@ pub mod verdict {
         "sock_no_local",
         "sock_reverse",
         "sock_skip",
+        "ct_race",
+        "ct_race_drop",
+        "ct_miss_non_syn",
     ];
 }
 

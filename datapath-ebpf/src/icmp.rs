@@ -95,7 +95,7 @@ pub fn error(hook: &mut impl Hook, outer: &mut Flow) -> Action {
     // SAFETY: `target` writes src, dst and both ports before `true`; `macs`
     // is only written (by `forward`).
     let t = unsafe { &mut *t.as_mut_ptr() };
-    if ct::expired(e.state, e.last_seen_ns, now) || !target(e, r, t) {
+    if ct::expired(e, now) || !target(e, r, t) {
         return pass();
     }
     if rewrite(hook, outer, &mut q, r, t).is_err() {

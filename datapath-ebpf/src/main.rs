@@ -3,6 +3,8 @@
 //! pipeline with its hook and scope and turns the outcome into its verdict.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod fragment;
 mod hook;

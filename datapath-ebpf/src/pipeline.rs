@@ -15,8 +15,9 @@ use crate::{
     service,
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
+use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg};
 use datapath_common::{
-    BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey, REPLY_RATE_DEFAULT,
+    BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey, PROTO_TCP, REPLY_RATE_DEFAULT,
     SCOPE_EXTERNAL, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_SOURCE_RANGES, Service, SourceRangeKey, ct,
     hash::flow_hash, tail, verdict,
 };
@@ -265,15 +266,13 @@ pub fn conntrack<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, len: u32,
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let reply = e.flags & CT_F_REPLY != 0;
-    let stale = if reply {
-        ct::expired(e.state, e.last_seen_ns, now)
-    } else {
-        ct::starts_new_flow(flow.proto, e.state, e.last_seen_ns, now, flow.tcp_flags)
-    };
+    let stale = if reply { ct::expired(e, now) } else { ct::starts_new_flow(flow.proto, e, now, flow.tcp_flags) };
     if stale || !target(e, &key, t) {
         return Step::Pass(verdict::PASS);
     }
-    refresh(e, flow, reply, now);
+    if refresh(e, flow, reply, now) {
+        touch_peer(flow, t, now);
+    }
     if !reply {
         count(&SERVICE_STATS, e.rev_nat_id, len);
         count(&BACKEND_STATS, e.backend_id, len);
@@ -335,15 +334,54 @@ fn nat_cached<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, t: &mut Targ
     translate::<LATER>(hook, flow, t, route, reason)
 }
 
+/// Advances entry `e` by this packet: its state, its FIN byte, its last-seen
+/// time (at most every `REFRESH_NS`). True when the flow's other entry must
+/// follow (`touch_peer`): the time was rewritten, the state changed, or the
+/// packet carries a FIN.
 #[inline(always)]
-fn refresh(e: &mut CtEntry, flow: &Flow, reply: bool, now: u64) {
+fn refresh(e: &mut CtEntry, flow: &Flow, reply: bool, now: u64) -> bool {
     let s = ct::next_state(flow.proto, e.state, flow.tcp_flags, reply);
-    if s != e.state || now.wrapping_sub(e.last_seen_ns) > ct::REFRESH_NS {
+    let fin = flow.proto == PROTO_TCP && flow.tcp_flags & ct::TCP_FIN != 0;
+    if fin && e.fin_out == 0 {
+        e.fin_out = 1;
+    }
+    let changed = s != e.state || now.wrapping_sub(e.last_seen_ns) > ct::REFRESH_NS;
+    if changed {
         e.state = s;
         e.last_seen_ns = now;
         // Re-resolve the route with this packet: the cache lives at most REFRESH_NS.
         e.fib_ifindex = 0;
     }
+    changed || fin
+}
+
+/// Brings the flow's other entry (the reply entry of a forward packet, the
+/// forward entry of a reply) along with the one this packet refreshed: the
+/// same last-seen time, so the flow has one lifetime (one-way UDP keeps the
+/// reply entry its SNAT port lives in, and the port is never handed to a
+/// second client while the first still sends); its `fin_in` when the packet
+/// carries a FIN (the close timeout needs both); closed by a RST. The other
+/// entry's key is the reverse of this packet's translation `t`.
+#[inline(always)]
+fn touch_peer(flow: &Flow, t: &Target, now: u64) {
+    let key = CtKey { src: t.dst, dst: t.src, sport: t.dport, dport: t.sport, proto: flow.proto, _pad: [0; 3] };
+    let Some(p) = CONNTRACK.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: a live map value; each field written here has this direction
+    // as its only writer, or is a plain store any packet may make.
+    let p = unsafe { &mut *p };
+    if flow.proto == PROTO_TCP {
+        if flow.tcp_flags & ct::TCP_FIN != 0 && p.fin_in == 0 {
+            p.fin_in = 1;
+        }
+        if flow.tcp_flags & ct::TCP_RST != 0 {
+            p.state = ct::STATE_CLOSED;
+        }
+    }
+    p.last_seen_ns = now;
+    // As in `refresh`: a route cached by the other direction lives at most REFRESH_NS.
+    p.fib_ifindex = 0;
 }
 
 /// A packet without a live conntrack entry: service lookup, source-range
@@ -369,12 +407,17 @@ fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
     t.dport = b.port;
     let mut req = Track { backend_id, rev_nat_id: svc.id, hash, snat_node: [0; 16], snat_min: 0, snat_max: 0 };
     snat_source(&svc, b, flow, scope, &mut req);
-    let reason = track(flow, &req, t);
-    if reason == verdict::SNAT_EXHAUSTED {
+    let reason = track(flow, &mut req, t);
+    if reason == verdict::SNAT_EXHAUSTED || reason == verdict::CT_RACE_DROP {
         return Step::Drop(reason);
     }
+    if flow.proto == PROTO_TCP && flow.tcp_flags & ct::TCP_SYN == 0 {
+        // Katran's LRU_MISS: a connection's packet that found no entry (lost
+        // to eviction or expiry, or from before a restart without pins).
+        count_verdict(verdict::CT_MISS_NON_SYN);
+    }
     count(&SERVICE_STATS, svc.id, len);
-    count(&BACKEND_STATS, backend_id, len);
+    count(&BACKEND_STATS, req.backend_id, len);
     Step::Nat(reason)
 }
 
@@ -393,10 +436,18 @@ struct Track {
 
 /// Writes the new flow's conntrack entries (claiming a SNAT port when
 /// needed) and completes `t` with the source. `t.dst`/`t.dport` hold the
-/// backend. Returns the verdict reason: NEW_FLOW, CT_FULL (the flow goes on
-/// by its consistent hash alone) or SNAT_EXHAUSTED.
+/// backend. Returns the verdict reason: NEW_FLOW; CT_FULL (the flow goes on
+/// by its consistent hash alone); SNAT_EXHAUSTED; CT_RACE (the same flow's
+/// first packet on another CPU claimed the forward key first: `t` and
+/// `req.backend_id` now hold its translation, and this CPU's reply entry is
+/// withdrawn); CT_RACE_DROP (that CPU is still writing its entry).
+///
+/// The reply entry is written first and the forward entry claimed last, as
+/// Cilium's `__snat_create` orders its two tuples: the forward key is the
+/// one point where two CPUs racing on one flow are ordered, so they agree
+/// on one backend and one SNAT port.
 #[inline(never)]
-fn track(flow: &Flow, req: &Track, t: &mut Target) -> u32 {
+fn track(flow: &Flow, req: &mut Track, t: &mut Target) -> u32 {
     // The two entries and keys are built in a per-CPU scratch buffer, not on
     // the stack: together they are 192 bytes of the 512 a call chain may use.
     let Some(sc) = SCRATCH.get_ptr_mut(0) else {
@@ -417,13 +468,15 @@ fn track(flow: &Flow, req: &Track, t: &mut Target) -> u32 {
     fwd.fib_ifindex = 0;
     fwd.fib_macs = [0; 12];
     fwd.fib_mtu = 0;
-    fwd._pad = 0;
+    fwd.fin_out = 0;
+    fwd.fin_in = 0;
     sc.rep = sc.fwd;
     sc.rep.flags = CT_F_REPLY;
     sc.rkey = CtKey { src: t.dst, dst: flow.src, sport: t.dport, dport: flow.sport, proto: flow.proto, _pad: [0; 3] };
     sc.key = ct_key(flow);
     let mut reason = verdict::NEW_FLOW;
-    if req.snat_node != [0; 16] {
+    let snat = req.snat_node != [0; 16];
+    if snat {
         sc.rep.flags |= CT_F_SNAT;
         sc.rep.nat_addr = flow.src;
         sc.rep.nat_port = flow.sport;
@@ -443,34 +496,117 @@ fn track(flow: &Flow, req: &Track, t: &mut Target) -> u32 {
         t.src = flow.src;
         t.sport = flow.sport;
     }
-    if CONNTRACK.insert(&sc.key, &sc.fwd, 0).is_err() {
+    let proto = flow.proto;
+    let flags = flow.tcp_flags;
+    match claim(&sc.key, &sc.fwd, |e| ct::starts_new_flow(proto, e, now, flags) || !backend_live(e.backend_id)) {
+        Claim::Won => reason,
         // Maglev picks the same backend for the next packet as long as the
         // service's table is unchanged.
-        reason = verdict::CT_FULL;
+        Claim::Failed => verdict::CT_FULL,
+        Claim::Lost => {
+            let winner = adopt(&sc.key, t);
+            // A SNAT reply key is this CPU's alone (its port was claimed);
+            // without SNAT it is the winner's too when both chose one backend.
+            if snat || (winner >= 0 && winner != req.backend_id as i64) {
+                let _ = CONNTRACK.remove(&sc.rkey);
+            }
+            if winner < 0 {
+                return verdict::CT_RACE_DROP;
+            }
+            req.backend_id = winner as u32;
+            verdict::CT_RACE
+        }
+        Claim::Busy => {
+            if snat {
+                let _ = CONNTRACK.remove(&sc.rkey);
+            }
+            verdict::CT_RACE_DROP
+        }
     }
-    reason
+}
+
+/// The backend of the live forward entry at `key`, with its translation
+/// written to `t`; -1 when there is none to take. A scalar result (not an
+/// `Option` of the entry): LLVM would pack the map value pointer into it,
+/// which the verifier rejects.
+#[inline(never)]
+fn adopt(key: &CtKey, t: &mut Target) -> i64 {
+    let Some(e) = CONNTRACK.get_ptr(key) else {
+        return -1;
+    };
+    // SAFETY: a live map value, read in place.
+    let e = unsafe { &*e };
+    if target(e, key, t) { e.backend_id as i64 } else { -1 }
+}
+
+/// How claiming a conntrack key for a new flow went.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// The entry is ours, written whole.
+    Won,
+    /// A live entry holds the key (another CPU's claim of the same flow won).
+    Lost,
+    /// Another CPU is taking the same dead entry over right now.
+    Busy,
+    /// Neither inserted nor found (the table could not take it).
+    Failed,
+}
+
+/// Claims `key` for the new entry `e`: inserted if absent; if an entry is
+/// there and `dead` says so, taken over by one compare-and-swap of its
+/// `last_seen_ns` to 0 ("being rewritten", dead to every reader) and then
+/// replaced whole. Of two CPUs claiming one key, exactly one wins: the
+/// kernel's insert without overwrite, or the swap, orders them.
+#[inline(always)]
+fn claim(key: &CtKey, e: &CtEntry, dead: impl Fn(&CtEntry) -> bool) -> Claim {
+    if CONNTRACK.insert(key, e, BPF_NOEXIST as u64).is_ok() {
+        return Claim::Won;
+    }
+    let Some(old) = CONNTRACK.get_ptr_mut(key) else {
+        return Claim::Failed;
+    };
+    // SAFETY: a live map value; the word is 8-byte aligned (first field).
+    let word = unsafe { &raw mut (*old).last_seen_ns };
+    // SAFETY: as above.
+    let seen = unsafe { core::ptr::read_volatile(word) };
+    if seen == 0 {
+        return Claim::Busy;
+    }
+    // SAFETY: as above; a torn read of the other fields only misjudges an
+    // entry another CPU is writing, which the swap below then refuses.
+    if !dead(unsafe { &*old }) {
+        return Claim::Lost;
+    }
+    // SAFETY: as above. A BPF_CMPXCHG on the map value (the result's flag
+    // is computed from the old value: no fetch result is needed).
+    let (_, swapped) = unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(word, seen, 0) };
+    if !swapped {
+        return Claim::Busy;
+    }
+    if CONNTRACK.insert(key, e, 0).is_ok() { Claim::Won } else { Claim::Failed }
+}
+
+/// True while backend `id` exists (a forward entry of a deleted backend is
+/// balanced again).
+#[inline(always)]
+fn backend_live(id: u32) -> bool {
+    BACKENDS.get(id).is_some_and(|b| b.state != BACKEND_EMPTY)
 }
 
 /// Claims a SNAT port for the reply key `rkey` (its `dport` is set here):
 /// probes up to `SNAT_TRIES` ports from the flow's hash and takes the first
-/// whose reply tuple is free (or expired), writing the reply entry in the
-/// same step. Returns the port, network order.
+/// whose reply tuple is free, or held by an expired flow (both of a flow's
+/// entries live as long as either sees traffic: `touch_peer`), writing the
+/// reply entry in the same step (`claim`: one port, one CPU). Returns the
+/// port, network order.
 #[inline(always)]
 fn snat_claim(rkey: &mut CtKey, rep: &CtEntry, min: u16, max: u16, hash: u32, now: u64) -> Option<u16> {
     let range = (max - min) as u32 + 1;
     for i in 0..SNAT_TRIES {
         let port = ((min as u32 + hash.wrapping_add(i) % range) as u16).to_be();
         rkey.dport = port;
-        if CONNTRACK.insert(&*rkey, rep, BPF_NOEXIST as u64).is_ok() {
+        if claim(rkey, rep, |e| ct::expired(e, now)) == Claim::Won {
             return Some(port);
-        }
-        if let Some(e) = CONNTRACK.get_ptr_mut(&*rkey) {
-            // SAFETY: a live map value.
-            let e = unsafe { &mut *e };
-            if ct::expired(e.state, e.last_seen_ns, now) {
-                *e = *rep;
-                return Some(port);
-            }
         }
     }
     None

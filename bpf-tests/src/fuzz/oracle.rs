@@ -60,7 +60,7 @@ pub struct Known {
 type Tuple = ([u8; 16], [u8; 16], u16, u16);
 
 pub fn judge(lb: &Lb, known: &Known, input: &[u8], v: Verdict, out: &[u8], delta: &[u64]) -> Result<Outcome, String> {
-    let on_top = |r: u32| r == verdict::FIB_PASS || r == verdict::MTU_PASS;
+    let on_top = |r: u32| r == verdict::FIB_PASS || r == verdict::MTU_PASS || r == verdict::CT_MISS_NON_SYN;
     let primary: Vec<u32> = (0..verdict::COUNT).filter(|&r| !on_top(r) && delta[r as usize] > 0).collect();
     let counted: u64 = primary.iter().map(|&r| delta[r as usize]).sum();
     if counted != 1 {
@@ -76,13 +76,13 @@ pub fn judge(lb: &Lb, known: &Known, input: &[u8], v: Verdict, out: &[u8], delta
             }
             Ok(Outcome::Unchanged)
         }
-        SNAT_EXHAUSTED | SOURCE_RANGE_DROP | REWRITE_FAILED | REPLY_LIMITED | NO_LOCAL_ENDPOINT_DROP => {
+        SNAT_EXHAUSTED | SOURCE_RANGE_DROP | REWRITE_FAILED | REPLY_LIMITED | NO_LOCAL_ENDPOINT_DROP | CT_RACE_DROP => {
             if v != Verdict::Drop {
                 return Err(format!("{}: {v:?}", NAMES[reason as usize]));
             }
             Ok(Outcome::Dropped)
         }
-        NEW_FLOW | CT_HIT | REVERSE_NAT | CT_FULL | FRAGMENT_NAT => {
+        NEW_FLOW | CT_HIT | REVERSE_NAT | CT_FULL | FRAGMENT_NAT | CT_RACE => {
             if !(v == Verdict::Redirect || (v == Verdict::Pass && kernel)) {
                 return Err(format!("{}: {v:?} (fib_pass/mtu_pass: {kernel})", NAMES[reason as usize]));
             }

@@ -1,0 +1,154 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! Conntrack properties of issue #13, through BPF_PROG_TEST_RUN: a flow has
+//! one lifetime (its reply entry, where its SNAT port lives, is never handed
+//! to another client while it sends), the close timeout applies only once
+//! both sides sent a FIN (Cilium's `tx_closing && rx_closing`; nf_conntrack
+//! keeps a half-closed flow in CLOSE_WAIT / FIN_WAIT too), two CPUs racing
+//! on a flow's first packets agree on one translation, and a TCP packet
+//! without SYN that found no entry is counted (Katran's LRU_MISS).
+
+use bpf_tests::{
+    NEIGH_MAC, OUT_MAC, Prog, Verdict,
+    fixtures::*,
+    packet::{ACK, FIN, PSH, Pkt, SYN},
+    svc_key,
+};
+use datapath_common::{CT_F_REPLY, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, ct};
+
+const SEC: u64 = 1_000_000_000;
+
+/// Moves every conntrack entry's last-seen time `secs` into the past, as if
+/// the flow had been quiet that long.
+fn age(w: &mut World, secs: u64) {
+    for (k, mut e) in w.lb.dp.conntrack() {
+        e.last_seen_ns = e.last_seen_ns.saturating_sub(secs * SEC).max(1);
+        w.lb.dp.conntrack_insert(&k, &e).unwrap();
+    }
+}
+
+#[test]
+fn a_half_closed_flow_outlives_the_close_timeout_and_a_closed_one_does_not() {
+    both_families_both_hooks(|prog, v6| {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = vip_service(&mut w, prog, v6, SCHED_MAGLEV, 0, &backends(v6));
+        let (vip, client) = family(v6);
+        let syn = Pkt::tcp(client, 40000, vip, 80, SYN);
+        let b = expected_backend(&w, &key, &syn);
+        let server = backend_addr(b);
+        let from_server = |flags| Pkt::tcp(&server, 8080, client, 40000, flags).macs(NEIGH_MAC, OUT_MAC);
+        w.lb.run(prog, &syn.build());
+        w.lb.run(prog, &from_server(SYN | ACK).build());
+        w.lb.run(prog, &Pkt::tcp(client, 40000, vip, 80, ACK).build());
+        // The client is done sending (shutdown(SHUT_WR)); the server is not.
+        let fin = Pkt::tcp(client, 40000, vip, 80, FIN | ACK);
+        assert_eq!(w.lb.run(prog, &fin.build()), (Verdict::Redirect, dnatted(&fin, b)));
+        let fwd = w.lb.dp.conntrack_get(&tcp_key(client, 40000, vip, 80)).unwrap();
+        let rep = w.lb.dp.conntrack_get(&tcp_key(&server, 8080, client, 40000)).unwrap();
+        assert_eq!((fwd.fin_out, fwd.fin_in, rep.fin_out, rep.fin_in), (1, 0, 0, 1), "{prog:?} v6={v6}");
+        assert!(!ct::closing(&fwd) && !ct::closing(&rep));
+
+        // Quiet for longer than the close timeout: the flow is still there.
+        age(&mut w, ct::TIMEOUT_CLOSE_NS / SEC + 1);
+        let data = from_server(ACK | PSH).payload(b"late answer");
+        let (v, out) = w.lb.run(prog, &data.build());
+        assert_eq!(v, Verdict::Redirect);
+        assert_eq!(
+            out,
+            data.clone().src(vip, 80).macs(OUT_MAC, NEIGH_MAC).hop().build(),
+            "{prog:?} v6={v6}: reverse NAT"
+        );
+        let ack = Pkt::tcp(client, 40000, vip, 80, ACK);
+        assert_eq!(w.lb.run(prog, &ack.build()), (Verdict::Redirect, dnatted(&ack, b)));
+        assert_eq!((w.lb.verdict("new_flow"), w.lb.verdict("ct_hit")), (1, 3), "{prog:?} v6={v6}: not re-balanced");
+
+        // The server closes too: now the close timeout applies.
+        w.lb.run(prog, &from_server(FIN | ACK).build());
+        let fwd = w.lb.dp.conntrack_get(&tcp_key(client, 40000, vip, 80)).unwrap();
+        assert!(ct::closing(&fwd), "{prog:?} v6={v6}: both FINs seen");
+        age(&mut w, ct::TIMEOUT_CLOSE_NS / SEC + 1);
+        w.lb.run(prog, &ack.build());
+        assert_eq!(w.lb.verdict("new_flow"), 2, "{prog:?} v6={v6}: the closed flow expired");
+        assert_eq!(w.lb.verdict("ct_miss_non_syn"), 1, "{prog:?} v6={v6}: an ACK without an entry is counted");
+    });
+}
+
+/// The issue's one-way UDP over SNAT (syslog, statsd, OTLP): replies never
+/// come, so only the forward direction refreshes the flow. Its reply entry,
+/// which holds its SNAT port, must live as long as the forward one.
+#[test]
+fn one_way_udp_keeps_its_snat_port_from_other_clients() {
+    for v6 in [false, true] {
+        let mut w = world();
+        let _in = w.env.enter();
+        // One SNAT port: a second client can only have it once the first is gone.
+        w.lb.config_snat(NODE4, NODE6, 61000, 61000);
+        vip_service(&mut w, Prog::Xdp, v6, SCHED_MAGLEV, 0, &backends(v6)[..1]);
+        let (vip, a) = family(v6);
+        let b = if v6 { "2001:db8::101" } else { "192.0.2.101" };
+        let from = |c: &str| Pkt::udp(c, 5140, vip, 80).payload(b"<13>log line");
+        let snat_port = |out: &[u8]| {
+            let l4 = 14 + if v6 { 40 } else { 20 };
+            u16::from_be_bytes([out[l4], out[l4 + 1]])
+        };
+        let (v, out) = w.lb.run(Prog::Xdp, &from(a).build());
+        assert_eq!((v, snat_port(&out)), (Verdict::Redirect, 61000));
+        for _ in 0..2 {
+            age(&mut w, 50);
+            let (v, out) = w.lb.run(Prog::Xdp, &from(a).build());
+            assert_eq!((v, snat_port(&out)), (Verdict::Redirect, 61000), "v6={v6}: a's flow goes on");
+        }
+        // 100 s since a's reply entry was written, 0 s since a last sent.
+        let (v, _) = w.lb.run(Prog::Xdp, &from(b).build());
+        assert_eq!(v, Verdict::Drop, "v6={v6}: the port is a's while a sends");
+        assert_eq!(w.lb.verdict("snat_exhausted"), 1);
+        let reply = w.lb.dp.conntrack().into_iter().find(|(k, e)| e.flags & CT_F_REPLY != 0 && k.proto == PROTO_UDP);
+        assert!(!ct::expired(&reply.expect("a's reply entry").1, xlb::dump::now_ns()), "v6={v6}");
+
+        // Once a has been quiet past the UDP timeout, b gets the port.
+        age(&mut w, ct::TIMEOUT_UDP_NS / SEC + 1);
+        let (v, out) = w.lb.run(Prog::Xdp, &from(b).build());
+        assert_eq!((v, snat_port(&out)), (Verdict::Redirect, 61000), "v6={v6}");
+    }
+}
+
+/// Both CPUs run the first packet of the same flow at once, a thousand
+/// flows over: under a random scheduler with four backends (and SNAT, over
+/// XDP) each flow must come out of both CPUs translated the same way, or
+/// be dropped on the CPU that lost while the other was still writing.
+#[test]
+fn two_cpus_racing_on_a_flows_first_packet_agree_on_its_translation() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "needs two CPUs, found {cpus}");
+    for prog in [Prog::Xdp, Prog::TcIngress] {
+        let mut w = world();
+        w.lb.config_snat(NODE4, NODE6, 61000, 62999);
+        vip_service(&mut w, prog, false, SCHED_RANDOM, 0, &[1, 2, 3, 4]);
+        let key = svc_key(VIP4, 80, datapath_common::PROTO_TCP, scope(prog));
+        assert!(w.lb.dp.service(&key).is_some());
+        let flows: Vec<Vec<u8>> = (0..1000u16).map(|i| Pkt::tcp(CLIENT4, 20000 + i, VIP4, 80, SYN).build()).collect();
+        let runs = w.lb.race(prog, &w.env, &flows);
+        let mut agreed = 0;
+        for (i, [(v0, o0), (v1, o1)]) in runs.iter().enumerate() {
+            match (v0, v1) {
+                (Verdict::Redirect, Verdict::Redirect) => {
+                    assert_eq!(o0, o1, "{prog:?} flow {i}: both CPUs translated it, differently");
+                    agreed += 1;
+                }
+                (Verdict::Redirect, Verdict::Drop) | (Verdict::Drop, Verdict::Redirect) => {}
+                other => panic!("{prog:?} flow {i}: {other:?}"),
+            }
+        }
+        let raced = w.lb.verdict("ct_race") + w.lb.verdict("ct_race_drop");
+        println!("{prog:?}: {agreed} flows translated on both CPUs, {raced} first packets lost the race");
+        assert_eq!(w.lb.verdict("ct_race_drop") as usize, runs.len() - agreed);
+        // Every flow has one forward entry, and its SNAT port one reply entry.
+        let entries = w.lb.dp.conntrack();
+        let replies = entries.iter().filter(|(_, e)| e.flags & CT_F_REPLY != 0).count();
+        let forwards = entries.len() - replies;
+        assert_eq!(forwards, flows.len(), "{prog:?}");
+        if prog == Prog::Xdp {
+            assert_eq!(replies, flows.len(), "{prog:?}: no SNAT port claimed twice or left behind");
+        }
+    }
+}
