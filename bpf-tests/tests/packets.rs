@@ -383,8 +383,10 @@ fn a_terminating_backend_drains_its_flows_and_gets_no_new_ones() {
             let (_, out) = w.lb.run(prog, &p.build());
             assert_eq!(out, dnatted(&p, 2), "new flows avoid it");
         }
-        // A FIN then a new SYN on the same tuple is a new flow: it moves too.
+        // Closed both ways (a FIN each), then a new SYN on the same tuple is a
+        // new flow: it moves too. (One FIN is a half-close: tests/conntrack.rs.)
         let (_, _) = w.lb.run(prog, &Pkt::tcp(CLIENT4, 30000, VIP4, 80, FIN | ACK).build());
+        let (_, _) = w.lb.run(prog, &Pkt::tcp("10.0.1.11", 8080, CLIENT4, 30000, FIN | ACK).build());
         let again = Pkt::tcp(CLIENT4, 30000, VIP4, 80, SYN);
         let (_, out) = w.lb.run(prog, &again.build());
         assert_eq!(out, dnatted(&again, 2));
