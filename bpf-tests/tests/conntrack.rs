@@ -13,7 +13,7 @@ use bpf_tests::{
     packet::{ACK, FIN, PSH, Pkt, SYN},
     svc_key,
 };
-use datapath_common::{CT_F_REPLY, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, ct};
+use datapath_common::{CT_F_REPLY, CtEntry, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, ct};
 
 const SEC: u64 = 1_000_000_000;
 
@@ -151,4 +151,30 @@ fn two_cpus_racing_on_a_flows_first_packet_agree_on_its_translation() {
             assert_eq!(replies, flows.len(), "{prog:?}: no SNAT port claimed twice or left behind");
         }
     }
+}
+
+/// The losing side of the race, made deterministic: the forward key is held
+/// by an entry another CPU is taking over (`last_seen_ns` 0, "being
+/// rewritten"). The first packet is dropped, not translated on its own, and
+/// the SNAT port it had claimed is given back.
+#[test]
+fn a_first_packet_finding_its_key_being_rewritten_is_dropped_and_gives_its_port_back() {
+    let mut w = world();
+    let _in = w.env.enter();
+    w.lb.config_snat(NODE4, NODE6, 61000, 61015);
+    vip_service(&mut w, Prog::Xdp, false, SCHED_MAGLEV, 0, &[1, 2]);
+    let key = tcp_key(CLIENT4, 40000, VIP4, 80);
+    let busy =
+        CtEntry { last_seen_ns: 0, backend_id: 2, rev_nat_id: 10, state: ct::STATE_SYN_SENT, ..CtEntry::default() };
+    w.lb.dp.conntrack_insert(&key, &busy).unwrap();
+    let syn = Pkt::tcp(CLIENT4, 40000, VIP4, 80, SYN);
+    assert_eq!(w.lb.run(Prog::Xdp, &syn.build()).0, Verdict::Drop);
+    assert_eq!((w.lb.verdict("ct_race_drop"), w.lb.verdict("new_flow")), (1, 0));
+    assert_eq!(w.lb.dp.conntrack(), vec![(key, busy)], "no SNAT reply entry left behind");
+
+    // The other CPU finished (its entry is whole): the retransmitted SYN follows it.
+    w.lb.dp.conntrack_remove(&key).unwrap();
+    assert_eq!(w.lb.run(Prog::Xdp, &syn.build()).0, Verdict::Redirect);
+    assert_eq!(w.lb.verdict("new_flow"), 1);
+    assert_eq!(w.lb.dp.conntrack().len(), 2, "forward and reply entry");
 }

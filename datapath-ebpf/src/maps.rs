@@ -66,6 +66,8 @@ const BPF_F_MMAPABLE: u32 = 1024;
 /// built, kept off the 512-byte stack.
 #[repr(C)]
 pub struct Scratch {
+    /// The new flow being tracked (`pipeline::new_flow` → `track`).
+    pub req: Track,
     pub fwd: CtEntry,
     pub rep: CtEntry,
     pub key: CtKey,
@@ -74,6 +76,21 @@ pub struct Scratch {
     /// set by the program that tail-calls it.
     pub answer: u32,
     pub _pad: u32,
+}
+
+/// What `pipeline::track` needs to know about a new flow.
+#[repr(C)]
+pub struct Track {
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub hash: u32,
+    /// SNAT port range, host order (`snat_min` 0: no SNAT).
+    pub snat_min: u16,
+    pub snat_max: u16,
+    /// SNAT source address. Plain fields rather than an `Option`: LLVM
+    /// leaves a `None`'s payload uninitialised, and the verifier rejects
+    /// copying uninitialised memory.
+    pub snat_node: [u8; 16],
 }
 
 /// The token bucket of the answers a CPU builds (rejects, packet too big):

@@ -7,7 +7,7 @@ use crate::{
     hook::{Action, Hook},
     maps::{
         BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, FILTER, REPLY_BUCKET, REV_NAT, SCRATCH, SERVICE_STATS,
-        SOURCE_RANGES, count, count_verdict,
+        SOURCE_RANGES, Scratch, Track, count, count_verdict,
     },
     nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, rewrite_addresses, word},
     parse::{Flow, Parsed, parse},
@@ -271,7 +271,7 @@ pub fn conntrack<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, len: u32,
         return Step::Pass(verdict::PASS);
     }
     if refresh(e, flow, reply, now) {
-        touch_peer(flow, t, now);
+        touch_peer(flow, t, e, now);
     }
     if !reply {
         count(&SERVICE_STATS, e.rev_nat_id, len);
@@ -360,10 +360,14 @@ fn refresh(e: &mut CtEntry, flow: &Flow, reply: bool, now: u64) -> bool {
 /// same last-seen time, so the flow has one lifetime (one-way UDP keeps the
 /// reply entry its SNAT port lives in, and the port is never handed to a
 /// second client while the first still sends); its `fin_in` when the packet
-/// carries a FIN (the close timeout needs both); closed by a RST. The other
-/// entry's key is the reverse of this packet's translation `t`.
+/// carries a FIN (the close timeout needs both); closed by a RST (as
+/// nf_conntrack's CLOSE). The other entry's key is the reverse of this
+/// packet's translation `t`; the entry there is touched only if it is `e`'s
+/// own peer — the other direction of the same frontend and backend, alive,
+/// and not being taken over by a new flow (`claim`) — never a dead flow's
+/// leftover that happens to share the tuple.
 #[inline(always)]
-fn touch_peer(flow: &Flow, t: &Target, now: u64) {
+fn touch_peer(flow: &Flow, t: &Target, e: &CtEntry, now: u64) {
     let key = CtKey { src: t.dst, dst: t.src, sport: t.dport, dport: t.sport, proto: flow.proto, _pad: [0; 3] };
     let Some(p) = CONNTRACK.get_ptr_mut(&key) else {
         return;
@@ -371,6 +375,13 @@ fn touch_peer(flow: &Flow, t: &Target, now: u64) {
     // SAFETY: a live map value; each field written here has this direction
     // as its only writer, or is a plain store any packet may make.
     let p = unsafe { &mut *p };
+    if (p.flags ^ e.flags) & CT_F_REPLY == 0
+        || p.rev_nat_id != e.rev_nat_id
+        || p.backend_id != e.backend_id
+        || ct::expired(p, now)
+    {
+        return;
+    }
     if flow.proto == PROTO_TCP {
         if flow.tcp_flags & ct::TCP_FIN != 0 && p.fin_in == 0 {
             p.fin_in = 1;
@@ -405,9 +416,17 @@ fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
     };
     t.dst = b.addr;
     t.dport = b.port;
-    let mut req = Track { backend_id, rev_nat_id: svc.id, hash, snat_node: [0; 16], snat_min: 0, snat_max: 0 };
-    snat_source(&svc, b, flow, scope, &mut req);
-    let reason = track(flow, &mut req, t);
+    // The request and the entries `track` builds live in per-CPU scratch
+    // memory, not on the stack: the new-flow call chain (this program, the
+    // service lookup, `track`, `claim`) must fit the verifier's 512 bytes.
+    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
+        return Step::Drop(verdict::REWRITE_FAILED);
+    };
+    // SAFETY: per-CPU memory, used by nothing else while this program runs.
+    let sc = unsafe { &mut *sc };
+    sc.req = Track { backend_id, rev_nat_id: svc.id, hash, snat_min: 0, snat_max: 0, snat_node: [0; 16] };
+    snat_source(&svc, b, flow, scope, &mut sc.req);
+    let reason = track(flow, sc, t);
     if reason == verdict::SNAT_EXHAUSTED || reason == verdict::CT_RACE_DROP {
         return Step::Drop(reason);
     }
@@ -417,21 +436,8 @@ fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
         count_verdict(verdict::CT_MISS_NON_SYN);
     }
     count(&SERVICE_STATS, svc.id, len);
-    count(&BACKEND_STATS, req.backend_id, len);
+    count(&BACKEND_STATS, sc.req.backend_id, len);
     Step::Nat(reason)
-}
-
-/// What `track` needs to know about a new flow.
-struct Track {
-    backend_id: u32,
-    rev_nat_id: u32,
-    hash: u32,
-    /// SNAT source address (all zero: no SNAT) and port range, host order.
-    /// Plain fields rather than an `Option`: LLVM leaves a `None`'s payload
-    /// uninitialised, and the verifier rejects copying uninitialised stack.
-    snat_node: [u8; 16],
-    snat_min: u16,
-    snat_max: u16,
 }
 
 /// Writes the new flow's conntrack entries (claiming a SNAT port when
@@ -447,14 +453,8 @@ struct Track {
 /// one point where two CPUs racing on one flow are ordered, so they agree
 /// on one backend and one SNAT port.
 #[inline(never)]
-fn track(flow: &Flow, req: &mut Track, t: &mut Target) -> u32 {
-    // The two entries and keys are built in a per-CPU scratch buffer, not on
-    // the stack: together they are 192 bytes of the 512 a call chain may use.
-    let Some(sc) = SCRATCH.get_ptr_mut(0) else {
-        return verdict::CT_FULL;
-    };
-    // SAFETY: per-CPU memory, used by nothing else while this program runs.
-    let sc = unsafe { &mut *sc };
+fn track(flow: &Flow, sc: &mut Scratch, t: &mut Target) -> u32 {
+    let req = &mut sc.req;
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let fwd = &mut sc.fwd;
@@ -475,7 +475,7 @@ fn track(flow: &Flow, req: &mut Track, t: &mut Target) -> u32 {
     sc.rkey = CtKey { src: t.dst, dst: flow.src, sport: t.dport, dport: flow.sport, proto: flow.proto, _pad: [0; 3] };
     sc.key = ct_key(flow);
     let mut reason = verdict::NEW_FLOW;
-    let snat = req.snat_node != [0; 16];
+    let snat = req.snat_min != 0;
     if snat {
         sc.rep.flags |= CT_F_SNAT;
         sc.rep.nat_addr = flow.src;
@@ -556,8 +556,10 @@ enum Claim {
 /// there and `dead` says so, taken over by one compare-and-swap of its
 /// `last_seen_ns` to 0 ("being rewritten", dead to every reader) and then
 /// replaced whole. Of two CPUs claiming one key, exactly one wins: the
-/// kernel's insert without overwrite, or the swap, orders them.
-#[inline(always)]
+/// kernel's insert without overwrite, or the swap, orders them. A call of
+/// its own: inlined into the SNAT probe loop it pushed the new-flow chain
+/// past the verifier's 512-byte stack budget.
+#[inline(never)]
 fn claim(key: &CtKey, e: &CtEntry, dead: impl Fn(&CtEntry) -> bool) -> Claim {
     if CONNTRACK.insert(key, e, BPF_NOEXIST as u64).is_ok() {
         return Claim::Won;
@@ -583,7 +585,13 @@ fn claim(key: &CtKey, e: &CtEntry, dead: impl Fn(&CtEntry) -> bool) -> Claim {
     if !swapped {
         return Claim::Busy;
     }
-    if CONNTRACK.insert(key, e, 0).is_ok() { Claim::Won } else { Claim::Failed }
+    if CONNTRACK.insert(key, e, 0).is_ok() {
+        return Claim::Won;
+    }
+    // Never leave the key marked "being rewritten": every later packet of
+    // the tuple would count as a lost race.
+    let _ = CONNTRACK.remove(key);
+    Claim::Failed
 }
 
 /// True while backend `id` exists (a forward entry of a deleted backend is
