@@ -16,7 +16,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use datapath_common::{CFG_F_SOCK_HOST_ONLY, Config};
+use datapath_common::{
+    CFG_F_NEXT_HOP_PER_INGRESS4, CFG_F_NEXT_HOP_PER_INGRESS6, CFG_F_NO_NEXT_HOP_CACHE, CFG_F_SOCK_HOST_ONLY, Config,
+};
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
@@ -124,7 +126,7 @@ pub fn desired_with(t: &mut translate::Translator, s: &Settings, snap: &Snapshot
     d
 }
 
-fn config(s: &Settings, node: &NodeInfo) -> Config {
+fn config(s: &Settings, node: &NodeInfo, route: &RouteEpoch) -> Config {
     // The agent runs in the node's network namespace: its own is the host's.
     let host_netns = match s.socket_lb {
         socket_lb::Mode::Host => socket_lb::own_netns_cookie().unwrap_or_else(|e| {
@@ -144,11 +146,37 @@ fn config(s: &Settings, node: &NodeInfo) -> Config {
         snat_v6: a16(pick(s.snat_v6, false)),
         snat_port_min: s.snat_ports.0,
         snat_port_max: s.snat_ports.1,
-        flags: if s.socket_lb == socket_lb::Mode::Host { CFG_F_SOCK_HOST_ONLY } else { 0 },
+        flags: if s.socket_lb == socket_lb::Mode::Host { CFG_F_SOCK_HOST_ONLY } else { 0 } | route.flags(),
         reply_rate: s.reply_rate,
-        _pad: 0,
+        route_epoch: route.epoch(),
         host_netns,
     }
+}
+
+/// `Config::route_epoch` and the next-hop cache switch, from
+/// [`crate::routes::follow`]: the epoch the pinned configuration had when
+/// the agent started, plus the route changes seen since (a restarted agent
+/// never reuses an epoch the running programs may have cached under).
+#[derive(Clone, Copy, Debug, Default)]
+struct RouteEpoch {
+    base: u32,
+    state: crate::routes::RouteState,
+}
+
+impl RouteEpoch {
+    fn epoch(&self) -> u32 {
+        self.base.wrapping_add(1).wrapping_add(self.state.changes)
+    }
+
+    /// The next-hop cache's `Config::flags`.
+    fn flags(&self) -> u32 {
+        let st = &self.state;
+        (if st.per_backend { 0 } else { CFG_F_NO_NEXT_HOP_CACHE })
+            | (if st.per_ingress4 { CFG_F_NEXT_HOP_PER_INGRESS4 } else { 0 })
+            | (if st.per_ingress6 { CFG_F_NEXT_HOP_PER_INGRESS6 } else { 0 })
+    }
+
+    const FLAGS: u32 = CFG_F_NO_NEXT_HOP_CACHE | CFG_F_NEXT_HOP_PER_INGRESS4 | CFG_F_NEXT_HOP_PER_INGRESS6;
 }
 
 /// An interface appeared or went away.
@@ -217,6 +245,7 @@ struct Reconciler<'a> {
     neighbours: crate::neighbours::Neighbours,
     events: Option<crate::events::EventSink>,
     last_config: Option<Config>,
+    route: RouteEpoch,
     /// Notices and expected skips already logged (each is said once).
     said_once: std::collections::HashSet<(String, String)>,
 }
@@ -227,7 +256,7 @@ impl Reconciler<'_> {
         let s = self.s;
         let started = Instant::now();
         let node = node_info(s, snap, local);
-        let cfg = config(s, &node);
+        let cfg = config(s, &node, &self.route);
         if self.last_config != Some(cfg) {
             dp.set_config(&cfg)?;
             self.last_config = Some(cfg);
@@ -395,6 +424,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     // The node's own addresses (NodePorts open on them), followed.
     let (addr_tx, mut addr_rx) = watch::channel(Vec::new());
     crate::addresses::follow(addr_tx).await.context("listing the node's addresses")?;
+    // Route, rule and neighbour changes, for the next-hop cache.
+    // Without them (an error here), next hops are not cached at all.
+    let (route_tx, mut route_rx) = watch::channel(crate::routes::RouteState::default());
+    if let Err(e) = crate::routes::follow(route_tx).await {
+        tracing::warn!(error = %e, "cannot follow routes and neighbours: every new flow looks its route up");
+    }
     let client = client(&s).await?;
     let events = client.clone().map(|c| crate::events::EventSink::new(c, &s.node_name));
     let mut source = spawn_source(&s, client, tx);
@@ -409,6 +444,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         neighbours: crate::neighbours::Neighbours::default(),
         events,
         last_config: None,
+        route: RouteEpoch { base: dp.config().map(|c| c.route_epoch).unwrap_or(0), state: *route_rx.borrow() },
         said_once: Default::default(),
     };
     let mut last: Option<Snapshot> = None;
@@ -434,6 +470,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 let local = addr_rx.borrow_and_update().clone();
                 if let Some(snap) = &last {
                     r.sync(&mut dp, snap, &local).await?;
+                }
+            }
+            Ok(()) = route_rx.changed() => {
+                r.route.state = *route_rx.borrow_and_update();
+                if let Some(mut cfg) = r.last_config {
+                    cfg.route_epoch = r.route.epoch();
+                    cfg.flags = (cfg.flags & !RouteEpoch::FLAGS) | r.route.flags();
+                    match dp.set_config(&cfg) {
+                        Ok(()) => r.last_config = Some(cfg),
+                        Err(e) => tracing::warn!(error = %e, "writing the route epoch failed"),
+                    }
                 }
             }
             Some(ev) = link_rx.recv() => match ev {

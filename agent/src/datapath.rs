@@ -25,8 +25,8 @@ use aya::{
     util::nr_cpus,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, RevNat, SCHED_MAGLEV, Service,
-    ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, maps, tail, v4_mapped, verdict,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, NextHop, RevNat, SCHED_MAGLEV,
+    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, maps, tail, v4_mapped, verdict,
 };
 
 use crate::{
@@ -584,6 +584,7 @@ impl Datapath {
             .map_max_entries(maps::FRONTENDS, sizes.services)
             .map_max_entries(maps::FRAGS, sizes.fragments)
             .map_max_entries(maps::SOCK_REV, sizes.sock_rev)
+            .map_max_entries(maps::NEXT_HOP, sizes.backends.saturating_mul(2))
             .load(OBJECT)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         let filter = filter(&ebpf, &maps)?;
@@ -612,14 +613,21 @@ impl Datapath {
     /// Loads (verifies) every program of the object and fills the
     /// tail-call tables (`datapath_common::tail`) with them.
     pub fn load_programs(&mut self) -> Result<()> {
-        self.verify_programs()?;
+        self.load_programs_where(|_| true)
+    }
+
+    /// As [`Datapath::load_programs`], for the programs whose name `pick`
+    /// accepts (tests verify only the hook they run: the verifier's time is
+    /// most of a datapath's load).
+    pub fn load_programs_where(&mut self, pick: impl Fn(&str) -> bool) -> Result<()> {
+        self.verify_programs(&pick)?;
         let programs = tail::HOOKS.iter().flat_map(|&(main, table, first)| {
             tail::SUFFIXES
                 .iter()
                 .enumerate()
                 .map(move |(i, suffix)| (table, first + i as u32, format!("{main}{suffix}")))
         });
-        for (table, slot, name) in programs {
+        for (table, slot, name) in programs.filter(|(_, _, name)| pick(name)) {
             let prog = self.ebpf.program(&name).ok_or_else(|| Error::MissingProgram(name.clone()))?;
             let fd = prog.fd()?.try_clone().map_err(|io_error| Error::TailCall {
                 name: name.clone(),
@@ -654,8 +662,9 @@ impl Datapath {
     /// Like libbpf, retries a load the verifier abandoned with EAGAIN (it
     /// gives up when a signal is pending, e.g. a child process exiting
     /// during a long verification).
-    fn verify_programs(&mut self) -> Result<()> {
-        for (name, prog) in self.ebpf.programs_mut() {
+    fn verify_programs(&mut self, pick: &impl Fn(&str) -> bool) -> Result<()> {
+        // (A program loaded earlier keeps its descriptor: `fd` is Ok.)
+        for (name, prog) in self.ebpf.programs_mut().filter(|(name, p)| pick(name) && p.fd().is_err()) {
             let mut tries = 0;
             loop {
                 let r = match prog {
@@ -698,6 +707,14 @@ impl Datapath {
 
     pub fn set_config(&mut self, cfg: &Config) -> Result<()> {
         self.maps.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    /// Backend `id`'s next-hop cache entry for XDP (`tc` false) or TC, as
+    /// the new-flow path left it (see `datapath_common::NextHop`).
+    pub fn next_hop(&self, id: u32, tc: bool) -> Result<NextHop> {
+        let map = self.ebpf.map(maps::NEXT_HOP).ok_or(Error::MissingMap(maps::NEXT_HOP))?;
+        let a: Array<&MapData, NextHop> = Array::try_from(map).map_err(map_err(maps::NEXT_HOP))?;
+        a.get(&(id * 2 + tc as u32), 0).map_err(map_err(maps::NEXT_HOP))
     }
 
     /// Writes (or overwrites) backend `id`. Write backends before any

@@ -12,9 +12,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use datapath_common::{
-    AffinityKey, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey,
-    FrontendInfo, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_NODEPORT,
-    SVC_F_SOURCE_RANGES, Service, ServiceKey, ct, is_v4_mapped, verdict,
+    AffinityKey, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, CFG_F_NO_NEXT_HOP_CACHE, CT_F_REPLY,
+    CT_F_SNAT, CtEntry, CtKey, FrontendInfo, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, Service, ServiceKey, ct, is_v4_mapped, verdict,
 };
 use serde_json::{Value, json};
 
@@ -376,7 +376,11 @@ fn stats(v: &View) -> anyhow::Result<(Value, Table)> {
     }
     let ct = v.maps.conntrack_len();
     t.add_row(vec!["conntrack entries".to_string(), ct.to_string()]);
-    Ok((json!({"verdicts": by, "conntrack_entries": ct}), t))
+    let cfg = v.maps.config()?;
+    let cache = cfg.flags & CFG_F_NO_NEXT_HOP_CACHE == 0;
+    t.add_row(vec!["route epoch".to_string(), cfg.route_epoch.to_string()]);
+    t.add_row(vec!["next-hop cache".to_string(), if cache { "per backend" } else { "off (ip rules)" }.to_string()]);
+    Ok((json!({"verdicts": by, "conntrack_entries": ct, "route_epoch": cfg.route_epoch, "next_hop_cache": cache}), t))
 }
 
 fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -> anyhow::Result<(Value, Table)> {

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod neighbours;
 pub mod pktgen;
 pub mod region;
+pub mod routes;
 pub mod select;
 pub mod sock_diag;
 pub mod socket_lb;

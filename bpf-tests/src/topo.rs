@@ -88,6 +88,7 @@ impl Topology {
     /// [`Topology::xdp_senders_fill_checksums`]).
     pub fn attach_xdp(&self, lb: &mut Lb) {
         self.xdp_senders_fill_checksums();
+        lb.load(crate::Prog::Xdp);
         let _in = self.node.enter();
         let p: &mut Xdp = lb.dp.program_mut("xlb_xdp").unwrap().try_into().unwrap();
         for ifname in ["n0", "n1"] {
@@ -97,6 +98,7 @@ impl Topology {
 
     /// Attaches xlb's TC ingress program to n0 and n1.
     pub fn attach_tc(&self, lb: &mut Lb) {
+        lb.load(crate::Prog::TcIngress);
         let _in = self.node.enter();
         let p: &mut SchedClassifier = lb.dp.program_mut("xlb_tc_ingress").unwrap().try_into().unwrap();
         for ifname in ["n0", "n1"] {

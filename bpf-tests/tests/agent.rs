@@ -574,3 +574,66 @@ fn node_ports_follow_the_node_addresses() {
     topo.node.exec(&["ip", "addr", "del", "172.31.1.77/24", "dev", "n0"]);
     until(&[NODE_ADDR, "172.31.2.1"]);
 }
+
+/// The next-hop cache follows the node's neighbours and rules (issue #13):
+/// a backend whose MAC changes behind the same address (a replaced pod, a
+/// failover) moves `route_epoch`, so the next connection reaches it at once
+/// rather than after the cache's second — a SYN sent to the old MAC would be
+/// lost and retried only a second later; an `ip rule` selecting by source
+/// turns the per-backend cache off until it is gone.
+#[test]
+fn new_connections_reach_a_backend_at_its_new_mac_at_once() {
+    let topo = xdp_topology();
+    let pins = PinDir::new();
+    let dir = TempDir::new();
+    std::fs::write(dir.path.join("echo.yaml"), manifests(&[SERVER4])).unwrap();
+    echo_server(&topo, SocketAddr::new(SERVER4.parse().unwrap(), 8080));
+    let _agent = Agent::start(&topo.node, dir.path.join("agent.log"), &agent_args(&pins, &dir, &[]));
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(&xlb(&topo.node, &["dump", "--pin-dir", &pins.arg(), "-o", "json", "stats"])).unwrap()
+    };
+    let eventually = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = stats();
+            if ok(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{what}: {s:#}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let nodeport: SocketAddr = format!("{NODE_ADDR}:30007").parse().unwrap();
+    eventually("the agent is up, caching per backend", &|s| s["next_hop_cache"] == true);
+    // The first connection resolves the server's neighbour (its SYN goes to
+    // the kernel, `fib_pass`); the second one's route is looked up by XDP
+    // and cached.
+    let mut c = Conn::open(&topo, nodeport);
+    assert!(c.say("first").ends_with(" first"));
+    let fib_pass = stats()["verdicts"]["fib_pass"].clone();
+    let mut c1 = Conn::open(&topo, nodeport);
+    assert!(c1.say("second").ends_with(" second"));
+    let s = stats();
+    assert_eq!(s["verdicts"]["fib_pass"], fib_pass, "the second connection went by XDP");
+    let epoch = s["route_epoch"].as_u64().unwrap();
+
+    // The server gets a new MAC and the node learns it (as from a gratuitous ARP).
+    topo.server.exec(&["ip", "link", "set", "s0", "address", "02:00:00:00:5e:01"]);
+    topo.node.exec(&["ip", "neigh", "replace", SERVER4, "lladdr", "02:00:00:00:5e:01", "dev", "n1"]);
+    eventually("the neighbour change moved the route epoch", &|s| s["route_epoch"].as_u64() != Some(epoch));
+    let started = Instant::now();
+    let mut c2 = Conn::open(&topo, nodeport);
+    assert!(c2.say("after the move").ends_with(" after the move"));
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "connected in {:?}: its SYN went to the old MAC",
+        started.elapsed()
+    );
+
+    topo.node.exec(&["ip", "rule", "add", "from", "10.99.0.0/16", "lookup", "100", "pref", "100"]);
+    eventually("a source rule turns the cache off", &|s| s["next_hop_cache"] == false);
+    let mut c3 = Conn::open(&topo, nodeport);
+    assert!(c3.say("no cache").ends_with(" no cache"));
+    topo.node.exec(&["ip", "rule", "del", "pref", "100"]);
+    eventually("and on again once the rule is gone", &|s| s["next_hop_cache"] == true);
+}

@@ -28,7 +28,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
-use bpf_tests::{Lb, NetNs};
+use bpf_tests::{Lb, NetNs, Prog};
 
 const MB: usize = 1 << 20;
 
@@ -111,6 +111,7 @@ impl Net {
     /// checksums: a veth hands XDP CHECKSUM_PARTIAL frames as if complete)
     /// or TC ingress.
     fn attach(&self, lb: &mut Lb, tc: bool) {
+        lb.load(if tc { Prog::TcIngress } else { Prog::Xdp });
         let _in = self.node.enter();
         if tc {
             let p: &mut SchedClassifier = lb.dp.program_mut("xlb_tc_ingress").unwrap().try_into().unwrap();

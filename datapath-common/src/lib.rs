@@ -311,7 +311,9 @@ pub struct Config {
     /// may send per second, with a burst of as many; 0 means the default,
     /// [`REPLY_RATE_DEFAULT`].
     pub reply_rate: u32,
-    pub _pad: u32,
+    /// Bumped by the agent on every route, rule or neighbour change: a
+    /// [`NextHop`] filled under another epoch is not used.
+    pub route_epoch: u32,
     /// Netns cookie of the node's own network namespace (the agent's), for
     /// socket-level load balancing in host-only mode
     /// ([`CFG_F_SOCK_HOST_ONLY`]).
@@ -329,6 +331,52 @@ pub const CFG_F_KEEP_TTL: u32 = 1 << 0;
 /// of the node's own network namespace ([`Config::host_netns`]), not pods'
 /// (`--socket-lb=host`).
 pub const CFG_F_SOCK_HOST_ONLY: u32 = 1 << 1;
+/// [`Config::flags`]: every new flow takes a FIB lookup of its own rather
+/// than its backend's [`NextHop`]. Set by the agent while an `ip rule`
+/// selects routes by something a per-backend cache does not see (source
+/// address or port, incoming interface, TOS, protocol, VRF).
+pub const CFG_F_NO_NEXT_HOP_CACHE: u32 = 1 << 2;
+/// [`Config::flags`]: some interface does not forward IPv4 (its
+/// `net.ipv4.conf.<dev>.forwarding` is 0), so the FIB's answer depends on
+/// the interface a packet came in on, and a [`NextHop`] is only used for
+/// packets from the interface it was looked up from. Otherwise it serves
+/// every interface (pods' veths share one entry per backend).
+pub const CFG_F_NEXT_HOP_PER_INGRESS4: u32 = 1 << 3;
+/// [`CFG_F_NEXT_HOP_PER_INGRESS4`] for IPv6.
+pub const CFG_F_NEXT_HOP_PER_INGRESS6: u32 = 1 << 4;
+
+/// The route to a backend as the new-flow path last looked it up (`NEXT_HOP`,
+/// at `2 × backend id`, `+ 1` for TC): valid while `addr` is the backend's
+/// address, `epoch` [`Config::route_epoch`], `filled_ns` less than
+/// [`NEXT_HOP_TTL_NS`] old (what no notification announces, such as a learnt
+/// path MTU, applies within that) and, under [`CFG_F_NEXT_HOP_PER_INGRESS4`]
+/// / `6`, `ingress` the packet's interface. `filled_ns` is also the entry's
+/// lock: a writer takes it by swapping it to 0 and stores it last; a reader
+/// uses what it copied only if `filled_ns` was the same before and after.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `bpf_ktime_get_coarse_ns` at the fill; 0: never filled;
+    /// [`NEXT_HOP_WRITING`] while being written.
+    pub filled_ns: u64,
+    /// The backend's address, network order, IPv4 mapped.
+    pub addr: [u8; 16],
+    pub ingress: u32,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Destination MAC, then source MAC.
+    pub macs: [u8; 12],
+    /// The route's MTU (IP packet bytes).
+    pub mtu: u16,
+    pub epoch: u16,
+}
+
+/// [`NextHop::filled_ns`] while a CPU writes the entry.
+pub const NEXT_HOP_WRITING: u64 = u64::MAX;
+
+/// How long a [`NextHop`] is used without a notification: one second, as a
+/// conntrack entry's own cached route.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// SOCK_REV (LRU hash): what socket-level load balancing rewrote, so the
 /// socket sees the service's address again where the kernel would show the
@@ -523,6 +571,9 @@ pub mod maps {
     /// rebuilds it from SERVICES and BACKENDS when it loads its programs,
     /// which use their own copy from then on.
     pub const FILTER: &str = "FILTER";
+    /// The per-backend next-hop cache ([`super::NextHop`]). Not pinned: a
+    /// cache, refilled by the first new flow to each backend.
+    pub const NEXT_HOP: &str = "NEXT_HOP";
     /// The tail-call tables (see [`super::tail`]): replaced by every agent
     /// that loads new programs, pinned under `progs/` once they are attached.
     pub const XDP_CALLS: &str = "XDP_CALLS";
@@ -649,6 +700,7 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SourceRangeKey {}

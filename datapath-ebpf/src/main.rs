@@ -11,6 +11,7 @@ mod hook;
 mod icmp;
 mod maps;
 mod nat;
+mod next_hop;
 mod parse;
 mod pipeline;
 mod reject;

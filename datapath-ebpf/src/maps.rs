@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey, FragPorts, FrontendInfo, RevNat,
-    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, filter::FlowFilter, tail, verdict,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey, FragPorts, FrontendInfo, NextHop,
+    RevNat, Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, filter::FlowFilter, tail, verdict,
 };
 
 #[map]
@@ -49,6 +49,11 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::with_max
 /// The "maybe ours" filter (`datapath_common::filter`), memory-mapped by the agent.
 #[map]
 pub static FILTER: Array<FlowFilter> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The new-flow path's next-hop cache (`next_hop.rs`); sized by the loader
+/// to two entries per backend.
+#[map]
+pub static NEXT_HOP: Array<NextHop> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(1, 0);

@@ -184,8 +184,12 @@ pub fn lookup<H: Hook>(hook: &mut H, flow: &Flow, t: &mut Target) -> Route {
         FIB_SUCCESS => {
             t.macs[..6].copy_from_slice(&p.dmac);
             t.macs[6..].copy_from_slice(&p.smac);
-            // SAFETY: a union of two u16s.
-            t.fits = if H::SKB { unsafe { p.__bindgen_anon_1.mtu_result } } else { len };
+            // SAFETY: a union of two u16s. On success the kernel (5.12 on)
+            // writes the MTU it checked against: the route's, path-MTU
+            // exceptions included, for XDP; the device's for an skb with
+            // tot_len 0. An older kernel leaves XDP's tot_len there, which
+            // is still a length known to fit.
+            t.fits = unsafe { p.__bindgen_anon_1.mtu_result };
             Route::Out(p.ifindex)
         }
         // SAFETY: a union of two u16s; the kernel set mtu_result.

@@ -10,6 +10,7 @@ use crate::{
         SOURCE_RANGES, Scratch, Track, count, count_verdict,
     },
     nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, rewrite_addresses, word},
+    next_hop,
     parse::{Flow, Parsed, parse},
     reject::{NO_BACKEND, reject},
     service,
@@ -102,7 +103,10 @@ pub fn new_flow_program(hook: &mut impl Hook, scope: u8) -> Action {
     let t = unsafe { &mut *t.as_mut_ptr() };
     match new_flow(flow, scope, len, t) {
         Step::Nat(reason) => {
-            let route = lookup(hook, flow, t);
+            // The backend `track` settled on (its own choice, or the one a
+            // racing CPU's entry names).
+            let backend = SCRATCH.get(0).map_or(0, |sc| sc.req.backend_id);
+            let route = next_hop::route(hook, flow, t, backend);
             match translate::<false>(hook, flow, t, route, reason) {
                 Step::Done(action) => action,
                 Step::TooBig(mtu) => answer_with(hook, mtu),

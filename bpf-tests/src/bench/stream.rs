@@ -147,6 +147,7 @@ fn stream(net: &Net, listen: SocketAddr, to: SocketAddr, seconds: f64) -> anyhow
 pub fn measure(seconds: f64, rounds: usize) -> anyhow::Result<Streams> {
     let net = Net::new();
     let mut lb = Lb::new();
+    lb.load(crate::Prog::TcIngress);
     lb.tcp_vip_to("10.96.0.10", "10.97.2.2", true);
     lb.tcp_vip_to_id(2, 2, "fd96::10", "fd97:2::2", true);
     {

@@ -9,13 +9,16 @@
 //! values already there, doing all the work), and `new_flow` uses a TCP
 //! SYN|RST, whose conntrack entry is born closed, so the next repetition's
 //! SYN starts a new flow again and takes the whole new-flow path (service
-//! lookup, Maglev, two conntrack writes) every time.
+//! lookup, Maglev, two conntrack writes) every time; `new_flow_fib_lookup`
+//! is that path with the next-hop cache off (a FIB lookup per new flow).
 
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::{FibEnv, Lb, packet::Pkt, run, svc_key};
 use aya::programs::Xdp;
-use datapath_common::{BACKEND_ACTIVE, CFG_F_KEEP_TTL, Config, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL};
+use datapath_common::{
+    BACKEND_ACTIVE, CFG_F_KEEP_TTL, CFG_F_NO_NEXT_HOP_CACHE, Config, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL,
+};
 use xlb::{MapSizes, ServiceSpec};
 
 const RUNS: usize = 5;
@@ -58,6 +61,7 @@ fn setup(services: u32) -> Lb {
         sock_rev: 1024,
     };
     let mut lb = Lb::with_sizes(sizes);
+    lb.load_all();
     let cfg = Config { flags: CFG_F_KEEP_TTL, ..Config::default() };
     lb.dp.set_config(&cfg).unwrap();
     lb.backend(1, VIP, 80, BACKEND_ACTIVE, 0);
@@ -93,18 +97,26 @@ pub fn measure(sizes: &[u32], repeat: u32) -> BTreeMap<String, f64> {
         // Open the flow the ct_hit and reverse_nat packets belong to.
         let (v, _) = lb.run(crate::Prog::Xdp, &syn);
         assert_eq!(v, crate::Verdict::Redirect);
-        let mut m = |path: &str, prog: &str, input: &[u8], expect: u32| {
+        let mut m = |lb: &mut Lb, path: &str, prog: &str, input: &[u8], expect: u32| {
             let name = format!("{path}{sfx}");
-            let ns = median_ns(&name, &mut lb, prog, input, expect, repeat);
+            let ns = median_ns(&name, lb, prog, input, expect, repeat);
             results.insert(name, ns);
         };
         if services == 1 {
-            m("xdp_tx_baseline", "xdp_tx_baseline", &syn, XDP_TX);
-            m("pass", "xlb_xdp", &other, XDP_PASS);
-            m("reverse_nat", "xlb_xdp", &reply, XDP_REDIRECT);
+            m(&mut lb, "xdp_tx_baseline", "xdp_tx_baseline", &syn, XDP_TX);
+            m(&mut lb, "pass", "xlb_xdp", &other, XDP_PASS);
+            m(&mut lb, "reverse_nat", "xlb_xdp", &reply, XDP_REDIRECT);
         }
-        m("ct_hit", "xlb_xdp", &ack, XDP_REDIRECT);
-        m("new_flow", "xlb_xdp", &synrst, XDP_REDIRECT);
+        m(&mut lb, "ct_hit", "xlb_xdp", &ack, XDP_REDIRECT);
+        m(&mut lb, "new_flow", "xlb_xdp", &synrst, XDP_REDIRECT);
+        if services == 1 {
+            // The same path with a FIB lookup per new flow (the next-hop
+            // cache off, as under source-selecting ip rules).
+            let cfg = lb.dp.config().unwrap();
+            lb.dp.set_config(&Config { flags: cfg.flags | CFG_F_NO_NEXT_HOP_CACHE, ..cfg }).unwrap();
+            m(&mut lb, "new_flow_fib_lookup", "xlb_xdp", &synrst, XDP_REDIRECT);
+            lb.dp.set_config(&cfg).unwrap();
+        }
         let v = lb.verdicts();
         assert!(
             results[&format!("new_flow{sfx}")] == 0.0 || v["new_flow"] >= repeat as u64,
