@@ -108,8 +108,10 @@ fn a_cached_next_hop_never_carries_a_packet_too_big_for_the_route() {
             if v6 { (2, 0, 1280u32.to_be_bytes(), 48) } else { (3, 4, [0, 0, 0x05, 0x00], 28) };
         assert_eq!(out, with_macs(icmp_error(vip, client, ty, code, rest, &input, quote), NODE_MAC, CLIENT_MAC));
         assert_eq!(w.lb.verdict("frag_needed"), 1, "{prog:?} v6={v6}");
-        // Small new flows still take the cached route.
-        assert_eq!(new_flow(&mut w, prog, v6, 40002, b), NEIGH_MAC);
+        // Small new flows still take the cached route (a moved neighbour
+        // goes unseen).
+        move_neighbour(&w, b, MAC2);
+        assert_eq!(new_flow(&mut w, prog, v6, 40002, b), NEIGH_MAC, "{prog:?} v6={v6}: from the cache");
         assert_eq!(w.lb.verdict("new_flow"), 2, "{prog:?} v6={v6}");
     });
 }
@@ -131,5 +133,23 @@ fn a_backend_id_with_a_new_address_takes_a_new_route() {
         let (v, out) = w.lb.run(prog, &syn.build());
         assert_eq!(v, Verdict::Redirect);
         assert_eq!(out, syn.dst(&backend_addr(2), 8080).macs(OUT_MAC, MAC2).hop().build(), "{prog:?}");
+    }
+}
+
+/// The FIB never forwards a packet with an IPv6 link-local source
+/// (`BPF_FIB_LKUP_RET_NOT_FWDED`: the kernel gets it); a warm cache must not
+/// forward it either.
+#[test]
+fn a_link_local_source_is_never_forwarded_by_the_cache() {
+    for prog in Prog::ALL {
+        let mut w = world();
+        let _in = w.env.enter();
+        let b = backends(true)[0];
+        vip_service(&mut w, prog, true, SCHED_MAGLEV, 0, &[b]);
+        assert_eq!(new_flow(&mut w, prog, true, 40000, b), NEIGH_MAC, "{prog:?}");
+        let (vip, _) = family(true);
+        let syn = Pkt::tcp("fe80::99", 40001, vip, 80, SYN);
+        assert_eq!(w.lb.run(prog, &syn.build()).0, Verdict::Pass, "{prog:?}: to the kernel");
+        assert_eq!(w.lb.verdict("fib_pass"), 1, "{prog:?}");
     }
 }

@@ -34,7 +34,10 @@ pub fn route<H: Hook>(hook: &mut H, flow: &Flow, t: &mut Target, backend: u32) -
     let Some(cfg) = CONFIG.get(0) else {
         return lookup(hook, flow, t);
     };
-    if backend == 0 || cfg.flags & CFG_F_NO_NEXT_HOP_CACHE != 0 {
+    // An IPv6 link-local source is never forwarded (the FIB says so, per
+    // packet); a cached route must not forward it either.
+    let link_local = flow.v6 && t.src[0] == 0xfe && t.src[1] & 0xc0 == 0x80;
+    if backend == 0 || link_local || cfg.flags & CFG_F_NO_NEXT_HOP_CACHE != 0 {
         return lookup(hook, flow, t);
     }
     let per_ingress = cfg.flags & if flow.v6 { CFG_F_NEXT_HOP_PER_INGRESS6 } else { CFG_F_NEXT_HOP_PER_INGRESS4 } != 0;
