@@ -81,10 +81,17 @@ pub const fn closing(e: &CtEntry) -> bool {
 /// How long entry `e` lives without traffic.
 #[inline(always)]
 pub const fn timeout_ns(e: &CtEntry) -> u64 {
-    if closing(e) {
+    timeout_of(e.state, closing(e))
+}
+
+/// How long a flow in `state` lives without traffic (`closing`: both sides
+/// sent a FIN).
+#[inline(always)]
+pub const fn timeout_of(state: u8, closing: bool) -> u64 {
+    if closing {
         return TIMEOUT_CLOSE_NS;
     }
-    match e.state {
+    match state {
         STATE_SYN_SENT => TIMEOUT_SYN_NS,
         STATE_ESTABLISHED => TIMEOUT_ESTABLISHED_NS,
         STATE_UDP => TIMEOUT_UDP_NS,

@@ -6,14 +6,14 @@
 //! pick the same backend for it (as Katran and Cilium do).
 
 #[inline(always)]
-const fn mix(h: u32, k: u32) -> u32 {
+pub const fn mix(h: u32, k: u32) -> u32 {
     // MurmurHash3's 32-bit block step.
     let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
     (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
-const fn finish(mut h: u32) -> u32 {
+pub const fn finish(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -15,6 +15,8 @@
 
 pub mod csum;
 pub mod ct;
+pub mod ct_ops;
+pub mod ct_table;
 pub mod filter;
 pub mod hash;
 
@@ -700,6 +702,9 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for ct_table::CtBucket {}
+    unsafe impl aya::Pod for ct_table::CtRecord4 {}
+    unsafe impl aya::Pod for ct_table::CtRecord6 {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
