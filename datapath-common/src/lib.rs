@@ -12,6 +12,8 @@
 //!   so the datapath compares and copies them without swapping.
 //! - Every other integer is in host byte order.
 #![no_std]
+// The table's atomics on the BPF target, which has no `AtomicU64` swap.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics, asm_experimental_arch), allow(internal_features))]
 
 pub mod csum;
 pub mod ct;

@@ -7,6 +7,8 @@
 //! - `xdp_forward`: the physical floor: a plain router (FIB lookup, TTL,
 //!   MACs, redirect) with no load-balancing logic at all.
 //! - `xdp_sink`: counts what reaches the backend and drops it.
+//! - `ct_table_probe`, `ct_lru_probe` (`ct_probe.rs`): the conntrack
+//!   table's operations alone, and the LRU table's, for BPF_PROG_TEST_RUN.
 #![no_std]
 #![no_main]
 
@@ -18,6 +20,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use datapath_common::{Counter, PktgenConfig, csum};
+
+mod ct_probe;
 
 #[map]
 static PKTGEN: Array<PktgenConfig> = Array::with_max_entries(1, 0);

@@ -11,13 +11,17 @@
 //! SYN starts a new flow again and takes the whole new-flow path (service
 //! lookup, Maglev, two conntrack writes) every time; `new_flow_fib_lookup`
 //! is that path with the next-hop cache off (a FIB lookup per new flow).
+//! `ct_table_*` and `ct_lru_*` are the conntrack work alone (lookup, and
+//! refresh or insert), in the set-associative table and in the LRU hash.
 
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::{FibEnv, Lb, packet::Pkt, run, svc_key};
 use aya::programs::Xdp;
 use datapath_common::{
-    BACKEND_ACTIVE, CFG_F_KEEP_TTL, CFG_F_NO_NEXT_HOP_CACHE, Config, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL,
+    BACKEND_ACTIVE, CFG_F_KEEP_TTL, CFG_F_NO_NEXT_HOP_CACHE, Config, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL, ct,
+    ct_ops,
+    ct_table::{self, CtRecord4},
 };
 use xlb::{MapSizes, ServiceSpec};
 
@@ -28,20 +32,49 @@ const CLIENT: &str = "192.0.2.100";
 /// `XLB_BENCH_ONLY=substring` measures only the paths whose name contains it
 /// (for profiling one path); the others are reported as 0.
 fn median_ns(name: &str, lb: &mut Lb, prog: &str, input: &[u8], expect: u32, repeat: u32) -> f64 {
+    let p: &mut Xdp = lb.dp.program_mut(prog).unwrap().try_into().unwrap();
+    median_of(name, p, input, expect, repeat)
+}
+
+fn median_of(name: &str, p: &mut Xdp, input: &[u8], expect: u32, repeat: u32) -> f64 {
     if std::env::var("XLB_BENCH_ONLY").is_ok_and(|only| !name.contains(&only)) {
         return 0.0;
     }
-    let p: &mut Xdp = lb.dp.program_mut(prog).unwrap().try_into().unwrap();
     let mut out = vec![0u8; input.len() + 256];
     let mut runs: Vec<Duration> = (0..RUNS)
         .map(|_| {
             let (ret, _, d) = run(p, input, &mut out, repeat).expect("test_run");
-            assert_eq!(ret, expect, "{prog}: unexpected verdict");
+            assert_eq!(ret, expect, "{name}: unexpected verdict");
             d
         })
         .collect();
     runs.sort();
     runs[RUNS / 2].as_nanos() as f64
+}
+
+/// The conntrack work alone, per table (the bench object's `ct_table_probe`
+/// and `ct_lru_probe`): `ct_table_hit`, `ct_table_new_flow`, `ct_lru_hit`,
+/// `ct_lru_new_flow`. Then what the kernel wrote is read back through the
+/// host's side of the table (`xlb::ct_table`): the flow's record,
+/// established, counted once for its backend.
+fn conntrack_tables(results: &mut BTreeMap<String, f64>, syn: &[u8], ack: &[u8], synrst: &[u8], repeat: u32) {
+    let mut obj = aya::Ebpf::load(xlb::pktgen::BENCH_OBJECT).expect("load the bench object");
+    for (table, prog) in [("ct_table", "ct_table_probe"), ("ct_lru", "ct_lru_probe")] {
+        let p: &mut Xdp = obj.program_mut(prog).unwrap().try_into().unwrap();
+        p.load().expect("the verifier takes the probe");
+        let mut out = vec![0u8; syn.len() + 256];
+        assert_eq!(run(p, syn, &mut out, 1).expect("test_run").0, XDP_TX, "{prog}: the SYN is tracked");
+        results.insert(format!("{table}_hit"), median_of(&format!("{table}_hit"), p, ack, XDP_TX, repeat));
+        results.insert(format!("{table}_new_flow"), median_of(&format!("{table}_new_flow"), p, synrst, XDP_TX, repeat));
+    }
+    let records: aya::maps::Array<_, CtRecord4> =
+        obj.map("CT_PROBE_RECORDS").expect("records").try_into().expect("records array");
+    let conns: aya::maps::Array<_, u64> = obj.map("CT_PROBE_CONNS").expect("conns").try_into().expect("conns array");
+    let live: Vec<CtRecord4> = records.iter().filter_map(|r| r.ok()).filter(|r| ct_ops::live(r.word)).collect();
+    let flow = live.iter().find(|r| r.cport == 40000u16.to_be()).expect("the ACKed flow's record");
+    assert_eq!(ct_table::w_state(flow.word), ct::STATE_ESTABLISHED, "{flow:?}");
+    assert_eq!(live.len(), 2, "one record per flow (the ACKed one, the SYN|RST one): {live:?}");
+    assert_eq!(conns.get(&1, 0).unwrap(), 1, "one established connection to backend 1");
 }
 
 fn spec(id: u32) -> ServiceSpec {
@@ -91,6 +124,7 @@ pub fn measure(sizes: &[u32], repeat: u32) -> BTreeMap<String, f64> {
     let other = Pkt::tcp(CLIENT, 40000, "10.0.9.9", 80, 0x10).payload(b"").build();
 
     let mut results = BTreeMap::new();
+    conntrack_tables(&mut results, &syn, &ack, &synrst, repeat);
     for &services in sizes {
         let mut lb = setup(services);
         let sfx = if services == 1 { String::new() } else { format!("_{services}_services") };

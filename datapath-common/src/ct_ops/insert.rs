@@ -1,0 +1,325 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! A new flow's insert: the forward bucket's lock, the same tuple looked up
+//! again under it, a way chosen (empty, expired, the oldest unestablished;
+//! never established), the reply tuple's way under the reply bucket's lock
+//! (SNAT: the first free port), then the record written and published. The
+//! protocol is described in the parent module.
+
+use super::{SNAT_TRIES, Table, add, fence, load, lock, matching, owns, store, unlink, unlock, way, word_of};
+use crate::ct_table::{
+    CtAddr, CtBucket, CtRecord, M_COUNTED, Tuple, WAYS, active, age, entry, entry_rec, entry_tag, event, evictable,
+    expired, forward_bucket, reply_bucket, stale, tag, w_flags, w_proto, w_seq, w_state, word,
+};
+
+/// [`insert`]'s results.
+pub mod outcome {
+    /// The flow's record was written: `NewFlow::id`.
+    pub const WON: u32 = 0;
+    /// The same tuple's live record exists (another CPU's first packet of
+    /// the flow won): `NewFlow::id`/`seq` name it, to adopt.
+    pub const LOST: u32 = 1;
+    /// A bucket lock stayed held, or a victim changed under the insert.
+    pub const BUSY: u32 = 2;
+    /// Every record in the forward bucket is established (or answered UDP).
+    pub const FULL: u32 = 3;
+    /// No room for the reply entry.
+    pub const REPLY_FULL: u32 = 4;
+    /// Every SNAT port probed is taken by a live flow.
+    pub const SNAT_EXHAUSTED: u32 = 5;
+}
+
+/// A new flow for [`insert`]. On the datapath it lives in per-CPU scratch
+/// memory (the verifier's stack is 512 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct NewFlow<A> {
+    /// The record to write: tuples (`pport` filled in by SNAT probing),
+    /// ids, and a word with the state, flags and protocol (its sequence
+    /// and marks are the insert's).
+    pub rec: CtRecord<A>,
+    /// SNAT port range, host order (`snat_min == 0`: no SNAT), and where
+    /// the probe starts (the flow's hash).
+    pub snat_min: u16,
+    pub snat_max: u16,
+    pub snat_hash: u32,
+    /// Out: the record written (WON) or found (LOST), with its sequence.
+    pub id: u32,
+    pub seq: u32,
+    /// Scratch of the insert's bucket scans.
+    pub best: Best,
+}
+
+/// Ranks of a way for a new record: the higher wins.
+const R_NONE: u32 = 0;
+const R_EVICTABLE: u32 = 1;
+const R_EXPIRED: u32 = 2;
+/// Empty, or an entry whose record died or moved on (an orphan).
+const R_EMPTY: u32 = 3;
+/// The same tuple's record: it must be replaced, never duplicated.
+const R_SAME: u32 = 4;
+
+/// How a way holding entry `e`, whose record reads (`w`, `last_seen`),
+/// ranks for a new record.
+#[inline(always)]
+fn rank(e: u64, w: u64, last_seen: u32, now: u32) -> u32 {
+    if e == 0 || !owns(e, w) {
+        R_EMPTY
+    } else if expired(w, last_seen, now) {
+        R_EXPIRED
+    } else if evictable(w) {
+        R_EVICTABLE
+    } else {
+        R_NONE
+    }
+}
+
+/// The best way of a bucket scan so far: index (`WAYS`: none), rank, age,
+/// and the word its record had (what an eviction swaps from). It lives in
+/// the [`NewFlow`] (per-CPU map memory on the datapath) and is read and
+/// written volatile: the verifier does not track values in map memory, so
+/// the paths through a scan's seven offers converge instead of multiplying
+/// (kept in registers, they took the insert past a million instructions).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Best {
+    w: u64,
+    i: u32,
+    rank: u32,
+    age: u32,
+    id: u32,
+}
+
+impl Best {
+    const NONE: Best = Best { i: WAYS as u32, rank: R_NONE, age: 0, w: 0, id: 0 };
+
+    #[inline(always)]
+    fn reset(this: *mut Best) {
+        // SAFETY: a field of the caller's NewFlow.
+        unsafe { core::ptr::write_volatile(this, Best::NONE) }
+    }
+
+    #[inline(always)]
+    fn read(this: *const Best) -> Best {
+        // SAFETY: as `reset`.
+        unsafe { core::ptr::read_volatile(this) }
+    }
+
+    /// Keeps way `i` if it ranks higher (the oldest among evictable ones).
+    #[inline(always)]
+    fn offer(this: *mut Best, i: usize, rank: u32, age: u32, w: u64, id: u32) {
+        // SAFETY: as `reset`.
+        let (r, a) = unsafe {
+            (core::ptr::read_volatile(&raw const (*this).rank), core::ptr::read_volatile(&raw const (*this).age))
+        };
+        if rank > r || (rank == r && rank == R_EVICTABLE && age > a) {
+            // SAFETY: as `reset`.
+            unsafe { core::ptr::write_volatile(this, Best { i: i as u32, rank, age, w, id }) }
+        }
+    }
+
+    /// Frees the chosen way's record if it is a live one (an eviction, or
+    /// the same tuple's stale record). False when it changed since the scan.
+    #[inline(always)]
+    fn take<A: CtAddr, T: Table<A>>(&self, tb: &T) -> bool {
+        if self.rank == R_EMPTY {
+            return true;
+        }
+        if !unlink(tb, self.id, self.w) {
+            tb.event(event::INSERT_BUSY);
+            return false;
+        }
+        if self.rank != R_SAME {
+            tb.event(if self.rank == R_EVICTABLE { event::EVICT_UNESTABLISHED } else { event::EVICT_EXPIRED });
+        }
+        true
+    }
+}
+
+/// Writes the record of a new flow (TCP `flags` of its first packet, at
+/// `now` in ticks) and its two index entries, evicting for room: an
+/// expired record first, then the oldest unestablished or closing one;
+/// established flows never. See [`outcome`]. On `LOST`, nothing was written.
+#[inline(always)]
+pub fn insert<A: CtAddr, T: Table<A>>(tb: &T, nf: &mut NewFlow<A>, flags: u8, now: u32) -> u32 {
+    let hf = nf.rec.forward().hash();
+    let fbi = forward_bucket(hf, tb.nb());
+    let Some(fb) = tb.bucket(fbi) else {
+        return outcome::BUSY;
+    };
+    if !lock(fb) {
+        tb.event(event::INSERT_BUSY);
+        return outcome::BUSY;
+    }
+    let r = insert_locked(tb, nf, fb, fbi, hf, flags, now);
+    unlock(fb);
+    r
+}
+
+/// [`insert`] with the forward bucket `fb` (index `fbi`) locked.
+#[inline(always)]
+fn insert_locked<A: CtAddr, T: Table<A>>(
+    tb: &T,
+    nf: &mut NewFlow<A>,
+    fb: *mut CtBucket,
+    fbi: u32,
+    hf: u32,
+    flags: u8,
+    now: u32,
+) -> u32 {
+    let fwd = nf.rec.forward();
+    let bp = &raw mut nf.best;
+    Best::reset(bp);
+    for i in 0..WAYS {
+        let id = fbi * WAYS as u32 + i as u32;
+        let Some(r) = tb.record(id) else {
+            continue;
+        };
+        let e = load(way(fb, i));
+        // SAFETY: table memory; the word read first decides what counts.
+        let (w, seen) = (load(word_of(r)), unsafe { (*r).last_seen });
+        let mut rk = rank(e, w, seen, now);
+        if rk != R_EMPTY && entry_tag(e) == tag(hf) && matching(r, &fwd, false) == w {
+            if !stale(w, seen, now, flags) {
+                nf.id = id;
+                nf.seq = w_seq(w);
+                return outcome::LOST;
+            }
+            rk = R_SAME;
+        }
+        Best::offer(bp, i, rk, age(seen, now), w, id);
+    }
+    let best = Best::read(bp);
+    if best.rank == R_NONE || best.i >= WAYS as u32 {
+        tb.event(event::INSERT_FULL);
+        return outcome::FULL;
+    }
+    let Some(r) = tb.record(best.id) else {
+        return outcome::BUSY;
+    };
+    if !best.take(tb) {
+        return outcome::BUSY;
+    }
+    let snat = nf.snat_min != 0;
+    let tries = if snat { SNAT_TRIES } else { 1 };
+    // Never 0 (no division by zero to panic on, which BPF cannot take).
+    let range = nf.snat_max.wrapping_sub(nf.snat_min) as u32 + 1;
+    for i in 0..tries {
+        if snat {
+            nf.rec.pport = ((nf.snat_min as u32 + nf.snat_hash.wrapping_add(i) % range) as u16).to_be();
+        }
+        let rep = nf.rec.reply();
+        let hr = rep.hash();
+        let Some(rb) = tb.bucket(reply_bucket(hr, tb.nb())) else {
+            return outcome::BUSY;
+        };
+        if !lock(rb) {
+            tb.event(event::INSERT_BUSY);
+            return outcome::BUSY;
+        }
+        let rw = reply_way(tb, rb, &rep, hr, snat, now, &raw mut nf.best);
+        if rw < WAYS {
+            write(tb, nf, r, best.id, (fb, best.i as usize, hf), (rb, rw, hr), now);
+            unlock(rb);
+            return outcome::WON;
+        }
+        unlock(rb);
+        if rw == WAYS + 1 {
+            return outcome::BUSY;
+        }
+    }
+    if snat {
+        return outcome::SNAT_EXHAUSTED;
+    }
+    tb.event(event::INSERT_REPLY_FULL);
+    outcome::REPLY_FULL
+}
+
+/// A way for reply tuple `rep` (hash `hr`) in the locked reply bucket `rb`:
+/// `WAYS` when there is none (with SNAT: the port is held by a live flow),
+/// `WAYS + 1` when a victim changed under us. Without SNAT, a live flow with
+/// the same reply tuple (one client port to one backend through two
+/// frontends) gives up its entry to the new flow (`REPLY_OVERWRITE`).
+#[inline(always)]
+fn reply_way<A: CtAddr, T: Table<A>>(
+    tb: &T,
+    rb: *mut CtBucket,
+    rep: &Tuple<A>,
+    hr: u32,
+    snat: bool,
+    now: u32,
+    bp: *mut Best,
+) -> usize {
+    Best::reset(bp);
+    for i in 0..WAYS {
+        let e = load(way(rb, i));
+        let id = entry_rec(e);
+        let (mut w, mut seen) = (0, 0);
+        if e != 0
+            && let Some(r) = tb.record(id)
+        {
+            // SAFETY: table memory.
+            (w, seen) = (load(word_of(r)), unsafe { (*r).last_seen });
+            if owns(e, w) && entry_tag(e) == tag(hr) && matching(r, rep, true) == w {
+                // The reply tuple is taken: by a live flow (SNAT: try
+                // another port; else the newer flow takes the tuple over),
+                // or by an expired one, replaced so the tuple has one entry.
+                let old = expired(w, seen, now);
+                if snat && !old {
+                    return WAYS;
+                }
+                tb.event(if old { event::EVICT_EXPIRED } else { event::REPLY_OVERWRITE });
+                Best::offer(bp, i, R_SAME, 0, w, id);
+                continue;
+            }
+        }
+        Best::offer(bp, i, rank(e, w, seen, now), age(seen, now), w, id);
+    }
+    let best = Best::read(bp);
+    if best.rank == R_NONE || best.i >= WAYS as u32 {
+        return WAYS;
+    }
+    if !best.take(tb) {
+        return WAYS + 1;
+    }
+    best.i as usize
+}
+
+/// Writes the new flow's record `r` (id `id`, dead) and publishes it: the
+/// word live first, then the reply entry, then the forward one, so a reader
+/// that finds an entry finds a live record.
+#[inline(always)]
+fn write<A: CtAddr, T: Table<A>>(
+    tb: &T,
+    nf: &mut NewFlow<A>,
+    r: *mut CtRecord<A>,
+    id: u32,
+    fwd: (*mut CtBucket, usize, u32),
+    rep: (*mut CtBucket, usize, u32),
+    now: u32,
+) {
+    let p = word_of(r);
+    let old = load(p);
+    let writing = w_seq(old) | 1;
+    store(p, word(writing, 0, 0, 0, 0));
+    fence();
+    let w = nf.rec.word;
+    let mut rec = nf.rec;
+    rec.word = word(writing, 0, 0, 0, 0);
+    rec.last_seen = now;
+    rec.rep_ifindex = 0;
+    // SAFETY: table memory; this CPU owns the dead record (forward lock).
+    unsafe { *r = rec };
+    let seq = writing.wrapping_add(1);
+    let marks = if active(w) { M_COUNTED } else { 0 };
+    if marks != 0
+        && let Some(c) = tb.conns(rec.backend_id)
+    {
+        add(c, 1);
+    }
+    fence();
+    store(p, word(seq, w_state(w), w_flags(w), marks, w_proto(w)));
+    store(way(rep.0, rep.1), entry(tag(rep.2), seq, true, id));
+    store(way(fwd.0, fwd.1), entry(tag(fwd.2), seq, false, id));
+    nf.id = id;
+    nf.seq = seq;
+}
