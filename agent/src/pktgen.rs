@@ -118,6 +118,46 @@ pub struct Sent {
 const CALL_TARGET_NS: u64 = 200_000_000;
 const FIRST_CALL: u32 = 65_536;
 
+/// Why this kernel cannot generate traffic, if it cannot: some sandboxed
+/// kernels refuse BPF_PROG_TEST_RUN in live-frames mode with EPERM, even to
+/// root and on loopback (the Firecracker kernel of this project's CI since
+/// December 2026). Probed once per process with one frame on `lo` of the
+/// caller's network namespace (`xlb_pktgen` unconfigured: it aborts the
+/// frame, nothing is sent). Any other failure is not a refusal: `None`, and
+/// the real run reports it.
+pub fn live_frames_refused() -> Option<String> {
+    static PROBE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let mut ebpf = Ebpf::load(BENCH_OBJECT).ok()?;
+            let prog: &mut Xdp = ebpf.program_mut("xlb_pktgen")?.try_into().ok()?;
+            prog.load().ok()?;
+            let frame = [0u8; 64];
+            let ctx = xdp_md(ifindex("lo").ok()?, frame.len());
+            let opts = TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+                ..TestRunOptions::new()
+            };
+            let err = prog.test_run(opts).err()?;
+            let mut source: Option<&dyn std::error::Error> = Some(&err);
+            while let Some(e) = source {
+                if let Some(io) = e.downcast_ref::<std::io::Error>()
+                    && io.raw_os_error() == Some(libc::EPERM)
+                {
+                    return Some(
+                        "this kernel refuses XDP live frames (BPF_PROG_TEST_RUN: EPERM): no traffic generator".into(),
+                    );
+                }
+                source = e.source();
+            }
+            None
+        })
+        .clone()
+}
+
 /// A loaded generator for one [`Spec`], bound to an interface of the
 /// calling thread's network namespace.
 pub struct Generator {

@@ -25,16 +25,16 @@
 use crate::{
     PROTO_TCP, ct,
     ct_table::{
-        CtAddr, CtBucket, CtRecord, E_GEN_SHIFT, M_COUNTED, M_FIN_FWD, M_FIN_REP, M_REPLIED, Tuple, WAYS, active, age,
-        entry, entry_rec, entry_reply, entry_tag, forward_bucket, gen_of, reply_bucket, tag, ticks, w_flags, w_marks,
-        w_proto, w_seq, w_state, word,
+        CtAddr, CtBucket, CtRecord, E_GEN_SHIFT, M_COUNTED, M_FIN_FWD, M_FIN_REP, M_REPLIED, M_TOUCHED, Tuple, WAYS,
+        active, age, entry, entry_rec, entry_reply, entry_tag, forward_bucket, gen_of, reply_bucket, tag, ticks,
+        w_flags, w_marks, w_proto, w_seq, w_state, word,
     },
 };
 #[cfg(not(target_arch = "bpf"))]
 use core::sync::atomic::Ordering::SeqCst;
 
 /// Tries at a bucket lock before the insert gives up (`event::INSERT_BUSY`).
-pub const LOCK_TRIES: u32 = 32;
+pub const LOCK_TRIES: u32 = 128;
 /// SNAT ports probed for a free reply tuple before a flow is refused.
 pub const SNAT_TRIES: u32 = 16;
 /// A record's `last_seen` is rewritten at most this often (unless its word
@@ -68,15 +68,20 @@ fn store(p: *mut u64, v: u64) {
 
 /// A compiler barrier: plain accesses stay on their side of it (the
 /// processor keeps program order for these on x86-64; see ARCHITECTURE.md).
-/// BPF has no fence instruction to select, so there it is an empty `asm!`
-/// that clobbers memory.
+/// BPF has no fence instruction to select, so there it is an `asm!` that
+/// clobbers memory.
 #[inline(always)]
 fn fence() {
     #[cfg(target_arch = "bpf")]
-    // SAFETY: emits nothing.
-    unsafe {
-        core::arch::asm!("", options(nostack))
-    };
+    {
+        // A `mov` of a register to itself: an empty template has no
+        // instruction, and BTF then gives two line records one offset,
+        // which the kernel refuses.
+        let mut z = 0u64;
+        // SAFETY: moves a register to itself; clobbers memory (a barrier).
+        unsafe { core::arch::asm!("{0} = {0}", inout(reg) z, options(nostack)) };
+        let _ = z;
+    }
     #[cfg(not(target_arch = "bpf"))]
     core::sync::atomic::compiler_fence(SeqCst);
 }
@@ -113,7 +118,7 @@ fn add(p: *mut u64, d: u64) {
 
 #[inline(always)]
 fn way(b: *mut CtBucket, i: usize) -> *mut u64 {
-    // On BPF the index is laundered through an empty `asm!` and clamped,
+    // On BPF the index is laundered through an `asm!` and clamped,
     // so the verifier sees the bound on the very register it offsets by
     // (LLVM would otherwise drop a check it can prove, and the one it keeps
     // may be on another copy of the value).
@@ -121,7 +126,7 @@ fn way(b: *mut CtBucket, i: usize) -> *mut u64 {
     let i = {
         let mut x = i as u64;
         // SAFETY: emits nothing; `x` is only made opaque.
-        unsafe { core::arch::asm!("/* {0} */", inout(reg) x, options(nostack)) };
+        unsafe { core::arch::asm!("{0} = {0}", inout(reg) x, options(nostack)) };
         if x >= WAYS as u64 { WAYS - 1 } else { x as usize }
     };
     // SAFETY: `i < WAYS`, within the bucket.
@@ -255,19 +260,29 @@ fn scan<A: CtAddr, T: Table<A>>(tb: &T, bi: u32, t: &Tuple<A>, h: u32, reply: bo
     0
 }
 
-/// Advances live record `id` (sequence `seq`) by a packet (TCP `flags`; `reply`: backend →
-/// client) at `now` (ticks): its state, its FIN and answered marks, its
-/// count in BACKEND_CONNS (exactly once per transition: a swap of the word
-/// decides), its last-seen time (at most every `REFRESH_TICKS`, which also
-/// drops the reply direction's cached route). False when the record died
-/// or changed flows meanwhile: the packet is then a miss.
+/// Advances live record `id` (sequence `seq`) by a packet (TCP `flags`;
+/// `reply`: backend → client) at `now` (ticks): its state, its FIN and
+/// answered marks, its count in BACKEND_CONNS (exactly once per
+/// transition: a swap of the word decides), its last-seen time (at most
+/// every `REFRESH_TICKS`; the refresh drops the reply direction's cached
+/// route). False when the record died or changed flows meanwhile, or the
+/// update could not be applied: the packet is then a miss.
+///
+/// A refresh stores `last_seen` first and then swaps the word with
+/// `M_TOUCHED` flipped, so whoever judged the record expired from an older
+/// `last_seen` holds an older word too, and its `unlink` fails: a flow that
+/// just passed a packet is never reclaimed as expired.
 #[inline(always)]
 pub fn touch<A: CtAddr, T: Table<A>>(tb: &T, id: u32, seq: u32, flags: u8, reply: bool, now: u32) -> bool {
     let Some(r) = tb.record(id) else {
         return false;
     };
     let p = word_of(r);
-    let mut changed = false;
+    // Read before the swap, as `unlink` does: a swap under the same
+    // sequence proves it was this flow's (after it, the record may be
+    // unlinked and rewritten for another backend).
+    // SAFETY: table memory.
+    let backend = unsafe { (*r).backend_id };
     for _ in 0..4 {
         let w = load(p);
         if w_seq(w) != seq || !live(w) {
@@ -285,30 +300,36 @@ pub fn touch<A: CtAddr, T: Table<A>>(tb: &T, id: u32, seq: u32, flags: u8, reply
         let counted = marks & M_COUNTED != 0;
         let want = active(word(seq, state, 0, marks, proto));
         marks = if want { marks | M_COUNTED } else { marks & !M_COUNTED };
+        // SAFETY: table memory.
+        let refresh = state != w_state(w) || age(unsafe { (*r).last_seen }, now) > REFRESH_TICKS;
+        if refresh {
+            marks ^= M_TOUCHED;
+        }
         let nw = word(seq, state, w_flags(w), marks, proto);
         if nw == w {
-            break;
+            return true;
+        }
+        if refresh {
+            fence();
+            // SAFETY: table memory; plain stores any packet of the flow may
+            // make, published by the swap below (a record recycled since
+            // gets a harmless later time, and its swap fails).
+            unsafe {
+                (*r).last_seen = now;
+                (*r).rep_ifindex = 0;
+            }
+            fence();
         }
         if cas(p, w, nw) {
-            // SAFETY: table memory.
-            let backend = unsafe { (*r).backend_id };
             if want != counted
                 && let Some(c) = tb.conns(backend)
             {
                 add(c, if want { 1 } else { u64::MAX });
             }
-            changed = true;
-            break;
+            return true;
         }
     }
-    // SAFETY: table memory; plain stores any packet of the flow may make.
-    unsafe {
-        if changed || age((*r).last_seen, now) > REFRESH_TICKS {
-            (*r).last_seen = now;
-            (*r).rep_ifindex = 0;
-        }
-    }
-    true
+    false
 }
 
 /// Kills record `id`, read live as word `w`, and removes its two index

@@ -383,3 +383,119 @@ fn connection_counts_stay_exact_through_churn_eviction_and_sweeps() {
     assert!(matches!(w_state(word(0, STATE_UDP, 0, 0, 0)), STATE_UDP) && STATE_ESTABLISHED != STATE_SYN_SENT);
     let _ = TCP_RST;
 }
+
+/// Runs `f(k)` on two threads started together.
+fn both(f: impl Fn(u32) + Send + Sync + 'static) {
+    let f = Arc::new(f);
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = (0..2)
+        .map(|k| {
+            let (f, start) = (f.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                f(k)
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|h| h.join().unwrap());
+}
+
+/// Every index entry belongs to the live record it names (no orphan, none
+/// pointing at a record of another flow), and the counts match the records.
+fn consistent(t: &Shared) {
+    let (_, act) = t.live();
+    for (bi, b) in t.0.buckets.iter().enumerate() {
+        for &e in b.ways.iter().filter(|&&e| e != 0) {
+            let r = &t.0.records[entry_rec(e) as usize];
+            assert!(owns(e, r.word), "bucket {bi}: entry {e:#x} outlived its record {r:?}");
+            let tu = if entry_reply(e) { r.reply() } else { r.forward() };
+            assert_eq!(entry_tag(e), tag(tu.hash()), "bucket {bi}: entry names another tuple");
+        }
+    }
+    for b in 0..16 {
+        assert_eq!(t.conns_of(b), act[b as usize], "backend {b}");
+    }
+}
+
+#[test]
+fn a_flow_answered_while_another_cpu_inserts_it_keeps_one_record() {
+    // Both threads insert each flow, then answer it (SYN-ACK, ACK: the word
+    // changes under the other thread's insert scan): every flow ends with
+    // one record, counted once.
+    for _ in 0..20 {
+        let t = Shared::new(4096);
+        let won = Arc::new(Counter::new(0));
+        let (tt, w2) = (t.clone(), won.clone());
+        both(move |_| {
+            for c in 0..1000 {
+                let mut f = flow(c, 4000, 1 + c % 4, PROTO_TCP, TCP_SYN, false);
+                if insert(&tt, &mut f, TCP_SYN, 9) == outcome::WON {
+                    w2.fetch_add(1, Relaxed);
+                }
+                packet(&tt, &f.rec.reply(), TCP_SYN | TCP_ACK, 9);
+                packet(&tt, &f.rec.forward(), TCP_ACK, 9);
+            }
+        });
+        let live = t.live().0;
+        let fwd: HashSet<_> = live.iter().map(|r| r.forward()).collect();
+        assert_eq!((fwd.len(), live.len(), won.load(Relaxed)), (1000, 1000, 1000));
+        consistent(&t);
+        assert_eq!((1..5).map(|b| t.conns_of(b)).sum::<u64>(), 1000);
+    }
+}
+
+#[test]
+fn sweeps_racing_inserts_and_lookups_leave_no_orphan_and_no_wrong_answer() {
+    // One thread inserts flows (with SNAT for half, in a small table:
+    // evictions) and checks each record it wrote right away: if a sweep
+    // took it already, none of its entries may remain. The other thread
+    // sweeps every record it sees, fresh or not, and looks flows up: a
+    // lookup answers only with a record holding the tuple asked for.
+    for _ in 0..10 {
+        let t = Shared::new(4);
+        let tt = t.clone();
+        let done = Arc::new(Counter::new(0));
+        both(move |k| {
+            let mut i = 0u32;
+            while (k == 0 && i < 20_000) || (k == 1 && done.load(Relaxed) == 0) {
+                i += 1;
+                let c = i.wrapping_mul(7919) % 400;
+                let mut f = flow(c, 5000, 1 + c % 8, PROTO_TCP, TCP_SYN, c.is_multiple_of(2));
+                if k == 0 {
+                    if insert(&tt, &mut f, TCP_SYN, 50) == outcome::WON {
+                        let r = &tt.0.records[f.id as usize];
+                        // SAFETY: a read of an aligned word.
+                        if w_seq(unsafe { core::ptr::read_volatile(&r.word) }) != f.seq {
+                            let mine = |e: u64| e != 0 && entry_rec(e) == f.id && owns(e, word(f.seq, 1, 0, 0, 0));
+                            // The sweep may still be removing them: give it 100 ms (only
+                            // this thread writes entries, so none is overwritten meanwhile).
+                            let since = std::time::Instant::now();
+                            let left = || tt.0.buckets.iter().flat_map(|b| b.ways).filter(|&e| mine(e)).count();
+                            while left() != 0 && since.elapsed().as_millis() < 100 {
+                                thread::yield_now();
+                            }
+                            assert_eq!(left(), 0, "a swept record's entries stayed behind");
+                        }
+                    }
+                } else if i.is_multiple_of(2) {
+                    sweep(&tt, |_, _| true);
+                } else {
+                    let tu = f.rec.forward();
+                    let got = find(&tt, &tu);
+                    if got != 0 {
+                        let r = tt.record(found_id(got)).unwrap();
+                        // SAFETY: a copy checked against the sequence.
+                        let copy = unsafe { *r };
+                        if still(r, found_seq(got)) {
+                            assert_eq!(copy.forward(), tu, "a lookup answered with another flow");
+                        }
+                    }
+                }
+            }
+            if k == 0 {
+                done.store(1, Relaxed);
+            }
+        });
+        consistent(&t);
+    }
+}

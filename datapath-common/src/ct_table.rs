@@ -215,6 +215,8 @@ pub const M_FIN_FWD: u8 = 1;
 pub const M_FIN_REP: u8 = 2;
 pub const M_COUNTED: u8 = 4;
 pub const M_REPLIED: u8 = 8;
+/// Flipped by every refresh of `last_seen` (see `ct_ops::touch`).
+pub const M_TOUCHED: u8 = 16;
 
 /// One flow. Forward tuple `client:cport → front:fport`; reply tuple
 /// `backend:bport → peer:pport`, where `peer` is the SNAT source (flag

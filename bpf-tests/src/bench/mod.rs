@@ -245,6 +245,9 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
     {
         res.skipped.push(Skipped { system: System::Ipvs, services: None, reason });
     }
+    // Without live frames there is no generator: every system is still
+    // programmed (load time, endpoint change, memory), its traffic skipped.
+    let no_traffic = xlb::pktgen::live_frames_refused();
     // Load time per system at the previous size, for the linear prediction.
     let mut last_load: BTreeMap<System, (u32, f64)> = BTreeMap::new();
     for &n in &plan.services {
@@ -282,7 +285,13 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
             if let Some(m) = installed.memory(n) {
                 res.memory.push(m);
             }
+            if let Some(reason) = &no_traffic {
+                res.skipped.push(Skipped { system, services: Some(n), reason: reason.clone() });
+            }
             for flows in [1, plan.many_flows] {
+                if no_traffic.is_some() {
+                    break;
+                }
                 progress.step(format!(
                     "{} × {n}: {}",
                     system.name(),

@@ -219,6 +219,10 @@ pub fn write_all(r: &Results, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(r)?)?;
     std::fs::write(dir.join("results.md"), markdown(r))?;
+    if r.throughput.is_empty() {
+        // No traffic was generated (see `Results::skipped`): no charts.
+        return Ok(());
+    }
     chart(
         r,
         &dir.join("pps.svg"),

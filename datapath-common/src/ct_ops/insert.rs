@@ -5,7 +5,7 @@
 //! (SNAT: the first free port), then the record written and published. The
 //! protocol is described in the parent module.
 
-use super::{SNAT_TRIES, Table, add, fence, load, lock, matching, owns, store, unlink, unlock, way, word_of};
+use super::{SNAT_TRIES, Table, add, fence, live, load, lock, matching, owns, store, unlink, unlock, way, word_of};
 use crate::ct_table::{
     CtAddr, CtBucket, CtRecord, M_COUNTED, Tuple, WAYS, active, age, entry, entry_rec, entry_tag, event, evictable,
     expired, forward_bucket, reply_bucket, stale, tag, w_flags, w_proto, w_seq, w_state, word,
@@ -124,7 +124,17 @@ impl Best {
         if self.rank == R_EMPTY {
             return true;
         }
+        // Already dead (the reply scan of this very insert may have taken
+        // the same record): free, and no hashing for a swap bound to fail.
+        if tb.record(self.id).is_some_and(|r| !live(load(word_of(r)))) {
+            return true;
+        }
         if !unlink(tb, self.id, self.w) {
+            // Dead since the scan (another CPU's eviction, the sweep, the
+            // reply scan of this very insert): the way is free all the same.
+            if tb.record(self.id).is_some_and(|r| !live(load(word_of(r)))) {
+                return true;
+            }
             tb.event(event::INSERT_BUSY);
             return false;
         }
@@ -176,9 +186,21 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
         };
         let e = load(way(fb, i));
         // SAFETY: table memory; the word read first decides what counts.
-        let (w, seen) = (load(word_of(r)), unsafe { (*r).last_seen });
+        let (mut w, seen) = (load(word_of(r)), unsafe { (*r).last_seen });
+        // The tuple compared under the word it returns: a concurrent `touch`
+        // may change the word (never the sequence, under this lock) between
+        // the two reads, and the record is still this flow's.
+        let m = if e != 0 && entry_tag(e) == tag(hf) { matching(r, &fwd, false) } else { 0 };
+        if m != 0 && owns(e, m) {
+            w = m;
+        }
         let mut rk = rank(e, w, seen, now);
-        if rk != R_EMPTY && entry_tag(e) == tag(hf) && matching(r, &fwd, false) == w {
+        if e == 0 && live(w) {
+            // A live record whose forward entry is gone (a removal that came
+            // 128 generations late): reclaimed, accounted, never overwritten.
+            rk = R_EXPIRED;
+        }
+        if rk != R_EMPTY && m != 0 && m == w {
             if !stale(w, seen, now, flags) {
                 nf.id = id;
                 nf.seq = w_seq(w);
@@ -196,10 +218,10 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
     let Some(r) = tb.record(best.id) else {
         return outcome::BUSY;
     };
-    if !best.take(tb) {
-        return outcome::BUSY;
-    }
     let snat = nf.snat_min != 0;
+    if snat && nf.snat_max < nf.snat_min {
+        return outcome::SNAT_EXHAUSTED;
+    }
     let tries = if snat { SNAT_TRIES } else { 1 };
     // Never 0 (no division by zero to panic on, which BPF cannot take).
     let range = nf.snat_max.wrapping_sub(nf.snat_min) as u32 + 1;
@@ -217,7 +239,13 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
             return outcome::BUSY;
         }
         let rw = reply_way(tb, rb, &rep, hr, snat, now, &raw mut nf.best);
+        // The forward victim goes only once the reply way is secured: a
+        // flow refused for want of a port or a reply way evicts nothing.
         if rw < WAYS {
+            if !best.take(tb) {
+                unlock(rb);
+                return outcome::BUSY;
+            }
             write(tb, nf, r, best.id, (fb, best.i as usize, hf), (rb, rw, hr), now);
             unlock(rb);
             return outcome::WON;
@@ -236,9 +264,10 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
 
 /// A way for reply tuple `rep` (hash `hr`) in the locked reply bucket `rb`:
 /// `WAYS` when there is none (with SNAT: the port is held by a live flow),
-/// `WAYS + 1` when a victim changed under us. Without SNAT, a live flow with
-/// the same reply tuple (one client port to one backend through two
-/// frontends) gives up its entry to the new flow (`REPLY_OVERWRITE`).
+/// `WAYS + 1` when a victim changed under us. Without SNAT, an
+/// unestablished flow with the same reply tuple (one client port to one
+/// backend through two frontends) gives it up to the new flow
+/// (`REPLY_OVERWRITE`); an established one keeps it.
 #[inline(always)]
 fn reply_way<A: CtAddr, T: Table<A>>(
     tb: &T,
@@ -259,12 +288,20 @@ fn reply_way<A: CtAddr, T: Table<A>>(
         {
             // SAFETY: table memory.
             (w, seen) = (load(word_of(r)), unsafe { (*r).last_seen });
-            if owns(e, w) && entry_tag(e) == tag(hr) && matching(r, rep, true) == w {
+            // As in the forward scan: the word `matching` read it under.
+            let m = if entry_tag(e) == tag(hr) { matching(r, rep, true) } else { 0 };
+            if m != 0 {
+                w = m;
+            }
+            if m != 0 && owns(e, w) {
                 // The reply tuple is taken: by a live flow (SNAT: try
                 // another port; else the newer flow takes the tuple over),
                 // or by an expired one, replaced so the tuple has one entry.
                 let old = expired(w, seen, now);
-                if snat && !old {
+                // SNAT: the port is taken, try another. Without SNAT, a new
+                // flow takes the tuple over only from a flow that may be
+                // evicted anyway (never an established one).
+                if !old && (snat || !evictable(w)) {
                     return WAYS;
                 }
                 tb.event(if old { event::EVICT_EXPIRED } else { event::REPLY_OVERWRITE });
@@ -285,8 +322,10 @@ fn reply_way<A: CtAddr, T: Table<A>>(
 }
 
 /// Writes the new flow's record `r` (id `id`, dead) and publishes it: the
-/// word live first, then the reply entry, then the forward one, so a reader
-/// that finds an entry finds a live record.
+/// entries first, then the live word. Until the word is live a lookup that
+/// finds an entry misses (odd sequence), and the agent's sweep, which walks
+/// records, cannot unlink the record before its entries exist (an unlink
+/// then would leave them behind).
 #[inline(always)]
 fn write<A: CtAddr, T: Table<A>>(
     tb: &T,
@@ -317,9 +356,10 @@ fn write<A: CtAddr, T: Table<A>>(
         add(c, 1);
     }
     fence();
-    store(p, word(seq, w_state(w), w_flags(w), marks, w_proto(w)));
     store(way(rep.0, rep.1), entry(tag(rep.2), seq, true, id));
     store(way(fwd.0, fwd.1), entry(tag(fwd.2), seq, false, id));
+    // (Volatile stores keep their order among themselves.)
+    store(p, word(seq, w_state(w), w_flags(w), marks, w_proto(w)));
     nf.id = id;
     nf.seq = seq;
 }
