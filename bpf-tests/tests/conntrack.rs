@@ -178,3 +178,47 @@ fn a_first_packet_finding_its_key_being_rewritten_is_dropped_and_gives_its_port_
     assert_eq!(w.lb.verdict("new_flow"), 1);
     assert_eq!(w.lb.dp.conntrack().len(), 2, "forward and reply entry");
 }
+
+/// Katran's SYN skip (balancer.bpf.c looks its LRU up only for packets
+/// without SYN): a SYN that cannot be a backend's reply goes to the
+/// new-flow program without a conntrack lookup. A flow that does exist is
+/// then found by the insert, which adopts its translation (`ct_race`, not
+/// `ct_hit`): here a planted entry to the backend Maglev would not pick is
+/// followed, SNAT port included. A SYN from a backend's address and port (a
+/// possible reply, by FILTER) still takes the lookup and is reverse-NATed.
+#[test]
+fn a_syn_skips_the_lookup_and_still_follows_its_flow() {
+    for prog in [Prog::Xdp, Prog::TcIngress] {
+        let mut w = world();
+        let _in = w.env.enter();
+        let key = vip_service(&mut w, prog, false, SCHED_MAGLEV, 0, &[1, 2]);
+        let syn = Pkt::tcp(CLIENT4, 40000, VIP4, 80, SYN);
+        let picked = expected_backend(&w, &key, &syn);
+        let other = if picked == 1 { 2 } else { 1 };
+        let now = xlb::dump::now_ns();
+        let planted = CtEntry {
+            last_seen_ns: now,
+            backend_id: other,
+            rev_nat_id: 10,
+            state: ct::STATE_SYN_SENT,
+            ..CtEntry::default()
+        };
+        w.lb.dp.conntrack_insert(&tcp_key(CLIENT4, 40000, VIP4, 80), &planted).unwrap();
+        let (v, out) = w.lb.run(prog, &syn.build());
+        assert_eq!((v, out), (Verdict::Redirect, dnatted(&syn, other)), "{prog:?}: the flow's backend, not Maglev's");
+        assert_eq!((w.lb.verdict("ct_race"), w.lb.verdict("ct_hit"), w.lb.verdict("new_flow")), (1, 0, 0), "{prog:?}");
+        // Its next packet (an ACK) is looked up as ever.
+        let ack = Pkt::tcp(CLIENT4, 40000, VIP4, 80, ACK);
+        assert_eq!(w.lb.run(prog, &ack.build()), (Verdict::Redirect, dnatted(&ack, other)));
+        assert_eq!(w.lb.verdict("ct_hit"), 1, "{prog:?}");
+        // A SYN from the backend's address and port to the client (a
+        // simultaneous open) may be a reply: looked up, reverse-NATed.
+        let back = Pkt::tcp(&backend_addr(other), 8080, CLIENT4, 40000, SYN).macs(NEIGH_MAC, OUT_MAC);
+        let rep = CtEntry { flags: CT_F_REPLY, ..planted };
+        w.lb.dp.conntrack_insert(&tcp_key(&backend_addr(other), 8080, CLIENT4, 40000), &rep).unwrap();
+        let (v, out) = w.lb.run(prog, &back.build());
+        assert_eq!(v, Verdict::Redirect, "{prog:?}");
+        assert_eq!(out, back.clone().src(VIP4, 80).macs(OUT_MAC, NEIGH_MAC).hop().build(), "{prog:?}: reverse NAT");
+        assert_eq!(w.lb.verdict("reverse_nat"), 1, "{prog:?}");
+    }
+}
