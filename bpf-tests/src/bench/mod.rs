@@ -9,6 +9,7 @@
 //! produces is described in docs/benchmarks.md ("JSON schema").
 
 pub mod east_west;
+pub mod flood;
 pub mod model;
 pub mod net;
 pub mod report;
@@ -212,6 +213,9 @@ pub struct Results {
     /// East-west TCP connections from a pod to a ClusterIP, per path
     /// (socket-LB, TC, iptables, nftables, the direct floor) and size.
     pub east_west: Vec<east_west::Row>,
+    /// The SYN flood of issue #13, without and with SNAT (with the
+    /// BPF_PROG_TEST_RUN figures).
+    pub flood: Vec<flood::Flood>,
 }
 
 /// Progress reporting (an indicatif bar in the binary, nothing in tests).
@@ -239,6 +243,7 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
         tcp_stream_ratio: BTreeMap::new(),
         cilium_maglev_bytes_per_service: 16_381 * 4,
         east_west: Vec::new(),
+        flood: Vec::new(),
     };
     if plan.systems.contains(&System::Ipvs)
         && let Some(reason) = ipvs_unavailable()
@@ -328,6 +333,11 @@ pub fn run(plan: &Plan, progress: &dyn Progress) -> anyhow::Result<Results> {
     if plan.test_run_repeat > 0 {
         progress.step("BPF_PROG_TEST_RUN".into());
         res.test_run = test_run::measure(&plan.services, plan.test_run_repeat);
+        progress.step("SYN flood".into());
+        // (table entries, established connections, SYNs, fresh connections)
+        let (table, est, syns, fresh) =
+            if plan.name == "smoke" { (8_192, 1_000, 20_000, 200) } else { (262_144, 10_000, 2_000_000, 1_000) };
+        res.flood = [false, true].map(|snat| flood::measure(snat, table, est, syns, fresh)).to_vec();
     }
     Ok(res)
 }

@@ -130,6 +130,30 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(md, "| {k} | {v:.1} |");
     }
     md.push('\n');
+    if !r.flood.is_empty() {
+        let _ = writeln!(md, "### SYN flood (BPF_PROG_TEST_RUN, XDP, external Maglev service, 4 backends)\n");
+        let _ = writeln!(
+            md,
+            "| SNAT | conntrack entries | established | SYNs | entries lost | connections broken | new connections ok | ns/SYN, table full |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        for f in &r.flood {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} of {} | {:.0} |",
+                if f.snat { "yes" } else { "no" },
+                f.table_entries,
+                f.established,
+                f.syns,
+                f.lost,
+                f.broken,
+                f.fresh_ok,
+                f.fresh,
+                f.ns_per_syn_full
+            );
+        }
+        md.push('\n');
+    }
     let _ = writeln!(md, "### Map memory per service\n");
     let _ = writeln!(
         md,
