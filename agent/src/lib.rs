@@ -7,6 +7,7 @@ pub mod addresses;
 pub mod agent;
 pub mod attach;
 pub mod cli;
+pub mod ct_table;
 pub mod datapath;
 pub mod dump;
 pub mod events;

@@ -54,6 +54,17 @@ impl Mapped {
         Some(unsafe { self.ptr.add(off).cast::<T>().read_volatile() })
     }
 
+    /// A pointer to the `T` at byte offset `off` (aligned for `T`), for
+    /// shared-memory protocols that need atomics on it (the conntrack
+    /// table's words); `None` out of bounds.
+    pub fn ptr_at<T>(&self, off: usize) -> Option<*mut T> {
+        if off + size_of::<T>() > self.bytes || !off.is_multiple_of(align_of::<T>()) {
+            return None;
+        }
+        // SAFETY: in bounds of our live mapping (checked above).
+        Some(unsafe { self.ptr.add(off).cast::<T>() })
+    }
+
     /// Makes the stores so far visible before whatever map write follows.
     pub fn publish(&self) {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);

@@ -40,7 +40,7 @@ static CT_PROBE_INDEX: Array<CtBucket> = Array::with_max_entries(3 * PROBE_NB, B
 static CT_PROBE_RECORDS: Array<CtRecord4> = Array::with_max_entries(WAYS as u32 * PROBE_NB, BPF_F_MMAPABLE);
 /// Active connections per backend id.
 #[map]
-static CT_PROBE_CONNS: Array<u64> = Array::with_max_entries(64, 0);
+static CT_PROBE_CONNS: Array<u64> = Array::with_max_entries(64, BPF_F_MMAPABLE);
 #[map]
 static CT_PROBE_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(event::COUNT, 0);
 /// The insert's request (off the verifier's 512-byte stack).

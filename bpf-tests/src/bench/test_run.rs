@@ -20,9 +20,10 @@ use crate::{FibEnv, Lb, packet::Pkt, run, svc_key};
 use aya::programs::Xdp;
 use datapath_common::{
     BACKEND_ACTIVE, CFG_F_KEEP_TTL, CFG_F_NO_NEXT_HOP_CACHE, Config, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL, ct,
-    ct_ops,
-    ct_table::{self, CtRecord4},
+    ct_table,
 };
+use std::os::fd::AsFd as _;
+use xlb::ct_table::MappedTable;
 use xlb::{MapSizes, ServiceSpec};
 
 const RUNS: usize = 5;
@@ -67,14 +68,34 @@ fn conntrack_tables(results: &mut BTreeMap<String, f64>, syn: &[u8], ack: &[u8],
         results.insert(format!("{table}_hit"), median_of(&format!("{table}_hit"), p, ack, XDP_TX, repeat));
         results.insert(format!("{table}_new_flow"), median_of(&format!("{table}_new_flow"), p, synrst, XDP_TX, repeat));
     }
-    let records: aya::maps::Array<_, CtRecord4> =
-        obj.map("CT_PROBE_RECORDS").expect("records").try_into().expect("records array");
-    let conns: aya::maps::Array<_, u64> = obj.map("CT_PROBE_CONNS").expect("conns").try_into().expect("conns array");
-    let live: Vec<CtRecord4> = records.iter().filter_map(|r| r.ok()).filter(|r| ct_ops::live(r.word)).collect();
-    let flow = live.iter().find(|r| r.cport == 40000u16.to_be()).expect("the ACKed flow's record");
+    // What the kernel wrote, through the agent's mapping of the same arrays.
+    let fd = |name: &str| match obj.map(name) {
+        Some(aya::maps::Map::Array(d)) => d.fd().as_fd(),
+        _ => panic!("no array {name}"),
+    };
+    // The bucket count from the index's size (3 buckets per forward bucket).
+    let nb = match obj.map("CT_PROBE_INDEX") {
+        Some(aya::maps::Map::Array(d)) => d.info().expect("map info").max_entries() / 3,
+        _ => panic!("no CT_PROBE_INDEX"),
+    };
+    let table = MappedTable::<[u8; 4]>::map(nb, fd("CT_PROBE_INDEX"), fd("CT_PROBE_RECORDS"), fd("CT_PROBE_CONNS"), 64)
+        .expect("the probe's table maps");
+    let live = table.records();
+    let (id, flow) = *live.iter().find(|(_, r)| r.cport == 40000u16.to_be()).expect("the ACKed flow's record");
     assert_eq!(ct_table::w_state(flow.word), ct::STATE_ESTABLISHED, "{flow:?}");
     assert_eq!(live.len(), 2, "one record per flow (the ACKed one, the SYN|RST one): {live:?}");
-    assert_eq!(conns.get(&1, 0).unwrap(), 1, "one established connection to backend 1");
+    assert_eq!(table.connections(1), 1, "one established connection to backend 1");
+    // The agent unlinks every record; the kernel's next ACK finds none and
+    // tracks the flow anew (a new record), counted once again.
+    assert_eq!(table.sweep(|_, _| true), 2);
+    assert_eq!((table.records().len(), table.connections(1)), (0, 0));
+    let p: &mut Xdp = obj.program_mut("ct_table_probe").unwrap().try_into().unwrap();
+    let mut out = vec![0u8; ack.len() + 256];
+    assert_eq!(run(p, ack, &mut out, 1).expect("test_run").0, XDP_TX);
+    let again = table.records();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!((again[0].0, again[0].1.word as u32), (id, flow.word as u32), "a new record, not the swept one");
+    assert_eq!(table.connections(1), 1);
 }
 
 fn spec(id: u32) -> ServiceSpec {
