@@ -183,6 +183,21 @@ impl Generator {
         Ok(g)
     }
 
+    /// Runs the generator once without live frames (plain BPF_PROG_TEST_RUN,
+    /// which a kernel refusing live frames still takes) and returns the frame
+    /// it would have sent: the stamping (headers, the flow's source port and
+    /// address, checksums) checked where nothing can be sent.
+    pub fn stamp(&self) -> anyhow::Result<Vec<u8>> {
+        let prog: &Xdp = self.ebpf.program("xlb_pktgen").context("no xlb_pktgen")?.try_into()?;
+        let mut out = vec![0u8; self.frame.len() + 256];
+        let opts =
+            TestRunOptions { data_in: Some(&self.frame), data_out: Some(&mut out), repeat: 1, ..TestRunOptions::new() };
+        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        ensure!(r.return_value == 3, "xlb_pktgen returned {} instead of XDP_TX", r.return_value);
+        out.truncate(r.data_size_out as usize);
+        Ok(out)
+    }
+
     /// Restarts the flow numbering: CPU k of n starts at flow k × flows / n,
     /// so threads on different CPUs send different flows.
     pub fn reset(&mut self) -> anyhow::Result<()> {

@@ -64,12 +64,6 @@ impl FlowFilter {
     pub fn maybe_ours(&self, src: &[u8; 16], sport_be: u16, dst: &[u8; 16], dport_be: u16) -> bool {
         has(&self.dst, bit(dst, dport_be)) || has(&self.src, bit(src, sport_be))
     }
-
-    /// May `src:sport` be a backend, the packet one of its replies?
-    #[inline(always)]
-    pub fn maybe_reply(&self, src: &[u8; 16], sport_be: u16) -> bool {
-        has(&self.src, bit(src, sport_be))
-    }
 }
 
 #[cfg(test)]

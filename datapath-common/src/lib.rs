@@ -507,10 +507,8 @@ pub mod verdict {
     /// not known at connect).
     pub const SOCK_SKIP: u32 = 25;
     /// A new flow's first packet whose flow another CPU had just started
-    /// (both packets missed conntrack at once), or a SYN of a flow that
-    /// exists (a retransmission: SYNs skip the lookup, Katran's trick):
-    /// given that flow's backend and SNAT port, so one flow has one
-    /// translation.
+    /// (both packets missed conntrack at once): given that CPU's backend and
+    /// SNAT port, so one flow has one translation.
     pub const CT_RACE: u32 = 26;
     /// As CT_RACE, but the other CPU was still writing its entry: dropped
     /// (the sender retransmits) rather than translated differently.

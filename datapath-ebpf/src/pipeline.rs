@@ -66,23 +66,9 @@ pub fn process(hook: &mut impl Hook) -> Action {
         Parsed::Fragment => return tail_call(hook, tail::FRAGMENT),
         Parsed::IcmpError => return tail_call(hook, tail::ICMP_ERROR),
     }
-    if let Some(f) = FILTER.get(0) {
-        // Not to a frontend, not a backend's reply: nothing to look up.
-        if !f.maybe_ours(&flow.src, flow.sport, &flow.dst, flow.dport) {
-            return done(verdict::PASS, Action::Pass);
-        }
-        // Katran's SYN skip: a connection's first packet (SYN, no ACK) that
-        // cannot be a backend's reply goes straight to the new-flow program,
-        // without a conntrack lookup it would almost always miss. A flow
-        // that does exist (a retransmitted SYN) is found there by the insert
-        // itself, which never overwrites a live entry: it adopts the flow's
-        // translation (`ct_race`), whatever the scheduler.
-        if flow.proto == PROTO_TCP
-            && flow.tcp_flags & (ct::TCP_SYN | ct::TCP_ACK) == ct::TCP_SYN
-            && !f.maybe_reply(&flow.src, flow.sport)
-        {
-            return tail_call(hook, tail::NEW_FLOW);
-        }
+    // Not to a frontend, not a backend's reply: nothing to look up.
+    if FILTER.get(0).is_some_and(|f| !f.maybe_ours(&flow.src, flow.sport, &flow.dst, flow.dport)) {
+        return done(verdict::PASS, Action::Pass);
     }
     // Bytes for the counters from the parsed lengths: no helper call.
     let len = (flow.l4 + flow.l4_len) as u32;
