@@ -75,7 +75,14 @@ pub const fn next_state(proto: u8, state: u8, tcp_flags: u8, reply: bool) -> u8 
 /// quiet side may still be sending, so it keeps the established timeout.
 #[inline(always)]
 pub const fn closing(e: &CtEntry) -> bool {
-    e.state == STATE_CLOSING || (e.fin_out != 0 && e.fin_in != 0)
+    closing_of(e.state, e.fin_out != 0, e.fin_in != 0)
+}
+
+/// `closing` for a flow in `state` whose directions did (`fin_out`,
+/// `fin_in`) send a FIN; shared with the conntrack table's records.
+#[inline(always)]
+pub const fn closing_of(state: u8, fin_out: bool, fin_in: bool) -> bool {
+    state == STATE_CLOSING || (fin_out && fin_in)
 }
 
 /// How long entry `e` lives without traffic.
@@ -112,10 +119,14 @@ pub const fn expired(e: &CtEntry, now_ns: u64) -> bool {
 /// pick). A SYN on a half-closed flow does not.
 #[inline(always)]
 pub const fn starts_new_flow(proto: u8, e: &CtEntry, now_ns: u64, tcp_flags: u8) -> bool {
-    if expired(e, now_ns) {
-        return true;
-    }
-    proto == PROTO_TCP && (closing(e) || e.state == STATE_CLOSED) && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    expired(e, now_ns) || reopens(proto, e.state, closing(e), tcp_flags)
+}
+
+/// True when a SYN (no ACK) reuses the tuple of a TCP flow in `state` that
+/// is `closing` or closed: a new flow, with a fresh pick.
+#[inline(always)]
+pub const fn reopens(proto: u8, state: u8, closing: bool, tcp_flags: u8) -> bool {
+    proto == PROTO_TCP && (closing || state == STATE_CLOSED) && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ fn way(b: *mut CtBucket, i: usize) -> *mut u64 {
     #[cfg(target_arch = "bpf")]
     let i = {
         let mut x = i as u64;
-        // SAFETY: emits nothing; `x` is only made opaque.
+        // SAFETY: one `mov` of the register to itself; `x` is only made opaque.
         unsafe { core::arch::asm!("{0} = {0}", inout(reg) x, options(nostack)) };
         if x >= WAYS as u64 { WAYS - 1 } else { x as usize }
     };

@@ -15,13 +15,13 @@
 //!   allocates nothing — choosing its forward way is choosing its record;
 //! - (shared by both families) BACKEND_CONNS, active connections per backend.
 //!
-//! Concurrency (see ARCHITECTURE.md, "Conntrack"): lookups take no lock and
-//! validate the record's sequence (odd: being written). Inserts lock the
-//! forward bucket, then the reply bucket (always in that order: no cycle),
-//! with bounded tries. Removing an entry is a compare-and-swap of its exact
-//! value to 0, lock or no lock, and the one CPU (or the agent's sweep) whose
-//! swap of a record's forward entry succeeds is the one that accounts for it
-//! (eviction counters, BACKEND_CONNS) — exactly once.
+//! Concurrency (the protocol is written out in `ct_ops`): lookups take no
+//! lock and validate the record's sequence (odd: being written or dead).
+//! Inserts lock the forward bucket, then the reply bucket (always in that
+//! order: no cycle), with bounded tries. A record dies by a swap of its word,
+//! and the one CPU (or the agent's sweep) whose swap succeeds accounts for it
+//! (eviction counters, BACKEND_CONNS), exactly once; its entries are then
+//! removed by swapping their exact value to 0.
 
 /// Ways per bucket: a 64-byte line is the lock word and seven entries.
 pub const WAYS: usize = 7;
@@ -117,20 +117,10 @@ pub const fn buckets_for(entries: u32) -> u32 {
 
 /// Address forms: IPv4 records keep 4-byte addresses, IPv6 ones 16.
 pub trait CtAddr: Copy + Default + PartialEq {
-    fn from_mapped(a: &[u8; 16]) -> Self;
-    fn to_mapped(&self) -> [u8; 16];
     fn mix_into(&self, h: u32) -> u32;
 }
 
 impl CtAddr for [u8; 4] {
-    #[inline(always)]
-    fn from_mapped(a: &[u8; 16]) -> Self {
-        [a[12], a[13], a[14], a[15]]
-    }
-    #[inline(always)]
-    fn to_mapped(&self) -> [u8; 16] {
-        crate::v4_mapped(*self)
-    }
     #[inline(always)]
     fn mix_into(&self, h: u32) -> u32 {
         crate::hash::mix(h, u32::from_le_bytes(*self))
@@ -138,14 +128,6 @@ impl CtAddr for [u8; 4] {
 }
 
 impl CtAddr for [u8; 16] {
-    #[inline(always)]
-    fn from_mapped(a: &[u8; 16]) -> Self {
-        *a
-    }
-    #[inline(always)]
-    fn to_mapped(&self) -> [u8; 16] {
-        *self
-    }
     #[inline(always)]
     fn mix_into(&self, mut h: u32) -> u32 {
         let mut i = 0;
@@ -285,7 +267,7 @@ pub const fn ticks_of(ns: u64) -> u32 {
 /// True when both directions sent a FIN (or the state says closing).
 #[inline(always)]
 pub const fn w_closing(w: u64) -> bool {
-    w_state(w) == crate::ct::STATE_CLOSING || w_marks(w) & (M_FIN_FWD | M_FIN_REP) == M_FIN_FWD | M_FIN_REP
+    crate::ct::closing_of(w_state(w), w_marks(w) & M_FIN_FWD != 0, w_marks(w) & M_FIN_REP != 0)
 }
 
 /// How long a record with word `w` lives without traffic, in ticks.
@@ -312,12 +294,7 @@ pub const fn expired(w: u64, last_seen: u32, now: u32) -> bool {
 /// after TIME_WAIT gets a fresh pick). A SYN on a half-closed flow does not.
 #[inline(always)]
 pub const fn stale(w: u64, last_seen: u32, now: u32, flags: u8) -> bool {
-    if expired(w, last_seen, now) {
-        return true;
-    }
-    w_proto(w) == crate::PROTO_TCP
-        && (w_closing(w) || w_state(w) == crate::ct::STATE_CLOSED)
-        && flags & (crate::ct::TCP_SYN | crate::ct::TCP_ACK) == crate::ct::TCP_SYN
+    expired(w, last_seen, now) || crate::ct::reopens(w_proto(w), w_state(w), w_closing(w), flags)
 }
 
 /// True for a record the eviction may take for a new flow when its bucket

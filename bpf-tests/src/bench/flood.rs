@@ -27,6 +27,7 @@ use xlb::{MapSizes, ServiceSpec};
 
 use crate::{
     FibEnv, Lb, Prog, Verdict, addr16,
+    fuzz::mutate::Rng,
     packet::{ACK, Pkt, SYN},
     run, svc_key,
 };
@@ -52,18 +53,6 @@ pub struct Flood {
     pub ns_per_syn_full: f64,
     /// Verdict counts over the whole run.
     pub verdicts: BTreeMap<&'static str, u64>,
-}
-
-/// A small, deterministic generator (xorshift), so runs are comparable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 pub fn measure(snat: bool, table_entries: u32, established: u32, syns: u64, fresh: u32) -> Flood {
@@ -116,14 +105,15 @@ pub fn measure(snat: bool, table_entries: u32, established: u32, syns: u64, fres
     }
 
     // The flood: SYNs from random sources, timed in blocks once the table is full.
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // The fuzzer's generator: the same sources every run, so runs compare.
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let p: &Xdp = lb.dp.program("xlb_xdp").unwrap().try_into().unwrap();
     let mut out = vec![0u8; 256];
     let mut blocks = Vec::new();
     let (mut block_ns, mut in_block) = (0u128, 0u32);
     let full_after = table_entries as u64 / 2;
     for n in 0..syns {
-        let r = rng.next();
+        let r = rng.next_u64();
         let src = format!("198.18.{}.{}", (r >> 8) as u8, r as u8);
         let syn = Pkt::tcp(&src, 1024 + (r >> 16) as u16 % 60_000, VIP, 80, SYN).build();
         let (_, _, d) = run(p, &syn, &mut out, 1).expect("test_run");
