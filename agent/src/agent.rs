@@ -34,6 +34,8 @@ use crate::{
     writer::Writer,
 };
 
+/// How often the agent unlinks expired conntrack records.
+const CONNTRACK_EXPIRY_PERIOD: Duration = Duration::from_secs(5);
 /// Settings of `xlb agent` (see `main.rs` for the flags).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -451,9 +453,19 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     // Health-check servers that could not bind are retried (kube-proxy: at
     // each periodic sync).
     let mut retry = tokio::time::interval(Duration::from_secs(30));
+    // Expired conntrack records are unlinked here, not only when a new flow
+    // needs their way: their backends' active counts drop and their SNAT
+    // ports are free without a packet arriving.
+    let mut expire = tokio::time::interval(CONNTRACK_EXPIRY_PERIOD);
     loop {
         tokio::select! {
             _ = retry.tick() => r.health.retry().await,
+            _ = expire.tick() => {
+                let n = dp.conntrack_expire();
+                if n > 0 {
+                    tracing::debug!(flows = n, "expired conntrack records unlinked");
+                }
+            }
             changed = rx.changed() => {
                 if changed.is_err() {
                     break;

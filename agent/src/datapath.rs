@@ -26,10 +26,13 @@ use aya::{
 };
 use datapath_common::{
     AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FrontendInfo, NextHop, RevNat, SCHED_MAGLEV,
-    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, maps, tail, v4_mapped, verdict,
+    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey,
+    ct_table::{WAYS, buckets_for},
+    maps, tail, v4_mapped, verdict,
 };
 
 use crate::{
+    ct_table::Conntrack,
     filter::{Dir, Filter},
     maglev,
     mapped::Mapped,
@@ -74,7 +77,7 @@ pub enum Error {
     TailCall { name: String, source: MapError },
 }
 
-type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Map sizes, chosen by the loader (never hard-coded in the programs).
 #[derive(Clone, Copy, Debug)]
@@ -137,7 +140,7 @@ pub struct Maps {
     backends: Array<MapData, Backend>,
     slots: Array<MapData, u32>,
     rev_nat: Array<MapData, RevNat>,
-    conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
+    conntrack: Conntrack,
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     service_stats: PerCpuArray<MapData, Counter>,
@@ -150,7 +153,8 @@ pub struct Maps {
 }
 
 /// Key and value sizes of each pinned map, checked before a pin is reused.
-const LAYOUT: [(&str, usize, usize); 14] = {
+const LAYOUT: [(&str, usize, usize); 20] = {
+    use datapath_common::ct_table::{CtBucket, CtRecord4, CtRecord6};
     use std::mem::size_of;
     [
         (maps::SERVICES, size_of::<ServiceKey>(), size_of::<Service>()),
@@ -158,6 +162,12 @@ const LAYOUT: [(&str, usize, usize); 14] = {
         (maps::SLOTS, 4, 4),
         (maps::REV_NAT, 4, size_of::<RevNat>()),
         (maps::CONNTRACK, size_of::<CtKey>(), size_of::<CtEntry>()),
+        (maps::CT4_INDEX, 4, size_of::<CtBucket>()),
+        (maps::CT4_RECORDS, 4, size_of::<CtRecord4>()),
+        (maps::CT6_INDEX, 4, size_of::<CtBucket>()),
+        (maps::CT6_RECORDS, 4, size_of::<CtRecord6>()),
+        (maps::BACKEND_CONNS, 4, 8),
+        (maps::CT_EVENTS, 4, 8),
         (maps::AFFINITY, size_of::<AffinityKey>(), size_of::<AffinityValue>()),
         (maps::SOURCE_RANGES, 4 + size_of::<SourceRangeKey>(), 1),
         (maps::RR_CURSOR, 4, 4),
@@ -214,12 +224,20 @@ impl Maps {
         (start..svc.maglev_off + svc.maglev_len).map(|i| self.slots.get(&i, 0).map_err(map_err(maps::SLOTS))).collect()
     }
 
+    /// Every live flow as its two entries, forward then reply
+    /// (`ct_table::entries`).
     pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
-        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+        self.conntrack.entries()
     }
 
+    /// The entry (direction) of the live flow with tuple `key`.
     pub fn conntrack_get(&self, key: &CtKey) -> Option<CtEntry> {
-        self.conntrack.get(key, 0).ok()
+        self.conntrack.get(key)
+    }
+
+    /// The conntrack table itself (both families, counts, events).
+    pub fn conntrack_table(&self) -> &Conntrack {
+        &self.conntrack
     }
 
     pub fn affinity_get(&self, key: &AffinityKey) -> Option<AffinityValue> {
@@ -250,9 +268,10 @@ impl Maps {
         Self::sum(&self.backend_stats, maps::BACKEND_STATS, id)
     }
 
-    /// Number of conntrack entries (both directions).
+    /// Number of conntrack entries: two per flow (its forward and reply
+    /// tuples), as the LRU table counted them.
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
+        2 * self.conntrack.flows()
     }
 
     /// Every SERVICES entry.
@@ -325,7 +344,6 @@ impl Maps {
         add(maps::BACKENDS, self.backends.map());
         add(maps::SLOTS, self.slots.map());
         add(maps::REV_NAT, self.rev_nat.map());
-        add(maps::CONNTRACK, self.conntrack.map());
         add(maps::AFFINITY, self.affinity.map());
         add(maps::SOURCE_RANGES, self.source_ranges.map());
         add(maps::SERVICE_STATS, self.service_stats.map());
@@ -336,6 +354,7 @@ impl Maps {
         if let Some(m) = &self.sock_rev {
             add(maps::SOCK_REV, m.map());
         }
+        out.extend(self.conntrack.infos());
         out
     }
 
@@ -345,7 +364,10 @@ impl Maps {
             backends: take(ebpf, maps::BACKENDS)?,
             slots: take(ebpf, maps::SLOTS)?,
             rev_nat: take(ebpf, maps::REV_NAT)?,
-            conntrack: take(ebpf, maps::CONNTRACK)?,
+            conntrack: Conntrack::open(|name| match ebpf.take_map(name) {
+                Some(aya::maps::Map::Array(d) | aya::maps::Map::PerCpuArray(d)) => Ok(d),
+                _ => Err(Error::MissingMap(name)),
+            })?,
             affinity: take(ebpf, maps::AFFINITY)?,
             source_ranges: take(ebpf, maps::SOURCE_RANGES)?,
             service_stats: take(ebpf, maps::SERVICE_STATS)?,
@@ -366,7 +388,7 @@ impl Maps {
             backends: typed(o(maps::BACKENDS)?, maps::BACKENDS)?,
             slots: typed(o(maps::SLOTS)?, maps::SLOTS)?,
             rev_nat: typed(o(maps::REV_NAT)?, maps::REV_NAT)?,
-            conntrack: typed(o(maps::CONNTRACK)?, maps::CONNTRACK)?,
+            conntrack: Conntrack::open(o)?,
             affinity: typed(o(maps::AFFINITY)?, maps::AFFINITY)?,
             source_ranges: typed(o(maps::SOURCE_RANGES)?, maps::SOURCE_RANGES)?,
             service_stats: typed(o(maps::SERVICE_STATS)?, maps::SERVICE_STATS)?,
@@ -541,6 +563,9 @@ impl Datapath {
     pub fn load_pinned(mut sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         let mut paths = Vec::new();
+        // Forward buckets of the conntrack tables: the pinned ones' own, or
+        // as many as `sizes.conntrack` entries need (two per flow).
+        let (mut nb4, mut nb6) = (None, None);
         if let Some(dir) = pin_dir {
             for name in maps::PINNED {
                 let path = dir.join(name);
@@ -557,7 +582,11 @@ impl Datapath {
                         maps::SERVICES => sizes.services = max,
                         maps::BACKENDS => sizes.backends = max,
                         maps::SLOTS => sizes.slots = max,
-                        maps::CONNTRACK => sizes.conntrack = max,
+                        maps::CT4_INDEX => {
+                            sizes.conntrack = max / 3 * WAYS as u32 * 2;
+                            nb4 = Some(max / 3);
+                        }
+                        maps::CT6_INDEX => nb6 = Some(max / 3),
                         maps::AFFINITY => sizes.affinity = max,
                         maps::SOURCE_RANGES => sizes.source_ranges = max,
                         maps::SOCK_REV => sizes.sock_rev = max,
@@ -570,6 +599,8 @@ impl Datapath {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let nb4: u32 = nb4.unwrap_or(buckets_for(sizes.conntrack));
+        let nb6: u32 = nb6.unwrap_or(buckets_for(sizes.conntrack));
         let mut ebpf = loader
             .map_max_entries(maps::SERVICES, sizes.services)
             .map_max_entries(maps::REV_NAT, sizes.services)
@@ -578,7 +609,13 @@ impl Datapath {
             .map_max_entries(maps::BACKENDS, sizes.backends)
             .map_max_entries(maps::BACKEND_STATS, sizes.backends)
             .map_max_entries(maps::SLOTS, sizes.slots)
-            .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+            .map_max_entries(maps::CT4_INDEX, 3 * nb4)
+            .map_max_entries(maps::CT4_RECORDS, WAYS as u32 * nb4)
+            .map_max_entries(maps::CT6_INDEX, 3 * nb6)
+            .map_max_entries(maps::CT6_RECORDS, WAYS as u32 * nb6)
+            .map_max_entries(maps::BACKEND_CONNS, sizes.backends)
+            .override_global("CT4_NB", &nb4, true)
+            .override_global("CT6_NB", &nb6, true)
             .map_max_entries(maps::AFFINITY, sizes.affinity)
             .map_max_entries(maps::SOURCE_RANGES, sizes.source_ranges)
             .map_max_entries(maps::FRONTENDS, sizes.services)
@@ -587,6 +624,18 @@ impl Datapath {
             .map_max_entries(maps::NEXT_HOP, sizes.backends.saturating_mul(2))
             .load(OBJECT)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
+        if let Some(dir) = pin_dir {
+            let backend = |id| maps.backend(id).map(|b| (b.addr, b.port));
+            match maps.conntrack.migrate_lru(&dir.join(maps::CONNTRACK), backend) {
+                Ok(Some(m)) => tracing::info!(
+                    flows = m.flows,
+                    dropped = m.dropped,
+                    "copied the flows of the LRU conntrack of an older xlb into the conntrack table (once)"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "could not copy the flows of an older xlb's LRU conntrack"),
+            }
+        }
         let filter = filter(&ebpf, &maps)?;
         Ok(Self {
             ebpf,
@@ -638,6 +687,18 @@ impl Datapath {
             calls.set(slot, &fd, 0).map_err(|source| Error::TailCall { name, source })?;
         }
         Ok(())
+    }
+
+    /// Instructions the verifier walked for each loaded program (the
+    /// kernel's `verified_insns`; its limit is 1,000,000), by name.
+    pub fn verified_instructions(&self) -> Vec<(String, u32)> {
+        let mut out: Vec<_> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_string(), p.info().ok()?.verified_instruction_count()?)))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Pins the tail-call tables under `progs/`, replacing an earlier
@@ -918,30 +979,39 @@ impl Datapath {
         }
     }
 
-    /// Writes a conntrack entry (one direction), as the datapath would: for
-    /// tests that need a flow in a given state.
+    /// Writes a live flow as the datapath would, from its forward entry
+    /// (`e` at `key`; its backend from BACKENDS): for tests that need a flow
+    /// in a given state.
     pub fn conntrack_insert(&mut self, key: &CtKey, e: &CtEntry) -> Result<()> {
-        self.maps.conntrack.insert(key, e, 0).map_err(map_err(maps::CONNTRACK))
+        let b = self.maps.backend(e.backend_id).ok_or(Error::MissingMap(maps::BACKENDS))?;
+        if self.maps.conntrack.insert(key, e, &b.addr, b.port) {
+            Ok(())
+        } else {
+            Err(Error::Map { name: maps::CT4_INDEX, source: MapError::KeyNotFound })
+        }
     }
 
-    /// Removes a conntrack entry (one direction); absent is not an error.
+    /// Removes the flow with forward or reply tuple `key` (both its
+    /// entries); absent is not an error.
     pub fn conntrack_remove(&mut self, key: &CtKey) -> Result<()> {
-        match self.maps.conntrack.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(maps::CONNTRACK)(e)),
-        }
+        self.maps.conntrack.remove(key);
+        Ok(())
     }
 
-    /// Deletes the conntrack entries `drop` picks (either direction);
-    /// returns how many went. Entries come and go meanwhile: one already
-    /// gone is not an error.
-    pub fn conntrack_sweep(&mut self, mut drop: impl FnMut(&CtKey, &CtEntry) -> bool) -> Result<usize> {
-        let doomed: Vec<CtKey> =
-            self.maps.conntrack.iter().filter_map(|r| r.ok()).filter(|(k, e)| drop(k, e)).map(|(k, _)| k).collect();
-        for k in &doomed {
-            self.conntrack_remove(k)?;
-        }
-        Ok(doomed.len())
+    /// Removes every flow one of whose entries `drop` picks; returns how
+    /// many entries went (two per flow). Flows come and go meanwhile.
+    pub fn conntrack_sweep(&mut self, drop: impl FnMut(&CtKey, &CtEntry) -> bool) -> Result<usize> {
+        Ok(self.maps.conntrack.sweep(drop))
+    }
+
+    /// Removes every expired flow (see `Conntrack::expire`); how many went.
+    pub fn conntrack_expire(&mut self) -> usize {
+        self.maps.conntrack.expire()
+    }
+
+    /// Moves every flow's last-seen time `secs` into the past (tests).
+    pub fn conntrack_age(&mut self, secs: u64) {
+        self.maps.conntrack.age(secs)
     }
 
     /// Deletes the sessionAffinity entries `drop` picks; returns how many went.

@@ -244,7 +244,7 @@ fn backends(v: &View) -> anyhow::Result<(Value, Table)> {
             *refs.entry(*id).or_default() += 1;
         }
     }
-    let mut t = table(&["ID", "BACKEND", "STATE", "NODE", "FRONTENDS", "PACKETS", "BYTES"]);
+    let mut t = table(&["ID", "BACKEND", "STATE", "NODE", "FRONTENDS", "CONNECTIONS", "PACKETS", "BYTES"]);
     let mut out = Vec::new();
     for (id, b) in v.maps.backends() {
         let state = match b.state {
@@ -255,17 +255,20 @@ fn backends(v: &View) -> anyhow::Result<(Value, Table)> {
         let node = if b.flags & BACKEND_F_NODE_LOCAL != 0 { "local" } else { "remote" };
         let c = v.maps.backend_stats(id)?;
         let n = refs.get(&id).copied().unwrap_or(0);
+        // Established TCP connections through this node (conntrack's count).
+        let conns = v.maps.conntrack_table().connections(id);
         t.add_row(vec![
             id.to_string(),
             addr_port(&b.addr, b.port),
             state.into(),
             node.into(),
             n.to_string(),
+            conns.to_string(),
             c.packets.to_string(),
             c.bytes.to_string(),
         ]);
         out.push(json!({"id": id, "backend": addr_port(&b.addr, b.port), "state": state, "node": node,
-            "frontends": n, "packets": c.packets, "bytes": c.bytes}));
+            "frontends": n, "connections": conns, "packets": c.packets, "bytes": c.bytes}));
     }
     Ok((Value::Array(out), t))
 }
@@ -376,11 +379,23 @@ fn stats(v: &View) -> anyhow::Result<(Value, Table)> {
     }
     let ct = v.maps.conntrack_len();
     t.add_row(vec!["conntrack entries".to_string(), ct.to_string()]);
+    let table_ = v.maps.conntrack_table();
+    let capacity = table_.capacity();
+    t.add_row(vec!["conntrack flows / capacity".to_string(), format!("{} / {capacity}", ct / 2)]);
+    let mut events = serde_json::Map::new();
+    for (name, n) in datapath_common::ct_table::event::NAMES.iter().zip(table_.events()) {
+        t.add_row(vec![format!("conntrack {name}"), n.to_string()]);
+        events.insert((*name).into(), json!(n));
+    }
     let cfg = v.maps.config()?;
     let cache = cfg.flags & CFG_F_NO_NEXT_HOP_CACHE == 0;
     t.add_row(vec!["route epoch".to_string(), cfg.route_epoch.to_string()]);
     t.add_row(vec!["next-hop cache".to_string(), if cache { "per backend" } else { "off (ip rules)" }.to_string()]);
-    Ok((json!({"verdicts": by, "conntrack_entries": ct, "route_epoch": cfg.route_epoch, "next_hop_cache": cache}), t))
+    Ok((
+        json!({"verdicts": by, "conntrack_entries": ct, "conntrack_flows": ct / 2, "conntrack_capacity": capacity,
+            "conntrack_events": events, "route_epoch": cfg.route_epoch, "next_hop_cache": cache}),
+        t,
+    ))
 }
 
 fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -> anyhow::Result<(Value, Table)> {

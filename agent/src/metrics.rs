@@ -150,11 +150,39 @@ impl Collector for MapCollector {
         let ct = maps.conntrack_len() as i64;
         let m = encoder.encode_descriptor(
             "xlb_conntrack_entries",
-            "Entries in the conntrack map (two per flow)",
+            "Entries in the conntrack table (two per flow: its original and reply tuples)",
             None,
             MetricType::Gauge,
         )?;
         ConstGauge::new(ct).encode(m)?;
+        let table = maps.conntrack_table();
+        let m = encoder.encode_descriptor(
+            "xlb_conntrack_capacity_flows",
+            "Flows the conntrack table holds at most (both address families)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(table.capacity() as i64).encode(m)?;
+        let mut m = encoder.encode_descriptor(
+            "xlb_conntrack_events",
+            "Conntrack table events: evictions by class (expired, unestablished) and insert failures \
+             (full bucket, full reply bucket, busy lock, reply tuple taken over)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, n) in datapath_common::ct_table::event::NAMES.iter().zip(table.events()) {
+            ConstCounter::new(n).encode(m.encode_family(&[("event", *name)])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "xlb_backend_active_connections",
+            "Established TCP connections per backend through this node (conntrack's count)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (id, b) in maps.backends() {
+            let n = table.connections(id) as i64;
+            ConstGauge::new(n).encode(m.encode_family(&[("backend", crate::dump::addr_port(&b.addr, b.port))])?)?;
+        }
         Ok(())
     }
 }

@@ -57,8 +57,16 @@ pub struct World {
 /// Backends 1-4 (IPv4) and 11-14 (IPv6) on port 8080, all active; no SNAT
 /// address configured (so XDP flows keep the client address).
 pub fn world() -> World {
+    world_with(Lb::new())
+}
+
+/// [`world`] with its maps pinned under `dir` (reused when there).
+pub fn world_pinned(dir: &std::path::Path) -> World {
+    world_with(Lb::pinned(dir))
+}
+
+fn world_with(mut lb: Lb) -> World {
     let env = FibEnv::new(NEIGHBOURS);
-    let mut lb = Lb::new();
     for id in 1..=4 {
         lb.backend(id, &backend_addr(id), 8080, BACKEND_ACTIVE, 0);
     }

@@ -248,6 +248,12 @@ impl Lb {
         Self { dp: Datapath::load(sizes).expect("load datapath"), loaded: [false; 3] }
     }
 
+    /// A datapath whose maps are pinned under `dir` (reused when there), as
+    /// an agent loads it.
+    pub fn pinned(dir: &std::path::Path) -> Self {
+        Self { dp: Datapath::load_pinned(test_sizes(), Some(dir)).expect("load pinned datapath"), loaded: [false; 3] }
+    }
+
     /// Verifies `prog`'s main program and its tail calls, once.
     pub fn load(&mut self, prog: Prog) {
         if !self.loaded[prog as usize] {

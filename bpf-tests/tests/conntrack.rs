@@ -13,17 +13,14 @@ use bpf_tests::{
     packet::{ACK, FIN, PSH, Pkt, SYN},
     svc_key,
 };
-use datapath_common::{CT_F_REPLY, CtEntry, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, ct};
+use datapath_common::{CT_F_REPLY, CtEntry, CtKey, PROTO_UDP, SCHED_MAGLEV, SCHED_RANDOM, ct};
 
 const SEC: u64 = 1_000_000_000;
 
-/// Moves every conntrack entry's last-seen time `secs` into the past, as if
-/// the flow had been quiet that long.
+/// Moves every flow's last-seen time `secs` into the past, as if the flow
+/// had been quiet that long.
 fn age(w: &mut World, secs: u64) {
-    for (k, mut e) in w.lb.dp.conntrack() {
-        e.last_seen_ns = e.last_seen_ns.saturating_sub(secs * SEC).max(1);
-        w.lb.dp.conntrack_insert(&k, &e).unwrap();
-    }
+    w.lb.dp.conntrack_age(secs);
 }
 
 #[test]
@@ -153,28 +150,138 @@ fn two_cpus_racing_on_a_flows_first_packet_agree_on_its_translation() {
     }
 }
 
-/// The losing side of the race, made deterministic: the forward key is held
-/// by an entry another CPU is taking over (`last_seen_ns` 0, "being
-/// rewritten"). The first packet is dropped, not translated on its own, and
-/// the SNAT port it had claimed is given back.
+/// The losing side of the race, made deterministic: the flow's forward
+/// bucket is locked by another CPU's insert (held here through the agent's
+/// mapping of the table) for longer than the insert's bounded tries. The
+/// first packet is dropped, not translated on its own, and no SNAT port is
+/// taken for it.
 #[test]
-fn a_first_packet_finding_its_key_being_rewritten_is_dropped_and_gives_its_port_back() {
+fn a_first_packet_finding_its_bucket_locked_is_dropped_and_takes_no_port() {
+    use datapath_common::{
+        ct_ops::Table,
+        ct_table::{Tuple, event, forward_bucket},
+    };
     let mut w = world();
     let _in = w.env.enter();
     w.lb.config_snat(NODE4, NODE6, 61000, 61015);
     vip_service(&mut w, Prog::Xdp, false, SCHED_MAGLEV, 0, &[1, 2]);
-    let key = tcp_key(CLIENT4, 40000, VIP4, 80);
-    let busy =
-        CtEntry { last_seen_ns: 0, backend_id: 2, rev_nat_id: 10, state: ct::STATE_SYN_SENT, ..CtEntry::default() };
-    w.lb.dp.conntrack_insert(&key, &busy).unwrap();
+    let k = tcp_key(CLIENT4, 40000, VIP4, 80);
+    let v4 = |a: &[u8; 16]| -> [u8; 4] { a[12..].try_into().unwrap() };
+    let t = Tuple { src: v4(&k.src), dst: v4(&k.dst), sport: k.sport, dport: k.dport, proto: k.proto };
+    let table = &w.lb.dp.conntrack_table().v4;
+    let lock = table.bucket(forward_bucket(t.hash(), table.nb())).unwrap().cast::<u64>();
+    // SAFETY: the mapping of the table; the lock word, as another CPU takes it.
+    unsafe { lock.write_volatile(1) };
     let syn = Pkt::tcp(CLIENT4, 40000, VIP4, 80, SYN);
     assert_eq!(w.lb.run(Prog::Xdp, &syn.build()).0, Verdict::Drop);
     assert_eq!((w.lb.verdict("ct_race_drop"), w.lb.verdict("new_flow")), (1, 0));
-    assert_eq!(w.lb.dp.conntrack(), vec![(key, busy)], "no SNAT reply entry left behind");
+    assert_eq!(w.lb.dp.conntrack(), vec![], "nothing written, no SNAT port taken");
+    assert_eq!(w.lb.dp.conntrack_table().events()[event::INSERT_BUSY as usize], 1);
 
-    // The other CPU finished (its entry is whole): the retransmitted SYN follows it.
-    w.lb.dp.conntrack_remove(&key).unwrap();
+    // The other CPU finished: the retransmitted SYN is tracked.
+    // SAFETY: as above.
+    unsafe { lock.write_volatile(0) };
     assert_eq!(w.lb.run(Prog::Xdp, &syn.build()).0, Verdict::Redirect);
     assert_eq!(w.lb.verdict("new_flow"), 1);
     assert_eq!(w.lb.dp.conntrack().len(), 2, "forward and reply entry");
+}
+
+/// The flood of issue #13: 10,000 established connections through an
+/// external Maglev service, then 2,000,000 SYNs from random sources fill the
+/// table, then every established connection sends again and 1,000 new ones
+/// open. Established flows are never evicted (nf_conntrack's early_drop
+/// spares assured flows; Cilium's LRU and Katran's do not), so none is lost
+/// or broken, and new connections evict the flood's unanswered SYNs. With
+/// SNAT too: a flood flow holds a node port only while it lives, and a new
+/// flow's reply tuple evicts an unanswered one for a port.
+#[test]
+fn a_syn_flood_breaks_no_established_connection_and_new_ones_get_through() {
+    for snat in [false, true] {
+        let f = bpf_tests::bench::flood::measure(snat, 262_144, 10_000, 2_000_000, 1_000);
+        println!("{f:?}");
+        assert_eq!((f.lost, f.broken), (0, 0), "snat={snat}: {f:?}");
+        assert_eq!(f.fresh_ok, f.fresh, "snat={snat}: {f:?}");
+        assert!(f.verdicts.get("ct_full").copied().unwrap_or(0) < 100, "snat={snat}: {f:?}");
+    }
+}
+
+/// The LRU conntrack of an xlb from before the table (one entry per
+/// direction), pinned at `path`, as that agent left it.
+fn old_conntrack(path: &std::path::Path) -> aya::maps::HashMap<aya::maps::MapData, CtKey, CtEntry> {
+    use std::os::unix::ffi::OsStrExt as _;
+    // bpf(BPF_MAP_CREATE): type LRU_HASH, key and value sizes, entries.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[9, size_of::<CtKey>() as u32, size_of::<CtEntry>() as u32, 1024]);
+    // SAFETY: the bpf syscall with a zeroed attribute of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), size_of_val(&attr)) };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    // bpf(BPF_OBJ_PIN): path, descriptor.
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let pin = [name.as_ptr() as u64, fd as u64, 0, 0];
+    // SAFETY: as above; `name` outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), size_of_val(&pin)) };
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our descriptor, closed once (the pin keeps the map).
+    unsafe { libc::close(fd as i32) };
+    let data = aya::maps::MapData::from_pin(path).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap()
+}
+
+/// An upgrade from the LRU conntrack (issue #13's "upgrade from the
+/// previous map layout"): the new agent finds the old CONNTRACK pin next to
+/// the maps it reuses, copies each live flow into the table once (its
+/// backend, SNAT port and state), and removes the pin. The flows' next
+/// packets go on as before, here to a backend Maglev would not pick now,
+/// and through the SNAT port the old entry held.
+#[test]
+fn an_upgrade_copies_the_flows_of_the_old_lru_conntrack_into_the_table() {
+    let pins = bpf_tests::agent::PinDir::new();
+    std::fs::create_dir_all(&pins.path).unwrap();
+    let now = xlb::dump::now_ns();
+    let syn = Pkt::tcp(CLIENT4, 40000, VIP4, 80, SYN);
+    let (plain, snatted) = {
+        let mut w = world_pinned(&pins.path);
+        let key = vip_service(&mut w, Prog::Xdp, false, SCHED_MAGLEV, 0, &[1, 2, 3, 4]);
+        let pick = expected_backend(&w, &key, &syn);
+        let other = |n: u32| (1..=4).find(|b| *b != pick && *b != n).unwrap();
+        (other(0), other(other(0)))
+    };
+    let mut old = old_conntrack(&pins.path.join(datapath_common::maps::CONNTRACK));
+    let e = |backend_id| CtEntry {
+        last_seen_ns: now,
+        backend_id,
+        rev_nat_id: 10,
+        state: ct::STATE_ESTABLISHED,
+        ..CtEntry::default()
+    };
+    // A flow without SNAT, its two entries.
+    old.insert(tcp_key(CLIENT4, 40000, VIP4, 80), e(plain), 0).unwrap();
+    let rep = CtEntry { flags: CT_F_REPLY, ..e(plain) };
+    old.insert(tcp_key(&backend_addr(plain), 8080, CLIENT4, 40000), rep, 0).unwrap();
+    // A SNATed flow (node 10.0.0.1, port 61000), its forward entry.
+    let s = CtEntry {
+        flags: datapath_common::CT_F_SNAT,
+        nat_addr: bpf_tests::addr16(NODE4),
+        nat_port: 61000u16.to_be(),
+        ..e(snatted)
+    };
+    old.insert(tcp_key(CLIENT4, 40001, VIP4, 80), s, 0).unwrap();
+    // An expired one: not copied.
+    let gone = CtEntry { last_seen_ns: now.saturating_sub(ct::TIMEOUT_ESTABLISHED_NS + SEC), ..e(plain) };
+    old.insert(tcp_key(CLIENT4, 40002, VIP4, 80), gone, 0).unwrap();
+    drop(old);
+
+    let mut w = world_pinned(&pins.path);
+    let _in = w.env.enter();
+    assert!(!pins.path.join(datapath_common::maps::CONNTRACK).exists(), "the old pin is removed");
+    assert_eq!(w.lb.dp.conntrack().len(), 4, "two flows, two entries each: {:?}", w.lb.dp.conntrack());
+    let got = w.lb.dp.conntrack_get(&tcp_key(CLIENT4, 40000, VIP4, 80)).unwrap();
+    assert_eq!((got.backend_id, got.state), (plain, ct::STATE_ESTABLISHED));
+    assert_eq!(w.lb.dp.conntrack_table().connections(plain), 1, "counted as an active connection");
+    let ack = Pkt::tcp(CLIENT4, 40000, VIP4, 80, ACK | PSH).payload(b"after the upgrade");
+    assert_eq!(w.lb.run(Prog::Xdp, &ack.build()), (Verdict::Redirect, dnatted(&ack, plain)));
+    let ack = Pkt::tcp(CLIENT4, 40001, VIP4, 80, ACK | PSH).payload(b"after the upgrade");
+    let (v, out) = w.lb.run(Prog::Xdp, &ack.build());
+    assert_eq!((v, u16::from_be_bytes([out[34], out[35]])), (Verdict::Redirect, 61000), "the SNAT port kept");
+    assert_eq!((w.lb.verdict("ct_hit"), w.lb.verdict("new_flow")), (2, 0));
 }

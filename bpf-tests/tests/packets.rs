@@ -45,14 +45,11 @@ fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {
         assert_eq!(out, dnatted(&ack, b));
         verify_checksums(&out);
         assert_eq!(w.lb.verdict("ct_hit"), 1);
-        // That lookup's result is cached in the entry; the next packet uses it
-        // (no FIB lookup) and comes out the same.
-        let e = w.lb.dp.conntrack_get(&tcp_key(client, 40000, vip, 80)).unwrap();
-        assert_eq!(e.fib_ifindex, w.env.out_ifindex, "FIB result cached");
-        assert_eq!(&e.fib_macs[..6], &NEIGH_MAC);
-        assert_eq!(&e.fib_macs[6..], &OUT_MAC);
+        // The route to the backend is cached per backend (`next_hop.rs`);
+        // the next packet comes out the same.
         let (v, again) = w.lb.run(prog, &ack.build());
         assert_eq!((v, again), (Verdict::Redirect, out.clone()));
+        assert_eq!(w.lb.verdict("ct_hit"), 2);
 
         // The reply is reverse-NATed to come from the VIP.
         let reply = Pkt::tcp(&backend_addr(b), 8080, client, 40000, SYN | ACK).macs(NEIGH_MAC, OUT_MAC);
@@ -63,6 +60,13 @@ fn new_flow_is_dnatted_and_tracked_then_hits_conntrack() {
         verify_checksums(&out);
         assert_eq!(w.lb.verdict("reverse_nat"), 1);
         assert_eq!(w.lb.verdict("ct_hit"), 2);
+        // The reply direction's route is cached in the flow's record.
+        let r = w.lb.dp.conntrack_get(&tcp_key(&backend_addr(b), 8080, client, 40000)).unwrap();
+        assert_eq!(r.fib_ifindex, w.env.out_ifindex, "{prog:?} v6={v6}: reply route cached");
+        assert_eq!(&r.fib_macs[..6], &NEIGH_MAC);
+        assert_eq!(&r.fib_macs[6..], &OUT_MAC);
+        let (v, again) = w.lb.run(prog, &reply.build());
+        assert_eq!((v, again), (Verdict::Redirect, want));
         let fwd_after = w.lb.dp.conntrack_get(&tcp_key(client, 40000, vip, 80));
         assert_eq!(fwd_after.unwrap().state, ct::STATE_ESTABLISHED, "ACK established the flow");
     });
@@ -260,19 +264,37 @@ fn snat_ports_collide_then_exhaust_and_node_local_backends_are_not_snatted() {
     let _in = w.env.enter();
     w.lb.config_snat(NODE4, NODE6, 61000, 61001);
     vip_service(&mut w, Prog::Xdp, false, SCHED_MAGLEV, 0, &[1]);
-    // Two ports: two clients fit, the third finds both taken and is dropped.
+    // Two ports: two clients fit (and are answered: live connections), the
+    // third finds both taken and is dropped.
     let mut ports = Vec::new();
     for (i, client) in ["192.0.2.100", "192.0.2.101", "192.0.2.102"].into_iter().enumerate() {
         let (v, out) = w.lb.run(Prog::Xdp, &Pkt::tcp(client, 40000, VIP4, 80, SYN).build());
         if i < 2 {
             assert_eq!(v, Verdict::Redirect);
-            ports.push(u16::from_be_bytes([out[14 + 20], out[14 + 21]]));
+            let port = u16::from_be_bytes([out[14 + 20], out[14 + 21]]);
+            ports.push(port);
+            let answer = Pkt::tcp(&backend_addr(1), 8080, NODE4, port, SYN | ACK).macs(NEIGH_MAC, OUT_MAC);
+            // (Reverse-NATed; the kernel routes it: the client is no neighbour here.)
+            w.lb.run(Prog::Xdp, &answer.build());
+            assert_eq!(w.lb.verdict("reverse_nat"), i as u64 + 1);
         } else {
             assert_eq!(v, Verdict::Drop);
         }
     }
     ports.sort();
     assert_eq!(ports, [61000, 61001], "collision moved to the next free port");
+    assert_eq!(w.lb.verdict("snat_exhausted"), 1);
+    // An unanswered handshake is not a connection: a fourth client's SYN,
+    // with the ports held by one answered flow and one SYN, takes the SYN's
+    // port (the last it tried), and the SYN's flow goes.
+    let unanswered = Pkt::tcp("192.0.2.104", 40000, VIP4, 80, SYN);
+    w.lb.dp.conntrack_remove(&tcp_key("192.0.2.100", 40000, VIP4, 80)).unwrap();
+    let (v, out) = w.lb.run(Prog::Xdp, &unanswered.build());
+    assert_eq!(v, Verdict::Redirect);
+    let held = u16::from_be_bytes([out[14 + 20], out[14 + 21]]);
+    let (v, out) = w.lb.run(Prog::Xdp, &Pkt::tcp("192.0.2.105", 40000, VIP4, 80, SYN).build());
+    assert_eq!((v, u16::from_be_bytes([out[14 + 20], out[14 + 21]])), (Verdict::Redirect, held));
+    assert!(w.lb.dp.conntrack_get(&tcp_key("192.0.2.104", 40000, VIP4, 80)).is_none());
     assert_eq!(w.lb.verdict("snat_exhausted"), 1);
 
     w.lb.backend(3, "10.0.1.13", 8080, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL);

@@ -170,10 +170,12 @@ fn unlock(b: *mut CtBucket) {
     cas(unsafe { &raw mut (*b).lock }, 1, 0);
 }
 
-/// The word of record `r` if it is live and its `reply` tuple is `t`, read
-/// consistently (the sequence unchanged across the comparison); else 0.
+/// The word of record `r` if it is live and its `reply` (else forward)
+/// tuple is `src:sport → dst:dport` over `proto`, read consistently (the
+/// sequence unchanged across the comparison); else 0. The tuple is given
+/// by reference to its parts, which may be another record's fields.
 #[inline(always)]
-fn matching<A: CtAddr>(r: *mut CtRecord<A>, t: &Tuple<A>, reply: bool) -> u64 {
+fn matching<A: CtAddr>(r: *mut CtRecord<A>, src: &A, dst: &A, sport: u16, dport: u16, proto: u8, reply: bool) -> u64 {
     let w = load(word_of(r));
     if !live(w) {
         return 0;
@@ -181,12 +183,12 @@ fn matching<A: CtAddr>(r: *mut CtRecord<A>, t: &Tuple<A>, reply: bool) -> u64 {
     // SAFETY: table memory; a torn read is caught by the sequence check.
     let rec = unsafe { &*r };
     let same = if reply {
-        rec.backend == t.src && rec.peer == t.dst && rec.bport == t.sport && rec.pport == t.dport
+        rec.backend == *src && rec.peer == *dst && rec.bport == sport && rec.pport == dport
     } else {
-        rec.client == t.src && rec.front == t.dst && rec.cport == t.sport && rec.fport == t.dport
+        rec.client == *src && rec.front == *dst && rec.cport == sport && rec.fport == dport
     };
     fence();
-    if !same || w_proto(w) != t.proto || w_seq(load(word_of(r))) != w_seq(w) {
+    if !same || w_proto(w) != proto || w_seq(load(word_of(r))) != w_seq(w) {
         return 0;
     }
     w
@@ -248,16 +250,28 @@ fn scan<A: CtAddr, T: Table<A>>(tb: &T, bi: u32, t: &Tuple<A>, h: u32, reply: bo
         if e == 0 || entry_tag(e) != want || entry_reply(e) != reply {
             continue;
         }
-        let id = entry_rec(e);
-        let Some(r) = tb.record(id) else {
-            continue;
-        };
-        let w = matching(r, t, reply);
-        if w != 0 && owns(e, w) {
-            return found(id, reply, w_seq(w));
+        let f = confirm(tb, e, t, reply);
+        if f != 0 {
+            return f;
         }
     }
     0
+}
+
+/// The lookup's answer if the record of entry `e` (whose tag matched) is
+/// the live flow with tuple `t`; else 0. On BPF a call of its own: the
+/// paths through the record's checks then end in one scalar, and the
+/// verifier walks the scan's seven ways once each instead of once per
+/// combination of the ways before.
+#[cfg_attr(target_arch = "bpf", inline(never))]
+#[cfg_attr(not(target_arch = "bpf"), inline(always))]
+fn confirm<A: CtAddr, T: Table<A>>(tb: &T, e: u64, t: &Tuple<A>, reply: bool) -> u64 {
+    let id = entry_rec(e);
+    let Some(r) = tb.record(id) else {
+        return 0;
+    };
+    let w = matching(r, &t.src, &t.dst, t.sport, t.dport, t.proto, reply);
+    if w != 0 && owns(e, w) { found(id, reply, w_seq(w)) } else { 0 }
 }
 
 /// Advances live record `id` (sequence `seq`) by a packet (TCP `flags`;
@@ -341,8 +355,11 @@ pub fn unlink<A: CtAddr, T: Table<A>>(tb: &T, id: u32, w: u64) -> bool {
         return false;
     };
     // Read before the swap; the swap succeeding proves they were the flow's.
+    // Only the reply tuple's hash: the forward entry's bucket is the record
+    // id's (hashing both tuples at once needs more registers than BPF has,
+    // and the spills cost the datapath stack it does not have).
     // SAFETY: table memory.
-    let (hf, hr, backend) = unsafe { ((*r).forward().hash(), (*r).reply().hash(), (*r).backend_id) };
+    let (hr, backend) = unsafe { ((*r).reply_hash(), (*r).backend_id) };
     if !cas(word_of(r), w, dead(w)) {
         return false;
     }
@@ -352,20 +369,23 @@ pub fn unlink<A: CtAddr, T: Table<A>>(tb: &T, id: u32, w: u64) -> bool {
         add(c, u64::MAX);
     }
     let seq = w_seq(w);
-    remove(tb, id / WAYS as u32, entry(tag(hf), seq, false, id));
-    remove(tb, reply_bucket(hr, tb.nb()), entry(tag(hr), seq, true, id));
+    remove(tb, id / WAYS as u32, entry(0, seq, false, id));
+    remove(tb, reply_bucket(hr, tb.nb()), entry(0, seq, true, id));
     true
 }
 
-/// Removes entry `e` from bucket `bi` if it is still there. (The forward
-/// way is known from the record id, but a scan keeps every way's offset a
-/// constant the verifier can check.)
+/// Removes from bucket `bi` the entry whose low 32 bits (direction,
+/// generation, record) are `e`'s, if it is still there: those name one
+/// incarnation of one record, whatever its tag. (The forward way is known
+/// from the record id, but a scan keeps every way's offset a constant the
+/// verifier can check.)
 #[inline(always)]
 fn remove<A: CtAddr, T: Table<A>>(tb: &T, bi: u32, e: u64) {
     if let Some(b) = tb.bucket(bi) {
         for i in 0..WAYS {
-            if load(way(b, i)) == e {
-                cas(way(b, i), e, 0);
+            let v = load(way(b, i));
+            if v != 0 && v as u32 == e as u32 {
+                cas(way(b, i), v, 0);
             }
         }
     }

@@ -200,6 +200,40 @@ fn a_live_flows_snat_port_is_never_given_again() {
     assert_eq!((ports.len(), refused), (SNAT_TRIES as usize, 100 - SNAT_TRIES as usize));
 }
 
+#[test]
+fn an_unanswered_handshake_gives_up_its_snat_port_to_a_new_flow_but_an_answered_one_never() {
+    let t = Shared::new(64);
+    let now = 5000;
+    let syn = |i: u32| {
+        let mut f = flow(10 + i, 7000, 2, PROTO_TCP, TCP_SYN, true);
+        f.snat_hash = 0;
+        f
+    };
+    // Every port tried is held by an unanswered SYN (a flood's).
+    let mut held = Vec::new();
+    for i in 0..SNAT_TRIES {
+        let mut f = syn(i);
+        assert_eq!(insert(&t, &mut f, TCP_SYN, now), outcome::WON);
+        held.push(f);
+    }
+    // The next SYN takes the last port it tried from its holder, which goes.
+    let mut f = syn(100);
+    assert_eq!(insert(&t, &mut f, TCP_SYN, now + 1), outcome::WON);
+    let last = held.last().unwrap();
+    assert_eq!(f.rec.pport, last.rec.pport);
+    assert_eq!(find(&t, &last.rec.forward()), 0, "the holder went, both tuples");
+    assert_eq!(found_id(find(&t, &f.rec.reply())), f.id, "the port's reply tuple is the new flow's");
+    assert_eq!(t.events(event::REPLY_OVERWRITE), 1);
+    // Answered handshakes (established) keep their ports: refused.
+    for h in &held[..held.len() - 1] {
+        assert!(packet(&t, &h.rec.reply(), TCP_SYN | TCP_ACK, now + 2));
+    }
+    assert!(packet(&t, &f.rec.reply(), TCP_SYN | TCP_ACK, now + 2));
+    let mut g = syn(101);
+    assert_eq!(insert(&t, &mut g, TCP_SYN, now + 3), outcome::SNAT_EXHAUSTED);
+    assert_eq!(t.live().0.len(), SNAT_TRIES as usize);
+}
+
 /// Flows whose forward tuples all land in forward bucket 0 of a table with
 /// `nb` buckets.
 fn same_bucket(nb: u32, n: usize, proto: u8, flags: u8) -> Vec<NewFlow<[u8; 4]>> {
@@ -315,7 +349,10 @@ fn two_cpus_on_one_flow_agree_and_snat_ports_stay_unique() {
         let rep: HashSet<_> = live.iter().map(|r| r.reply()).collect();
         assert_eq!((fwd.len(), rep.len()), (live.len(), live.len()), "snat={snat}: one record per tuple");
         let ev: Vec<u64> = (0..event::COUNT).map(|e| t.events(e)).collect();
-        assert_eq!(won.load(Relaxed) as usize, live.len(), "snat={snat} {ev:?} lost {}", lost.load(Relaxed));
+        // A flow whose last SNAT port tried was held by an unanswered
+        // handshake took it over (`REPLY_OVERWRITE`): that flow went.
+        let taken = t.events(event::REPLY_OVERWRITE) as usize;
+        assert_eq!(won.load(Relaxed) as usize - taken, live.len(), "snat={snat} {ev:?} lost {}", lost.load(Relaxed));
         assert_eq!(t.events(event::EVICT_UNESTABLISHED) + t.events(event::INSERT_FULL), 0, "snat={snat}");
         for r in &live {
             let f = find(&t, &r.reply());

@@ -118,6 +118,10 @@ pub const fn buckets_for(entries: u32) -> u32 {
 /// Address forms: IPv4 records keep 4-byte addresses, IPv6 ones 16.
 pub trait CtAddr: Copy + Default + PartialEq {
     fn mix_into(&self, h: u32) -> u32;
+    /// From the datapath's 16-byte form (IPv4 mapped).
+    fn from16(a: &[u8; 16]) -> Self;
+    /// To the datapath's 16-byte form (IPv4 mapped).
+    fn to16(&self) -> [u8; 16];
 }
 
 impl CtAddr for [u8; 4] {
@@ -125,17 +129,39 @@ impl CtAddr for [u8; 4] {
     fn mix_into(&self, h: u32) -> u32 {
         crate::hash::mix(h, u32::from_le_bytes(*self))
     }
+    #[inline(always)]
+    fn from16(a: &[u8; 16]) -> Self {
+        [a[12], a[13], a[14], a[15]]
+    }
+    #[inline(always)]
+    fn to16(&self) -> [u8; 16] {
+        crate::v4_mapped(*self)
+    }
 }
 
-impl CtAddr for [u8; 16] {
+/// An IPv6 address in the table: 16 bytes, 4-aligned (a record's address
+/// fields sit at 4-byte offsets), so the datapath compares and copies it in
+/// 32-bit words; as bytes, each byte is a load, and the verifier walks them.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Debug)]
+pub struct Addr6(pub [u8; 16]);
+
+impl CtAddr for Addr6 {
+    #[inline(always)]
+    fn from16(a: &[u8; 16]) -> Self {
+        Addr6(*a)
+    }
+    #[inline(always)]
+    fn to16(&self) -> [u8; 16] {
+        self.0
+    }
     #[inline(always)]
     fn mix_into(&self, mut h: u32) -> u32 {
-        let mut i = 0;
-        while i < 16 {
-            h = crate::hash::mix(h, u32::from_le_bytes([self[i], self[i + 1], self[i + 2], self[i + 3]]));
-            i += 4;
-        }
-        h
+        let a = &self.0;
+        h = crate::hash::mix(h, u32::from_le_bytes([a[0], a[1], a[2], a[3]]));
+        h = crate::hash::mix(h, u32::from_le_bytes([a[4], a[5], a[6], a[7]]));
+        h = crate::hash::mix(h, u32::from_le_bytes([a[8], a[9], a[10], a[11]]));
+        crate::hash::mix(h, u32::from_le_bytes([a[12], a[13], a[14], a[15]]))
     }
 }
 
@@ -154,13 +180,20 @@ impl<A: CtAddr> Tuple<A> {
     /// destination out; this one cannot).
     #[inline(always)]
     pub fn hash(&self) -> u32 {
-        let mut h = 0x5bd1_e995_u32;
-        h = self.src.mix_into(h);
-        h = self.dst.mix_into(h);
-        h = crate::hash::mix(h, ((self.sport as u32) << 16) | self.dport as u32);
-        h = crate::hash::mix(h, self.proto as u32);
-        crate::hash::finish(h)
+        hash_of(&self.src, &self.dst, self.sport, self.dport, self.proto)
     }
+}
+
+/// [`Tuple::hash`] of a tuple given by its parts (a record's fields, read
+/// in place: on the datapath a tuple copied out is stack it cannot spare).
+#[inline(always)]
+pub fn hash_of<A: CtAddr>(src: &A, dst: &A, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = 0x5bd1_e995_u32;
+    h = src.mix_into(h);
+    h = dst.mix_into(h);
+    h = crate::hash::mix(h, ((sport as u32) << 16) | dport as u32);
+    h = crate::hash::mix(h, proto as u32);
+    crate::hash::finish(h)
 }
 
 /// [`CtRecord::word`]: sequence (low 32 bits: odd while the record is
@@ -222,15 +255,18 @@ pub struct CtRecord<A> {
     pub bport: u16,
     pub pport: u16,
     /// The reply direction's cached route (egress ifindex, 0: none; MACs;
-    /// a length known to fit), dropped whenever `last_seen` moves.
+    /// a length known to fit), dropped whenever `last_seen` moves, and valid
+    /// only while `rep_gen` is the low 16 bits of the record's sequence: a
+    /// late fill by a CPU that read an earlier flow of this record is never
+    /// used by the next one.
     pub rep_ifindex: u32,
     pub rep_macs: [u8; 12],
     pub rep_mtu: u16,
-    pub _pad: u16,
+    pub rep_gen: u16,
 }
 
 pub type CtRecord4 = CtRecord<[u8; 4]>;
-pub type CtRecord6 = CtRecord<[u8; 16]>;
+pub type CtRecord6 = CtRecord<Addr6>;
 
 const _: () = assert!(size_of::<CtBucket>() == 64);
 const _: () = assert!(size_of::<CtRecord4>() == 64);
@@ -245,6 +281,16 @@ impl<A: CtAddr> CtRecord<A> {
     #[inline(always)]
     pub fn reply(&self) -> Tuple<A> {
         Tuple { src: self.backend, dst: self.peer, sport: self.bport, dport: self.pport, proto: w_proto(self.word) }
+    }
+
+    #[inline(always)]
+    pub fn forward_hash(&self) -> u32 {
+        hash_of(&self.client, &self.front, self.cport, self.fport, w_proto(self.word))
+    }
+
+    #[inline(always)]
+    pub fn reply_hash(&self) -> u32 {
+        hash_of(&self.backend, &self.peer, self.bport, self.pport, w_proto(self.word))
     }
 }
 

@@ -517,8 +517,12 @@ pub mod verdict {
     /// SYN that found no conntrack entry and was balanced as a new flow
     /// (Katran's LRU_MISS): its entry was evicted or expired mid-connection.
     pub const CT_MISS_NON_SYN: u32 = 28;
+    /// A new flow that needs SNAT found no room in conntrack (every record
+    /// of its bucket established): dropped, since its reply could not be
+    /// translated back. (Without SNAT such a flow goes on untracked: CT_FULL.)
+    pub const CT_FULL_DROP: u32 = 29;
     /// Number of reasons (size of VERDICTS).
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
     /// Names in index order, for `xlb dump stats` and the tests.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -550,6 +554,7 @@ pub mod verdict {
         "ct_race",
         "ct_race_drop",
         "ct_miss_non_syn",
+        "ct_full_drop",
     ];
 }
 
@@ -559,7 +564,21 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const SLOTS: &str = "SLOTS";
     pub const REV_NAT: &str = "REV_NAT";
+    /// The LRU conntrack of xlb before issue #13: no longer created; an
+    /// agent finding it pinned copies its flows into the table once and
+    /// removes it (`agent::ct_migrate`).
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// The conntrack table (`super::ct_table`), per family: index buckets
+    /// and records, memory-mappable; the load-time globals `CT4_NB` and
+    /// `CT6_NB` give their forward buckets.
+    pub const CT4_INDEX: &str = "CT4_INDEX";
+    pub const CT4_RECORDS: &str = "CT4_RECORDS";
+    pub const CT6_INDEX: &str = "CT6_INDEX";
+    pub const CT6_RECORDS: &str = "CT6_RECORDS";
+    /// Active connections per backend id (u64, memory-mappable).
+    pub const BACKEND_CONNS: &str = "BACKEND_CONNS";
+    /// Per-CPU counters of `super::ct_table::event`.
+    pub const CT_EVENTS: &str = "CT_EVENTS";
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const RR_CURSOR: &str = "RR_CURSOR";
@@ -583,12 +602,17 @@ pub mod maps {
     pub const XDP_CALLS: &str = "XDP_CALLS";
     pub const TC_CALLS: &str = "TC_CALLS";
     /// Every map the loader pins, in load order.
-    pub const PINNED: [&str; 14] = [
+    pub const PINNED: [&str; 19] = [
         SERVICES,
         BACKENDS,
         SLOTS,
         REV_NAT,
-        CONNTRACK,
+        CT4_INDEX,
+        CT4_RECORDS,
+        CT6_INDEX,
+        CT6_RECORDS,
+        BACKEND_CONNS,
+        CT_EVENTS,
         AFFINITY,
         SOURCE_RANGES,
         RR_CURSOR,

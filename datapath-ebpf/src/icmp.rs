@@ -6,7 +6,7 @@
 //! An error quotes a packet P of some flow, as P looked where the error was
 //! raised, and is addressed to P's sender. The reversed quote R (P's
 //! destination → P's source, ports swapped) is exactly the tuple of a packet
-//! travelling the other way at that point, so CONNTRACK keyed by R gives the
+//! travelling the other way at that point, so conntrack's lookup of R gives the
 //! translation T a packet R would get here. The error is translated as
 //! P's side of that: the quote becomes T(R) reversed (source ← T's
 //! destination, destination ← T's source, ports likewise), the outer
@@ -25,14 +25,13 @@
 //! one's-complement sum, which a CHECKSUM_COMPLETE skb carries, is unchanged.
 
 use crate::{
+    conntrack,
     hook::{Action, Hook},
-    maps::{CONNTRACK, SCRATCH, count_verdict},
+    maps::{SCRATCH, count_verdict},
     nat::{Target, forward, load_word, ptr, store_word, word},
     parse::{Flow, Parsed, parse},
-    pipeline::target,
 };
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use datapath_common::{CtKey, PROTO_TCP, PROTO_UDP, csum, ct, verdict};
+use datapath_common::{CtKey, PROTO_TCP, PROTO_UDP, csum, verdict};
 
 /// Bytes the TC hook makes linear before the quote is read: outer Ethernet,
 /// VLAN, IPv6 with extensions, ICMP, and a quoted IPv6 header with
@@ -84,18 +83,11 @@ pub fn error(hook: &mut impl Hook, outer: &mut Flow) -> Action {
     if find(hook, outer, &mut q, r).is_err() {
         return pass();
     }
-    let Some(e) = CONNTRACK.get_ptr(&*r) else {
-        return pass();
-    };
-    // SAFETY: a live map value, read in place.
-    let e = unsafe { &*e };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut t = core::mem::MaybeUninit::<Target>::uninit();
-    // SAFETY: `target` writes src, dst and both ports before `true`; `macs`
+    // SAFETY: `related` writes src, dst and both ports before `true`; `macs`
     // is only written (by `forward`).
     let t = unsafe { &mut *t.as_mut_ptr() };
-    if ct::expired(e, now) || !target(e, r, t) {
+    if !conntrack::related(outer.v6, t) {
         return pass();
     }
     if rewrite(hook, outer, &mut q, r, t).is_err() {

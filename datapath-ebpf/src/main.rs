@@ -6,6 +6,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod conntrack;
 mod fragment;
 mod hook;
 mod icmp;

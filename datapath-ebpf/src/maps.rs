@@ -3,13 +3,18 @@
 //! key/value types in `datapath-common`. The sizes here are placeholders:
 //! the loader sets every size (`aya::EbpfLoader::set_max_entries`).
 
+use crate::conntrack::Found;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtEntry, CtKey, FragKey, FragPorts, FrontendInfo, NextHop,
-    RevNat, Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey, filter::FlowFilter, tail, verdict,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, FragKey, FragPorts, FrontendInfo, NextHop, RevNat,
+    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey,
+    ct_ops::NewFlow,
+    ct_table::{Addr6, CtBucket, CtRecord4, CtRecord6, Tuple, event},
+    filter::FlowFilter,
+    tail, verdict,
 };
 
 #[map]
@@ -21,8 +26,21 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, 0);
 pub static SLOTS: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 pub static REV_NAT: Array<RevNat> = Array::with_max_entries(1, 0);
+/// The conntrack table (`conntrack.rs`, `datapath_common::ct_table`), one
+/// per family; sized by the loader (`3 × nb` buckets, `7 × nb` records).
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(1, 0);
+pub static CT4_INDEX: Array<CtBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+#[map]
+pub static CT4_RECORDS: Array<CtRecord4> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+#[map]
+pub static CT6_INDEX: Array<CtBucket> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+#[map]
+pub static CT6_RECORDS: Array<CtRecord6> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// Active connections per backend id, both families.
+#[map]
+pub static BACKEND_CONNS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+#[map]
+pub static CT_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(event::COUNT, 0);
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(1, 0);
 #[map]
@@ -67,23 +85,30 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_F_MMAPABLE: u32 = 1024;
 
 /// Per-CPU working memory of the new-flow path (not part of the ABI; nothing
-/// outside the datapath reads it): the conntrack entries and keys being
+/// outside the datapath reads it): the conntrack records and keys being
 /// built, kept off the 512-byte stack.
 #[repr(C)]
 pub struct Scratch {
-    /// The new flow being tracked (`pipeline::new_flow` → `track`).
+    /// The new flow being tracked (`pipeline::new_flow` → `conntrack::track`).
     pub req: Track,
-    pub fwd: CtEntry,
-    pub rep: CtEntry,
-    pub key: CtKey,
+    pub new4: NewFlow<[u8; 4]>,
+    pub new6: NewFlow<Addr6>,
+    /// The reversed quote of an ICMP error (`icmp.rs`).
     pub rkey: CtKey,
+    /// What conntrack's global functions work on (`conntrack.rs`): the
+    /// packet's tuple in its family's form, its TCP flags, and what a
+    /// lookup found.
+    pub q4: Tuple<[u8; 4]>,
+    pub q6: Tuple<Addr6>,
+    pub q_flags: u8,
+    pub found: Found,
     /// What the answer program is to send (`reject::reject`'s `too_big`),
     /// set by the program that tail-calls it.
     pub answer: u32,
     pub _pad: u32,
 }
 
-/// What `pipeline::track` needs to know about a new flow.
+/// What `conntrack::track` needs to know about a new flow.
 #[repr(C)]
 pub struct Track {
     pub backend_id: u32,

@@ -3,11 +3,11 @@
 //! parse → conntrack → service lookup → select → NAT → forward.
 
 use crate::{
+    conntrack::{self, Found},
     fragment,
     hook::{Action, Hook},
     maps::{
-        BACKEND_STATS, BACKENDS, CONFIG, CONNTRACK, FILTER, REPLY_BUCKET, REV_NAT, SCRATCH, SERVICE_STATS,
-        SOURCE_RANGES, Scratch, Track, count, count_verdict,
+        BACKEND_STATS, CONFIG, FILTER, REPLY_BUCKET, SCRATCH, SERVICE_STATS, SOURCE_RANGES, Track, count, count_verdict,
     },
     nat::{Route, Target, emit, load_word, lookup, mtu_len, ptr, rewrite, rewrite_addresses, word},
     next_hop,
@@ -15,16 +15,11 @@ use crate::{
     reject::{NO_BACKEND, reject},
     service,
 };
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
-use core::intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use datapath_common::{
-    BACKEND_EMPTY, BACKEND_F_NODE_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CtEntry, CtKey, PROTO_TCP, REPLY_RATE_DEFAULT,
-    SCOPE_EXTERNAL, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP, SVC_F_SOURCE_RANGES, Service, SourceRangeKey, ct,
-    hash::flow_hash, tail, verdict,
+    BACKEND_F_NODE_LOCAL, Backend, PROTO_TCP, REPLY_RATE_DEFAULT, SCOPE_EXTERNAL, SVC_F_EXT_LOCAL, SVC_F_NO_LOCAL_DROP,
+    SVC_F_SOURCE_RANGES, Service, SourceRangeKey, ct, hash::flow_hash, tail, verdict,
 };
-
-/// SNAT ports probed for a free one before the flow is dropped.
-const SNAT_TRIES: u32 = 16;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// What the conntrack / new-flow stages decided; the programs act on it.
@@ -101,11 +96,28 @@ pub fn new_flow_program(hook: &mut impl Hook, scope: u8) -> Action {
     // SAFETY: `new_flow` sets src, dst and ports before `Step::Nat`; `macs`
     // is only read after `lookup` wrote it.
     let t = unsafe { &mut *t.as_mut_ptr() };
-    match new_flow(flow, scope, len, t) {
-        Step::Nat(reason) => {
+    match new_flow(flow, scope, t) {
+        Step::Nat(svc) => {
+            // Tracked from here, not from `new_flow`: the insert is a global
+            // function with a frame of its own, and the two frames would
+            // not fit the verifier's 512 bytes on top of each other.
+            let reason = conntrack::track(flow, t);
+            if reason == verdict::SNAT_EXHAUSTED || reason == verdict::CT_RACE_DROP || reason == verdict::CT_FULL_DROP {
+                return done(reason, Action::Drop);
+            }
+            if flow.proto == PROTO_TCP && flow.tcp_flags & ct::TCP_SYN == 0 {
+                // Katran's LRU_MISS: a connection's packet that found no
+                // record (lost to expiry or eviction, or from before a
+                // restart without pins).
+                count_verdict(verdict::CT_MISS_NON_SYN);
+            }
             // The backend `track` settled on (its own choice, or the one a
-            // racing CPU's entry names).
-            let backend = SCRATCH.get(0).map_or(0, |sc| sc.req.backend_id);
+            // racing CPU's record names).
+            // SAFETY (of the read): per-CPU memory, written by `track`.
+            let backend =
+                SCRATCH.get_ptr(0).map_or(0, |sc| unsafe { core::ptr::read_volatile(&raw const (*sc).req.backend_id) });
+            count(&SERVICE_STATS, svc, len);
+            count(&BACKEND_STATS, backend, len);
             let route = next_hop::route(hook, flow, t, backend);
             match translate::<false>(hook, flow, t, route, reason) {
                 Step::Done(action) => action,
@@ -249,160 +261,56 @@ pub fn done(reason: u32, action: Action) -> Action {
     action
 }
 
+/// Existing flows: a live record DNATs a forward packet to its backend (and
+/// SNATs it if the flow was SNATed), reverse-NATs a reply; the forward
+/// direction is routed by the per-backend next-hop cache, the reply by the
+/// route cached in the record. `Pass(PASS)` means "not a tracked flow".
+/// `LATER`: `flow` is a later fragment, with the ports its first fragment
+/// recorded. Inlined, so that the lookup (a global function with its own
+/// stack frame) is called from the program's frame, not from one more.
 #[inline(always)]
-fn ct_key(flow: &Flow) -> CtKey {
-    CtKey { src: flow.src, dst: flow.dst, sport: flow.sport, dport: flow.dport, proto: flow.proto, _pad: [0; 3] }
-}
-
-/// Existing flows: a live forward entry DNATs to its backend (and SNATs if
-/// the flow was SNATed), a live reply entry reverse-NATs; both forward by
-/// the entry's cached FIB result when it has one. `Pass(PASS)` means "not a
-/// tracked flow". `LATER`: `flow` is a later fragment, with the ports its
-/// first fragment recorded.
-#[inline(never)]
 pub fn conntrack<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target) -> Step {
-    let key = ct_key(flow);
-    let Some(e) = CONNTRACK.get_ptr_mut(&key) else {
-        return Step::Pass(verdict::PASS);
-    };
-    // SAFETY: a live map value; concurrent updates race benignly (last writer wins).
-    let e = unsafe { &mut *e };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let reply = e.flags & CT_F_REPLY != 0;
-    let stale = if reply { ct::expired(e, now) } else { ct::starts_new_flow(flow.proto, e, now, flow.tcp_flags) };
-    if stale || !target(e, &key, t) {
-        return Step::Pass(verdict::PASS);
+    match conntrack::lookup(flow, t) {
+        Some(f) => tracked::<LATER>(hook, flow, len, t, f),
+        None => Step::Pass(verdict::PASS),
     }
-    if refresh(e, flow, reply, now) {
-        touch_peer(flow, t, e, now);
-    }
-    if !reply {
-        count(&SERVICE_STATS, e.rev_nat_id, len);
-        count(&BACKEND_STATS, e.backend_id, len);
-    }
-    nat_cached::<LATER>(hook, flow, t, e)
 }
 
-/// The translation conntrack entry `e` gives a packet with tuple `k`: a reply
-/// entry comes from the frontend (to the original client if the flow was
-/// SNATed), a forward entry goes to its backend (from the SNAT source if
-/// SNATed). False when the entry no longer has a frontend or a backend (a
-/// deleted backend: the flow is balanced again).
-#[inline(always)]
-pub fn target(e: &CtEntry, k: &CtKey, t: &mut Target) -> bool {
-    let snat = e.flags & CT_F_SNAT != 0;
-    if e.flags & CT_F_REPLY != 0 {
-        let Some(rev) = REV_NAT.get(e.rev_nat_id) else {
-            return false;
-        };
-        t.src = rev.addr;
-        t.sport = rev.port;
-        (t.dst, t.dport) = if snat { (e.nat_addr, e.nat_port) } else { (k.dst, k.dport) };
-        return true;
-    }
-    let b = match BACKENDS.get(e.backend_id) {
-        Some(b) if b.state != BACKEND_EMPTY => b,
-        _ => return false,
-    };
-    (t.src, t.sport) = if snat { (e.nat_addr, e.nat_port) } else { (k.src, k.sport) };
-    t.dst = b.addr;
-    t.dport = b.port;
-    true
-}
-
-/// Rewrites and forwards a tracked packet, by the entry's cached FIB result
-/// when there is one and the packet is known to fit its MTU, else by a FIB
-/// lookup whose result is cached.
+/// A tracked flow's packet (`f`: what the lookup found), translated by
+/// [`conntrack`]'s rules.
 #[inline(never)]
-fn nat_cached<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, t: &mut Target, e: &mut CtEntry) -> Step {
+fn tracked<const LATER: bool>(hook: &mut impl Hook, flow: &Flow, len: u32, t: &mut Target, f: *const Found) -> Step {
+    // SAFETY: per-CPU map memory, written by the lookup just now.
+    let f = unsafe { &*f };
     let reason = if LATER {
         verdict::FRAGMENT_NAT
-    } else if e.flags & CT_F_REPLY != 0 {
+    } else if f.reply {
         verdict::REVERSE_NAT
     } else {
         verdict::CT_HIT
     };
-    let route = if e.fib_ifindex != 0 && mtu_len(hook, flow) <= e.fib_mtu as u32 {
-        t.macs = e.fib_macs;
-        Route::Out(e.fib_ifindex)
+    let route = if !f.reply {
+        count(&SERVICE_STATS, f.rev_nat_id, len);
+        count(&BACKEND_STATS, f.backend_id, len);
+        next_hop::route(hook, flow, t, f.backend_id)
+    } else if f.route != 0 && mtu_len(hook, flow) <= f.mtu as u32 {
+        Route::Out(f.route)
     } else {
         let route = lookup(hook, flow, t);
         if let Route::Out(ifindex) = route {
-            e.fib_macs = t.macs;
-            e.fib_ifindex = ifindex;
-            e.fib_mtu = t.fits;
+            conntrack::cache_reply_route(flow.v6, &f, t, ifindex);
         }
         route
     };
     translate::<LATER>(hook, flow, t, route, reason)
 }
 
-/// Advances entry `e` by this packet: its state, its FIN byte, its last-seen
-/// time (at most every `REFRESH_NS`). True when the flow's other entry must
-/// follow (`touch_peer`): the time was rewritten, the state changed, or the
-/// packet carries a FIN.
-#[inline(always)]
-fn refresh(e: &mut CtEntry, flow: &Flow, reply: bool, now: u64) -> bool {
-    let s = ct::next_state(flow.proto, e.state, flow.tcp_flags, reply);
-    let fin = flow.proto == PROTO_TCP && flow.tcp_flags & ct::TCP_FIN != 0;
-    if fin && e.fin_out == 0 {
-        e.fin_out = 1;
-    }
-    let changed = s != e.state || now.wrapping_sub(e.last_seen_ns) > ct::REFRESH_NS;
-    if changed {
-        e.state = s;
-        e.last_seen_ns = now;
-        // Re-resolve the route with this packet: the cache lives at most REFRESH_NS.
-        e.fib_ifindex = 0;
-    }
-    changed || fin
-}
-
-/// Brings the flow's other entry (the reply entry of a forward packet, the
-/// forward entry of a reply) along with the one this packet refreshed: the
-/// same last-seen time, so the flow has one lifetime (one-way UDP keeps the
-/// reply entry its SNAT port lives in, and the port is never handed to a
-/// second client while the first still sends); its `fin_in` when the packet
-/// carries a FIN (the close timeout needs both); closed by a RST (as
-/// nf_conntrack's CLOSE). The other entry's key is the reverse of this
-/// packet's translation `t`; the entry there is touched only if it is `e`'s
-/// own peer — the other direction of the same frontend and backend, alive,
-/// and not being taken over by a new flow (`claim`) — never a dead flow's
-/// leftover that happens to share the tuple.
-#[inline(always)]
-fn touch_peer(flow: &Flow, t: &Target, e: &CtEntry, now: u64) {
-    let key = CtKey { src: t.dst, dst: t.src, sport: t.dport, dport: t.sport, proto: flow.proto, _pad: [0; 3] };
-    let Some(p) = CONNTRACK.get_ptr_mut(&key) else {
-        return;
-    };
-    // SAFETY: a live map value; each field written here has this direction
-    // as its only writer, or is a plain store any packet may make.
-    let p = unsafe { &mut *p };
-    if (p.flags ^ e.flags) & CT_F_REPLY == 0
-        || p.rev_nat_id != e.rev_nat_id
-        || p.backend_id != e.backend_id
-        || ct::expired(p, now)
-    {
-        return;
-    }
-    if flow.proto == PROTO_TCP {
-        if flow.tcp_flags & ct::TCP_FIN != 0 && p.fin_in == 0 {
-            p.fin_in = 1;
-        }
-        if flow.tcp_flags & ct::TCP_RST != 0 {
-            p.state = ct::STATE_CLOSED;
-        }
-    }
-    p.last_seen_ns = now;
-    // As in `refresh`: a route cached by the other direction lives at most REFRESH_NS.
-    p.fib_ifindex = 0;
-}
-
-/// A packet without a live conntrack entry: service lookup, source-range
-/// check, backend selection, SNAT decision, conntrack entries.
+/// A packet without a live conntrack record: service lookup, source-range
+/// check, backend selection (`t.dst`/`t.dport`) and the SNAT decision, as
+/// SCRATCH's request for `conntrack::track`. `Step::Nat(frontend id)`: a
+/// backend was chosen.
 #[inline(never)]
-fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
+fn new_flow(flow: &Flow, scope: u8, t: &mut Target) -> Step {
     let Some(svc) = service::lookup(&flow.dst, flow.dport, flow.proto, scope) else {
         return Step::Pass(verdict::PASS);
     };
@@ -420,208 +328,15 @@ fn new_flow(flow: &Flow, scope: u8, len: u32, t: &mut Target) -> Step {
     };
     t.dst = b.addr;
     t.dport = b.port;
-    // The request and the entries `track` builds live in per-CPU scratch
-    // memory, not on the stack: the new-flow call chain (this program, the
-    // service lookup, `track`, `claim`) must fit the verifier's 512 bytes.
+    // The request lives in per-CPU scratch memory, not on the stack.
     let Some(sc) = SCRATCH.get_ptr_mut(0) else {
         return Step::Drop(verdict::REWRITE_FAILED);
     };
     // SAFETY: per-CPU memory, used by nothing else while this program runs.
-    let sc = unsafe { &mut *sc };
-    sc.req = Track { backend_id, rev_nat_id: svc.id, hash, snat_min: 0, snat_max: 0, snat_node: [0; 16] };
-    snat_source(&svc, b, flow, scope, &mut sc.req);
-    let reason = track(flow, sc, t);
-    if reason == verdict::SNAT_EXHAUSTED || reason == verdict::CT_RACE_DROP {
-        return Step::Drop(reason);
-    }
-    if flow.proto == PROTO_TCP && flow.tcp_flags & ct::TCP_SYN == 0 {
-        // Katran's LRU_MISS: a connection's packet that found no entry (lost
-        // to eviction or expiry, or from before a restart without pins).
-        count_verdict(verdict::CT_MISS_NON_SYN);
-    }
-    count(&SERVICE_STATS, svc.id, len);
-    count(&BACKEND_STATS, sc.req.backend_id, len);
-    Step::Nat(reason)
-}
-
-/// Writes the new flow's conntrack entries (claiming a SNAT port when
-/// needed) and completes `t` with the source. `t.dst`/`t.dport` hold the
-/// backend. Returns the verdict reason: NEW_FLOW; CT_FULL (the flow goes on
-/// by its consistent hash alone); SNAT_EXHAUSTED; CT_RACE (the same flow's
-/// first packet on another CPU claimed the forward key first: `t` and
-/// `req.backend_id` now hold its translation, and this CPU's reply entry is
-/// withdrawn); CT_RACE_DROP (that CPU is still writing its entry).
-///
-/// The reply entry is written first and the forward entry claimed last, as
-/// Cilium's `__snat_create` orders its two tuples: the forward key is the
-/// one point where two CPUs racing on one flow are ordered, so they agree
-/// on one backend and one SNAT port.
-#[inline(never)]
-fn track(flow: &Flow, sc: &mut Scratch, t: &mut Target) -> u32 {
-    let req = &mut sc.req;
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let fwd = &mut sc.fwd;
-    fwd.last_seen_ns = now;
-    fwd.backend_id = req.backend_id;
-    fwd.rev_nat_id = req.rev_nat_id;
-    fwd.nat_addr = [0; 16];
-    fwd.nat_port = 0;
-    fwd.state = ct::initial_state(flow.proto, flow.tcp_flags);
-    fwd.flags = 0;
-    fwd.fib_ifindex = 0;
-    fwd.fib_macs = [0; 12];
-    fwd.fib_mtu = 0;
-    fwd.fin_out = 0;
-    fwd.fin_in = 0;
-    sc.rep = sc.fwd;
-    sc.rep.flags = CT_F_REPLY;
-    sc.rkey = CtKey { src: t.dst, dst: flow.src, sport: t.dport, dport: flow.sport, proto: flow.proto, _pad: [0; 3] };
-    sc.key = ct_key(flow);
-    let mut reason = verdict::NEW_FLOW;
-    let snat = req.snat_min != 0;
-    if snat {
-        sc.rep.flags |= CT_F_SNAT;
-        sc.rep.nat_addr = flow.src;
-        sc.rep.nat_port = flow.sport;
-        sc.rkey.dst = req.snat_node;
-        let Some(port) = snat_claim(&mut sc.rkey, &sc.rep, req.snat_min, req.snat_max, req.hash, now) else {
-            return verdict::SNAT_EXHAUSTED;
-        };
-        sc.fwd.flags = CT_F_SNAT;
-        sc.fwd.nat_addr = req.snat_node;
-        sc.fwd.nat_port = port;
-        t.src = req.snat_node;
-        t.sport = port;
-    } else {
-        if CONNTRACK.insert(&sc.rkey, &sc.rep, 0).is_err() {
-            reason = verdict::CT_FULL;
-        }
-        t.src = flow.src;
-        t.sport = flow.sport;
-    }
-    let proto = flow.proto;
-    let flags = flow.tcp_flags;
-    match claim(&sc.key, &sc.fwd, |e| ct::starts_new_flow(proto, e, now, flags) || !backend_live(e.backend_id)) {
-        Claim::Won => reason,
-        // Maglev picks the same backend for the next packet as long as the
-        // service's table is unchanged.
-        Claim::Failed => verdict::CT_FULL,
-        Claim::Lost => {
-            let winner = adopt(&sc.key, t);
-            // A SNAT reply key is this CPU's alone (its port was claimed);
-            // without SNAT it is the winner's too when both chose one backend.
-            if snat || (winner >= 0 && winner != req.backend_id as i64) {
-                let _ = CONNTRACK.remove(&sc.rkey);
-            }
-            if winner < 0 {
-                return verdict::CT_RACE_DROP;
-            }
-            req.backend_id = winner as u32;
-            verdict::CT_RACE
-        }
-        Claim::Busy => {
-            if snat {
-                let _ = CONNTRACK.remove(&sc.rkey);
-            }
-            verdict::CT_RACE_DROP
-        }
-    }
-}
-
-/// The backend of the live forward entry at `key`, with its translation
-/// written to `t`; -1 when there is none to take. A scalar result (not an
-/// `Option` of the entry): LLVM would pack the map value pointer into it,
-/// which the verifier rejects.
-#[inline(never)]
-fn adopt(key: &CtKey, t: &mut Target) -> i64 {
-    let Some(e) = CONNTRACK.get_ptr(key) else {
-        return -1;
-    };
-    // SAFETY: a live map value, read in place.
-    let e = unsafe { &*e };
-    if target(e, key, t) { e.backend_id as i64 } else { -1 }
-}
-
-/// How claiming a conntrack key for a new flow went.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Claim {
-    /// The entry is ours, written whole.
-    Won,
-    /// A live entry holds the key (another CPU's claim of the same flow won).
-    Lost,
-    /// Another CPU is taking the same dead entry over right now.
-    Busy,
-    /// Neither inserted nor found (the table could not take it).
-    Failed,
-}
-
-/// Claims `key` for the new entry `e`: inserted if absent; if an entry is
-/// there and `dead` says so, taken over by one compare-and-swap of its
-/// `last_seen_ns` to 0 ("being rewritten", dead to every reader) and then
-/// replaced whole. Of two CPUs claiming one key, exactly one wins: the
-/// kernel's insert without overwrite, or the swap, orders them. A call of
-/// its own: inlined into the SNAT probe loop it pushed the new-flow chain
-/// past the verifier's 512-byte stack budget.
-#[inline(never)]
-fn claim(key: &CtKey, e: &CtEntry, dead: impl Fn(&CtEntry) -> bool) -> Claim {
-    if CONNTRACK.insert(key, e, BPF_NOEXIST as u64).is_ok() {
-        return Claim::Won;
-    }
-    let Some(old) = CONNTRACK.get_ptr_mut(key) else {
-        return Claim::Failed;
-    };
-    // SAFETY: a live map value; the word is 8-byte aligned (first field).
-    let word = unsafe { &raw mut (*old).last_seen_ns };
-    // SAFETY: as above.
-    let seen = unsafe { core::ptr::read_volatile(word) };
-    if seen == 0 {
-        return Claim::Busy;
-    }
-    // SAFETY: as above; a torn read of the other fields only misjudges an
-    // entry another CPU is writing, which the swap below then refuses.
-    if !dead(unsafe { &*old }) {
-        return Claim::Lost;
-    }
-    // SAFETY: as above. A BPF_CMPXCHG on the map value (the result's flag
-    // is computed from the old value: no fetch result is needed).
-    let (_, swapped) = unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(word, seen, 0) };
-    if !swapped {
-        return Claim::Busy;
-    }
-    if CONNTRACK.insert(key, e, 0).is_ok() {
-        return Claim::Won;
-    }
-    // Never leave the key marked "being rewritten": every later packet of
-    // the tuple would count as a lost race.
-    let _ = CONNTRACK.remove(key);
-    Claim::Failed
-}
-
-/// True while backend `id` exists (a forward entry of a deleted backend is
-/// balanced again).
-#[inline(always)]
-fn backend_live(id: u32) -> bool {
-    BACKENDS.get(id).is_some_and(|b| b.state != BACKEND_EMPTY)
-}
-
-/// Claims a SNAT port for the reply key `rkey` (its `dport` is set here):
-/// probes up to `SNAT_TRIES` ports from the flow's hash and takes the first
-/// whose reply tuple is free, or held by an expired flow (both of a flow's
-/// entries live as long as either sees traffic: `touch_peer`), writing the
-/// reply entry in the same step (`claim`: one port, one CPU). Returns the
-/// port, network order.
-#[inline(always)]
-fn snat_claim(rkey: &mut CtKey, rep: &CtEntry, min: u16, max: u16, hash: u32, now: u64) -> Option<u16> {
-    let range = (max - min) as u32 + 1;
-    for i in 0..SNAT_TRIES {
-        let port = ((min as u32 + hash.wrapping_add(i) % range) as u16).to_be();
-        rkey.dport = port;
-        if claim(rkey, rep, |e| ct::expired(e, now)) == Claim::Won {
-            return Some(port);
-        }
-    }
-    None
+    let req = unsafe { &mut (*sc).req };
+    *req = Track { backend_id, rev_nat_id: svc.id, hash, snat_min: 0, snat_max: 0, snat_node: [0; 16] };
+    snat_source(&svc, b, flow, scope, req);
+    Step::Nat(svc.id)
 }
 
 /// The node address and port range to SNAT to, when this flow needs SNAT:

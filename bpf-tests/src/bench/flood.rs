@@ -13,8 +13,10 @@
 //! Two runs: without SNAT (the flood fills the table: what eviction does),
 //! and with SNAT (external traffic to remote backends: each flow holds a
 //! node port toward its backend, so the flood exhausts the ports first).
-//! It measures, it does not judge: the LRU table evicts established flows,
-//! which is what the table of `docs/design/conntrack-v2.md` is for.
+//! The conntrack table never evicts an established flow, so nothing is
+//! lost or broken (`tests/conntrack.rs` asserts it at full size); before the
+//! table, the LRU hash lost half of them without SNAT and all with SNAT
+//! (`docs/design/conntrack-v2.md`).
 //! `ns_per_syn_full` is the datapath's own time per SYN (the kernel's
 //! test-run clock, one packet per run) once the table is full.
 
@@ -39,7 +41,7 @@ const NODE: &str = "10.0.0.1";
 #[derive(Clone, Debug, Serialize)]
 pub struct Flood {
     pub snat: bool,
-    /// CONNTRACK entries (two per flow).
+    /// Conntrack entries (`--conntrack-size`: two per flow).
     pub table_entries: u32,
     pub established: u32,
     pub syns: u64,

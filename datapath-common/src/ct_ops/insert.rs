@@ -6,9 +6,12 @@
 //! protocol is described in the parent module.
 
 use super::{SNAT_TRIES, Table, add, fence, live, load, lock, matching, owns, store, unlink, unlock, way, word_of};
-use crate::ct_table::{
-    CtAddr, CtBucket, CtRecord, M_COUNTED, Tuple, WAYS, active, age, entry, entry_rec, entry_tag, event, evictable,
-    expired, forward_bucket, reply_bucket, stale, tag, w_flags, w_proto, w_seq, w_state, word,
+use crate::{
+    ct,
+    ct_table::{
+        CtAddr, CtBucket, CtRecord, M_COUNTED, WAYS, active, age, entry, entry_rec, entry_tag, event, evictable,
+        expired, forward_bucket, reply_bucket, stale, tag, w_flags, w_proto, w_seq, w_state, word,
+    },
 };
 
 /// [`insert`]'s results.
@@ -151,7 +154,7 @@ impl Best {
 /// established flows never. See [`outcome`]. On `LOST`, nothing was written.
 #[inline(always)]
 pub fn insert<A: CtAddr, T: Table<A>>(tb: &T, nf: &mut NewFlow<A>, flags: u8, now: u32) -> u32 {
-    let hf = nf.rec.forward().hash();
+    let hf = nf.rec.forward_hash();
     let fbi = forward_bucket(hf, tb.nb());
     let Some(fb) = tb.bucket(fbi) else {
         return outcome::BUSY;
@@ -176,7 +179,6 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
     flags: u8,
     now: u32,
 ) -> u32 {
-    let fwd = nf.rec.forward();
     let bp = &raw mut nf.best;
     Best::reset(bp);
     for i in 0..WAYS {
@@ -190,7 +192,12 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
         // The tuple compared under the word it returns: a concurrent `touch`
         // may change the word (never the sequence, under this lock) between
         // the two reads, and the record is still this flow's.
-        let m = if e != 0 && entry_tag(e) == tag(hf) { matching(r, &fwd, false) } else { 0 };
+        let q = &nf.rec;
+        let m = if e != 0 && entry_tag(e) == tag(hf) {
+            matching(r, &q.client, &q.front, q.cport, q.fport, w_proto(q.word), false)
+        } else {
+            0
+        };
         if m != 0 && owns(e, m) {
             w = m;
         }
@@ -229,8 +236,7 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
         if snat {
             nf.rec.pport = ((nf.snat_min as u32 + nf.snat_hash.wrapping_add(i) % range) as u16).to_be();
         }
-        let rep = nf.rec.reply();
-        let hr = rep.hash();
+        let hr = nf.rec.reply_hash();
         let Some(rb) = tb.bucket(reply_bucket(hr, tb.nb())) else {
             return outcome::BUSY;
         };
@@ -238,7 +244,7 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
             tb.event(event::INSERT_BUSY);
             return outcome::BUSY;
         }
-        let rw = reply_way(tb, rb, &rep, hr, snat, now, &raw mut nf.best);
+        let rw = reply_way(tb, rb, &nf.rec, hr, snat, i + 1 == tries, now, &raw mut nf.best);
         // The forward victim goes only once the reply way is secured: a
         // flow refused for want of a port or a reply way evicts nothing.
         if rw < WAYS {
@@ -272,9 +278,10 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
 fn reply_way<A: CtAddr, T: Table<A>>(
     tb: &T,
     rb: *mut CtBucket,
-    rep: &Tuple<A>,
+    want: &CtRecord<A>,
     hr: u32,
     snat: bool,
+    last: bool,
     now: u32,
     bp: *mut Best,
 ) -> usize {
@@ -289,7 +296,11 @@ fn reply_way<A: CtAddr, T: Table<A>>(
             // SAFETY: table memory.
             (w, seen) = (load(word_of(r)), unsafe { (*r).last_seen });
             // As in the forward scan: the word `matching` read it under.
-            let m = if entry_tag(e) == tag(hr) { matching(r, rep, true) } else { 0 };
+            let m = if entry_tag(e) == tag(hr) {
+                matching(r, &want.backend, &want.peer, want.bport, want.pport, w_proto(want.word), true)
+            } else {
+                0
+            };
             if m != 0 {
                 w = m;
             }
@@ -298,14 +309,21 @@ fn reply_way<A: CtAddr, T: Table<A>>(
                 // another port; else the newer flow takes the tuple over),
                 // or by an expired one, replaced so the tuple has one entry.
                 let old = expired(w, seen, now);
-                // SNAT: the port is taken, try another. Without SNAT, a new
-                // flow takes the tuple over only from a flow that may be
-                // evicted anyway (never an established one).
-                if !old && (snat || !evictable(w)) {
+                // SNAT: the port is taken, try another; on the last port
+                // tried, an unanswered handshake (SYN_SENT) gives it up, as
+                // nf_conntrack's early_drop ends a flow not assured: under a
+                // SYN flood the ports are the flood's, and a new flow must
+                // not fail for want of one. An unanswered UDP flow keeps its
+                // port (one-way UDP is a flow: its client must not share
+                // the port with another). Without SNAT, a new flow takes the
+                // tuple over only from a flow that may be evicted anyway
+                // (never an established one).
+                let keep = if snat { !(last && w_state(w) == ct::STATE_SYN_SENT) } else { !evictable(w) };
+                if !old && keep {
                     return WAYS;
                 }
-                tb.event(if old { event::EVICT_EXPIRED } else { event::REPLY_OVERWRITE });
-                Best::offer(bp, i, R_SAME, 0, w, id);
+                // (Its age says which: counted once the record is taken.)
+                Best::offer(bp, i, R_SAME, if old { 1 } else { 0 }, w, id);
                 continue;
             }
         }
@@ -317,6 +335,9 @@ fn reply_way<A: CtAddr, T: Table<A>>(
     }
     if !best.take(tb) {
         return WAYS + 1;
+    }
+    if best.rank == R_SAME {
+        tb.event(if best.age != 0 { event::EVICT_EXPIRED } else { event::REPLY_OVERWRITE });
     }
     best.i as usize
 }
@@ -341,17 +362,21 @@ fn write<A: CtAddr, T: Table<A>>(
     let writing = w_seq(old) | 1;
     store(p, word(writing, 0, 0, 0, 0));
     fence();
+    // Copied from the request in place (a copy on the way would be stack
+    // the datapath cannot spare), with the "being written" word: the
+    // requested one goes live last.
     let w = nf.rec.word;
-    let mut rec = nf.rec;
-    rec.word = word(writing, 0, 0, 0, 0);
-    rec.last_seen = now;
-    rec.rep_ifindex = 0;
+    nf.rec.word = word(writing, 0, 0, 0, 0);
+    nf.rec.last_seen = now;
+    nf.rec.rep_ifindex = 0;
     // SAFETY: table memory; this CPU owns the dead record (forward lock).
-    unsafe { *r = rec };
+    unsafe { core::ptr::copy_nonoverlapping(&raw const nf.rec, r, 1) };
+    nf.rec.word = w;
+    let backend_id = nf.rec.backend_id;
     let seq = writing.wrapping_add(1);
     let marks = if active(w) { M_COUNTED } else { 0 };
     if marks != 0
-        && let Some(c) = tb.conns(rec.backend_id)
+        && let Some(c) = tb.conns(backend_id)
     {
         add(c, 1);
     }
