@@ -75,11 +75,12 @@ macro_rules! table {
 table!(Ct4, [u8; 4], CT4_NB, CT4_INDEX, CT4_RECORDS);
 table!(Ct6, Addr6, CT6_NB, CT6_INDEX, CT6_RECORDS);
 
-/// The table's clock: coarse monotonic time in ticks (≈ 1 ms).
+/// Coarse monotonic time in ns, read once per packet (a helper call); the
+/// table counts it in ticks (`ct_table::ticks`, ≈ 1 ms).
 #[inline(always)]
-pub fn now() -> u32 {
+fn now_ns() -> u64 {
     // SAFETY: plain helper call.
-    ticks(unsafe { bpf_ktime_get_coarse_ns() })
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// What a lookup found; the translation itself is written to the caller's
@@ -88,6 +89,9 @@ pub fn now() -> u32 {
 #[repr(C)]
 pub struct Found {
     pub word: u64,
+    /// The packet's time (coarse monotonic ns), read once the lookup found
+    /// a record (a miss reads no clock), and reused for its route.
+    pub now_ns: u64,
     pub id: u32,
     pub seq: u32,
     pub backend_id: u32,
@@ -128,11 +132,13 @@ fn translation<A: CtAddr>(rec: &CtRecord<A>, w: u64, reply: bool, t: &mut Target
 /// `flags`: not to start a new flow, `ct_table::stale`), its translation
 /// written to `t` and its ids to `f`, all read under one sequence.
 #[inline(always)]
-fn find<A: CtAddr, T: Table<A>>(tb: &T, tu: &Tuple<A>, flags: u8, now: u32, t: &mut Target, f: &mut Found) -> bool {
+fn find<A: CtAddr, T: Table<A>>(tb: &T, tu: &Tuple<A>, flags: u8, t: &mut Target, f: &mut Found) -> bool {
     let hit = ct_ops::lookup(tb, tu, tu.hash());
     if hit == 0 {
         return false;
     }
+    f.now_ns = now_ns();
+    let now = ticks(f.now_ns);
     let (id, seq, reply) = (found_id(hit), found_seq(hit), found_reply(hit));
     let Some(r) = tb.record(id) else {
         return false;
@@ -181,15 +187,14 @@ fn backend_serves(id: u32, addr: &[u8; 16], port: u16) -> bool {
 /// deleted backend, whose record is unlinked here).
 #[inline(always)]
 fn hit<A: CtAddr, T: Table<A>>(tb: &T, tu: &Tuple<A>, flags: u8, t: &mut Target, f: &mut Found) -> bool {
-    let now = now();
-    if !find(tb, tu, flags, now, t, f) {
+    if !find(tb, tu, flags, t, f) {
         return false;
     }
     if !f.reply && !backend_serves(f.backend_id, &t.dst, t.dport) {
         ct_ops::unlink(tb, f.id, f.word);
         return false;
     }
-    ct_ops::touch(tb, f.id, f.seq, flags, f.reply, now)
+    ct_ops::touch(tb, f.id, f.seq, flags, f.reply, ticks(f.now_ns))
 }
 
 // The entry points below are *global* BPF functions (exported, `extern
@@ -273,13 +278,12 @@ pub extern "C" fn xlb_ct_related(v6: u32, t: *mut Target) -> u32 {
     // SAFETY: as in `xlb_ct_lookup4`.
     let (sc, t) = unsafe { (&mut *sc, &mut *t) };
     let k = sc.rkey;
-    let now = now();
     u32::from(if v6 != 0 {
         sc.q6 = tuple(&k.src, &k.dst, k.sport, k.dport, k.proto);
-        find(&Ct6, &sc.q6, 0, now, t, &mut sc.found)
+        find(&Ct6, &sc.q6, 0, t, &mut sc.found)
     } else {
         sc.q4 = tuple(&k.src, &k.dst, k.sport, k.dport, k.proto);
-        find(&Ct4, &sc.q4, 0, now, t, &mut sc.found)
+        find(&Ct4, &sc.q4, 0, t, &mut sc.found)
     })
 }
 
@@ -336,7 +340,9 @@ macro_rules! global_track {
             }
             // SAFETY: as in `xlb_ct_lookup4`.
             let (sc, t) = unsafe { (&mut *sc, &mut *t) };
-            track_in(&$table, &mut sc.$new, &mut sc.req, &sc.$q, sc.q_flags, t, now())
+            // The time, for the new flow's route too (SCRATCH's `found`).
+            sc.found.now_ns = now_ns();
+            track_in(&$table, &mut sc.$new, &mut sc.req, &sc.$q, sc.q_flags, t, ticks(sc.found.now_ns))
         }
     };
 }

@@ -12,11 +12,10 @@
 
 use crate::{
     hook::Hook,
-    maps::{CONFIG, NEXT_HOP},
+    maps::{CONFIG, NEXT_HOP, SCRATCH},
     nat::{Route, Target, lookup, mtu_len, word},
     parse::Flow,
 };
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use core::{
     intrinsics::{AtomicOrdering::SeqCst, atomic_cxchg},
     ptr::{read_volatile, write_volatile},
@@ -29,8 +28,12 @@ use datapath_common::{
 /// The route for a new flow's packet to backend `backend` (at `t.dst`): the
 /// cached one when it is still valid and the packet is known to fit it,
 /// else a FIB lookup, whose success is cached.
+/// The time is the packet's, read by conntrack's lookup or insert just
+/// before (SCRATCH's `found.now_ns`): no second clock read.
 #[inline(never)]
 pub fn route<H: Hook>(hook: &mut H, flow: &Flow, t: &mut Target, backend: u32) -> Route {
+    // SAFETY (of the read): per-CPU memory, written by this program.
+    let now = SCRATCH.get_ptr(0).map_or(0, |sc| unsafe { read_volatile(&raw const (*sc).found.now_ns) });
     let Some(cfg) = CONFIG.get(0) else {
         return lookup(hook, flow, t);
     };
@@ -46,8 +49,6 @@ pub fn route<H: Hook>(hook: &mut H, flow: &Flow, t: &mut Target, backend: u32) -
     let Some(nh) = NEXT_HOP.get_ptr_mut(backend.wrapping_mul(2).wrapping_add(H::SKB as u32)) else {
         return lookup(hook, flow, t);
     };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: a live map value (array values are never freed).
     if let Some(route) = unsafe { cached(nh, hook, flow, t, now, epoch, ingress) } {
         return route;
