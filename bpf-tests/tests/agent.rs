@@ -295,6 +295,11 @@ fn metrics_readiness_and_the_local_traffic_health_check() {
     assert!(m.contains(&format!("xlb_backend_packets_total{{backend=\"{SERVER4}:8080\"}}")), "{m}");
     assert!(m.contains("xlb_packets_by_verdict_total{reason=\"new_flow\"} 1"), "{m}");
     assert!(m.contains("xlb_conntrack_entries 2"), "{m}");
+    // The connection is open and answered: one active connection on its
+    // backend, counted by the datapath; the table's size and events.
+    assert!(m.contains(&format!("xlb_backend_active_connections{{backend=\"{SERVER4}:8080\"}} 1")), "{m}");
+    assert!(m.contains("xlb_conntrack_capacity_flows "), "{m}");
+    assert!(m.contains("xlb_conntrack_events_total{event=\"insert_full\"} 0"), "{m}");
     assert!(m.contains("xlb_programming_latency_seconds_count 1"), "{m}");
 
     // The endpoint moves to another node: 503, zero local endpoints.

@@ -285,3 +285,47 @@ fn an_upgrade_copies_the_flows_of_the_old_lru_conntrack_into_the_table() {
     assert_eq!((v, u16::from_be_bytes([out[34], out[35]])), (Verdict::Redirect, 61000), "the SNAT port kept");
     assert_eq!((w.lb.verdict("ct_hit"), w.lb.verdict("new_flow")), (2, 0));
 }
+
+/// Active connections per backend (BACKEND_CONNS, the basis of
+/// least-connection scheduling): counted when the datapath sees a
+/// connection established, uncounted once both sides closed, or when the
+/// agent's sweep unlinks it expired — never twice, never left behind.
+#[test]
+fn active_connections_per_backend_follow_establish_close_and_expiry() {
+    let mut w = world();
+    let _in = w.env.enter();
+    let key = vip_service(&mut w, Prog::Xdp, false, SCHED_MAGLEV, 0, &backends(false));
+    let conns = |w: &World| (1..=4).map(|b| w.lb.dp.conntrack_table().connections(b)).collect::<Vec<_>>();
+    let mut opened = [0u64; 4];
+    let mut flows = Vec::new();
+    for port in 40000..40012u16 {
+        let syn = Pkt::tcp(CLIENT4, port, VIP4, 80, SYN);
+        let b = expected_backend(&w, &key, &syn);
+        w.lb.run(Prog::Xdp, &syn.build());
+        assert_eq!(conns(&w), opened, "a SYN is not a connection yet");
+        let answer = Pkt::tcp(&backend_addr(b), 8080, CLIENT4, port, SYN | ACK).macs(NEIGH_MAC, OUT_MAC);
+        w.lb.run(Prog::Xdp, &answer.build());
+        opened[b as usize - 1] += 1;
+        assert_eq!(conns(&w), opened);
+        // The client's ACK (and a retransmitted one) count nothing more.
+        w.lb.run(Prog::Xdp, &Pkt::tcp(CLIENT4, port, VIP4, 80, ACK).build());
+        w.lb.run(Prog::Xdp, &Pkt::tcp(CLIENT4, port, VIP4, 80, ACK).build());
+        assert_eq!(conns(&w), opened);
+        flows.push((port, b));
+    }
+    // Half of them close: a FIN each way (a half-close still counts).
+    for &(port, b) in &flows[..6] {
+        w.lb.run(Prog::Xdp, &Pkt::tcp(CLIENT4, port, VIP4, 80, FIN | ACK).build());
+        assert_eq!(conns(&w), opened, "half-closed: still a connection");
+        let fin = Pkt::tcp(&backend_addr(b), 8080, CLIENT4, port, FIN | ACK).macs(NEIGH_MAC, OUT_MAC);
+        w.lb.run(Prog::Xdp, &fin.build());
+        opened[b as usize - 1] -= 1;
+        assert_eq!(conns(&w), opened);
+    }
+    // The others go quiet past the established timeout; the agent's sweep
+    // unlinks them (the closed ones too), and the counts drop to 0.
+    w.lb.dp.conntrack_age(ct::TIMEOUT_ESTABLISHED_NS / SEC + 1);
+    assert_eq!(w.lb.dp.conntrack_expire(), flows.len());
+    assert_eq!(conns(&w), [0; 4]);
+    assert_eq!(w.lb.dp.conntrack_expire(), 0);
+}
