@@ -354,6 +354,9 @@ fn load_and_attach(s: &Settings) -> anyhow::Result<Datapath> {
     let mut dp = Datapath::load_pinned(s.sizes, Some(&s.pin_dir)).context("loading the datapath")?;
     dp.load_programs().context("verifying the programs")?;
     attach::pin_programs(&mut dp, &s.pin_dir)?;
+    // An older xlb's LRU conntrack: its flows copied into the table while
+    // its programs still run, and again (the pin removed) once ours do.
+    copy_lru_conntrack(&dp, &s.pin_dir, false);
     let (services, backends) = dp.recover()?;
     if services + backends > 0 {
         tracing::info!(services, backends, "continuing from the pinned maps");
@@ -383,7 +386,23 @@ fn load_and_attach(s: &Settings) -> anyhow::Result<Datapath> {
     }
     // Only now: the pinned links run the new programs (see `pin_tail_calls`).
     dp.pin_tail_calls(&s.pin_dir).context("pinning the tail-call tables")?;
+    copy_lru_conntrack(&dp, &s.pin_dir, true);
     Ok(dp)
+}
+
+/// [`Datapath::copy_lru_conntrack`], logged.
+fn copy_lru_conntrack(dp: &Datapath, pin_dir: &std::path::Path, remove: bool) {
+    match dp.copy_lru_conntrack(pin_dir, remove) {
+        Ok(Some(m)) => tracing::info!(
+            flows = m.flows,
+            present = m.present,
+            dropped = m.dropped,
+            removed = remove,
+            "copied the flows of an older xlb's LRU conntrack into the conntrack table"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "could not copy the flows of an older xlb's LRU conntrack"),
+    }
 }
 
 /// Starts kube-proxy's health server and the metrics server.

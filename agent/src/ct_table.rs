@@ -93,6 +93,11 @@ impl<A: CtAddr> Table<A> for MappedTable<A> {
     }
     /// The agent's own evictions are not datapath events.
     fn event(&self, _: u32) {}
+    /// The agent's sweeps can be descheduled between the swap and the
+    /// removals.
+    fn late_unlinks(&self) -> bool {
+        true
+    }
 }
 
 /// The conntrack of a datapath: both families' tables, their per-backend
@@ -211,11 +216,12 @@ impl Conntrack {
     }
 
     /// Writes a live flow as the datapath would, from its forward entry `e`
-    /// at `key` (not a reply entry) and the backend `backend:bport`: for
-    /// tests that need a flow in a given state.
-    pub fn insert(&self, key: &CtKey, e: &CtEntry, backend: &[u8; 16], bport: u16) -> bool {
+    /// at `key` (not a reply entry) and the backend `backend:bport`: the
+    /// upgrade's copy, and tests that need a flow in a given state. The
+    /// insert's outcome (`ct_ops::outcome`).
+    pub fn insert(&self, key: &CtKey, e: &CtEntry, backend: &[u8; 16], bport: u16) -> u32 {
         if e.flags & CT_F_REPLY != 0 {
-            return false;
+            return outcome::FULL;
         }
         if is_v4_mapped(&key.src) {
             insert(&self.v4, key, e, backend, bport)
@@ -274,7 +280,7 @@ fn age_all<A: CtAddr>(tb: &MappedTable<A>, by: u32) {
     });
 }
 
-fn insert<A: CtAddr>(tb: &MappedTable<A>, key: &CtKey, e: &CtEntry, backend: &[u8; 16], bport: u16) -> bool {
+fn insert<A: CtAddr>(tb: &MappedTable<A>, key: &CtKey, e: &CtEntry, backend: &[u8; 16], bport: u16) -> u32 {
     let snat = e.flags & CT_F_SNAT != 0;
     let client = A::from16(&key.src);
     let mut nf = NewFlow::<A>::default();
@@ -286,14 +292,14 @@ fn insert<A: CtAddr>(tb: &MappedTable<A>, key: &CtKey, e: &CtEntry, backend: &[u
     r.peer = if snat { A::from16(&e.nat_addr) } else { client };
     (r.cport, r.fport, r.bport, r.pport) = (key.sport, key.dport, bport, if snat { e.nat_port } else { key.sport });
     let now = crate::dump::now_ns();
-    if ct_ops::insert(tb, &mut nf, 0, ticks(now)) != outcome::WON {
-        return false;
-    }
-    if let Some(p) = tb.record(nf.id) {
+    let won = ct_ops::insert(tb, &mut nf, 0, ticks(now));
+    if won == outcome::WON
+        && let Some(p) = tb.record(nf.id)
+    {
         // SAFETY: the mapping; the record was just written.
         unsafe { (&raw mut (*p).last_seen).write_volatile(ticks(e.last_seen_ns.min(now))) };
     }
-    true
+    won
 }
 
 /// Record `r` as the two entries the LRU conntrack kept for a flow (its
@@ -348,6 +354,8 @@ pub fn entries<A: CtAddr>(r: &CtRecord<A>, now: u64) -> [(CtKey, CtEntry); 2] {
 pub struct Migrated {
     /// Live flows copied into the table.
     pub flows: usize,
+    /// Live flows already in the table (copied before, or tracked anew).
+    pub present: usize,
     /// Live flows left behind: their backend is gone, or their bucket full.
     pub dropped: usize,
 }
@@ -355,15 +363,16 @@ pub struct Migrated {
 impl Conntrack {
     /// Copies the live flows of the LRU conntrack pinned at `path` by an
     /// xlb from before the table (issue #13: one entry per direction) into
-    /// the table, once, then removes that pin: each forward entry becomes a
-    /// record with its state, SNAT source and last-seen time (the reply
-    /// entries only repeat them; a FIN seen is not carried over, so a
-    /// half-closed flow starts its close anew). `backend` gives a backend
-    /// id's address. `Ok(None)` when there is no such pin.
+    /// the table, and with `remove` then removes that pin: each forward
+    /// entry becomes a record with its state, SNAT source and last-seen
+    /// time (the reply entries only repeat them; a FIN seen is not carried
+    /// over, so a half-closed flow starts its close anew). `backend` gives a
+    /// backend id's address. `Ok(None)` when there is no such pin.
     pub fn migrate_lru(
         &self,
         path: &std::path::Path,
         backend: impl Fn(u32) -> Option<([u8; 16], u16)>,
+        remove: bool,
     ) -> Result<Option<Migrated>> {
         if !path.exists() {
             return Ok(None);
@@ -388,14 +397,18 @@ impl Conntrack {
             if e.flags & CT_F_REPLY != 0 || datapath_common::ct::expired(&e, now) {
                 continue;
             }
-            match backend(e.backend_id) {
-                Some((addr, port)) if self.insert(&k, &e, &addr, port) => m.flows += 1,
+            match backend(e.backend_id).map(|(addr, port)| self.insert(&k, &e, &addr, port)) {
+                Some(outcome::WON) => m.flows += 1,
+                Some(outcome::LOST) => m.present += 1,
                 _ => m.dropped += 1,
             }
         }
         drop(old);
-        std::fs::remove_file(path)
-            .map_err(|io_error| pin_err(MapError::SyscallError(aya::sys::SyscallError { call: "unlink", io_error })))?;
+        if remove {
+            std::fs::remove_file(path).map_err(|io_error| {
+                pin_err(MapError::SyscallError(aya::sys::SyscallError { call: "unlink", io_error }))
+            })?;
+        }
         Ok(Some(m))
     }
 }

@@ -624,18 +624,6 @@ impl Datapath {
             .map_max_entries(maps::NEXT_HOP, sizes.backends.saturating_mul(2))
             .load(OBJECT)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
-        if let Some(dir) = pin_dir {
-            let backend = |id| maps.backend(id).map(|b| (b.addr, b.port));
-            match maps.conntrack.migrate_lru(&dir.join(maps::CONNTRACK), backend) {
-                Ok(Some(m)) => tracing::info!(
-                    flows = m.flows,
-                    dropped = m.dropped,
-                    "copied the flows of the LRU conntrack of an older xlb into the conntrack table (once)"
-                ),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "could not copy the flows of an older xlb's LRU conntrack"),
-            }
-        }
         let filter = filter(&ebpf, &maps)?;
         Ok(Self {
             ebpf,
@@ -687,6 +675,17 @@ impl Datapath {
             calls.set(slot, &fd, 0).map_err(|source| Error::TailCall { name, source })?;
         }
         Ok(())
+    }
+
+    /// Copies the live flows of the LRU conntrack an xlb from before the
+    /// table left pinned under `pin_dir` (`Conntrack::migrate_lru`); with
+    /// `remove`, removes that pin afterwards. The agent copies twice: before
+    /// it attaches the new programs (the old ones still run), and once they
+    /// run, removing the pin (the flows the old programs created meanwhile;
+    /// those already copied are found in place). `Ok(None)`: no such pin.
+    pub fn copy_lru_conntrack(&self, pin_dir: &Path, remove: bool) -> Result<Option<crate::ct_table::Migrated>> {
+        let backend = |id| self.maps.backend(id).map(|b| (b.addr, b.port));
+        self.maps.conntrack.migrate_lru(&pin_dir.join(maps::CONNTRACK), backend, remove)
     }
 
     /// Instructions the verifier walked for each loaded program (the
@@ -984,7 +983,7 @@ impl Datapath {
     /// in a given state.
     pub fn conntrack_insert(&mut self, key: &CtKey, e: &CtEntry) -> Result<()> {
         let b = self.maps.backend(e.backend_id).ok_or(Error::MissingMap(maps::BACKENDS))?;
-        if self.maps.conntrack.insert(key, e, &b.addr, b.port) {
+        if self.maps.conntrack.insert(key, e, &b.addr, b.port) == datapath_common::ct_ops::outcome::WON {
             Ok(())
         } else {
             Err(Error::Map { name: maps::CT4_INDEX, source: MapError::KeyNotFound })

@@ -193,14 +193,19 @@ fn a_first_packet_finding_its_bucket_locked_is_dropped_and_takes_no_port() {
 /// spares assured flows; Cilium's LRU and Katran's do not), so none is lost
 /// or broken, and new connections evict the flood's unanswered SYNs. With
 /// SNAT too: a flood flow holds a node port only while it lives, and a new
-/// flow's reply tuple evicts an unanswered one for a port.
+/// flow whose ports are all held takes one from the oldest unanswered SYN
+/// among them.
 #[test]
 fn a_syn_flood_breaks_no_established_connection_and_new_ones_get_through() {
     for snat in [false, true] {
         let f = bpf_tests::bench::flood::measure(snat, 262_144, 10_000, 2_000_000, 1_000);
         println!("{f:?}");
         assert_eq!((f.lost, f.broken), (0, 0), "snat={snat}: {f:?}");
-        assert_eq!(f.fresh_ok, f.fresh, "snat={snat}: {f:?}");
+        // New connections: all of them without SNAT; with SNAT a new flow
+        // fails only when each of its 16 ports is held by a flow younger
+        // than TAKEOVER_TICKS (the flood's last SYNs), rarely.
+        let least = if snat { f.fresh - f.fresh / 200 } else { f.fresh };
+        assert!(f.fresh_ok >= least, "snat={snat}: {} of {} new connections: {f:?}", f.fresh_ok, f.fresh);
         assert!(f.verdicts.get("ct_full").copied().unwrap_or(0) < 100, "snat={snat}: {f:?}");
     }
 }
@@ -229,8 +234,10 @@ fn old_conntrack(path: &std::path::Path) -> aya::maps::HashMap<aya::maps::MapDat
 
 /// An upgrade from the LRU conntrack (issue #13's "upgrade from the
 /// previous map layout"): the new agent finds the old CONNTRACK pin next to
-/// the maps it reuses, copies each live flow into the table once (its
-/// backend, SNAT port and state), and removes the pin. The flows' next
+/// the maps it reuses and copies each live flow into the table (its
+/// backend, SNAT port and state) before its programs run, and again once
+/// they do (the flows the old programs created meanwhile), then removes the
+/// pin. The flows' next
 /// packets go on as before, here to a backend Maglev would not pick now,
 /// and through the SNAT port the old entry held.
 #[test]
@@ -269,15 +276,24 @@ fn an_upgrade_copies_the_flows_of_the_old_lru_conntrack_into_the_table() {
     // An expired one: not copied.
     let gone = CtEntry { last_seen_ns: now.saturating_sub(ct::TIMEOUT_ESTABLISHED_NS + SEC), ..e(plain) };
     old.insert(tcp_key(CLIENT4, 40002, VIP4, 80), gone, 0).unwrap();
-    drop(old);
 
+    // The new agent's first copy, while the old programs still run.
     let mut w = world_pinned(&pins.path);
     let _in = w.env.enter();
+    let m = w.lb.dp.copy_lru_conntrack(&pins.path, false).unwrap().unwrap();
+    assert_eq!((m.flows, m.present, m.dropped), (2, 0, 0), "{m:?}");
+    // A flow the old programs created meanwhile; then the second copy, once
+    // the new programs run: it alone is new, and the old pin goes.
+    old.insert(tcp_key(CLIENT4, 40003, VIP4, 80), e(plain), 0).unwrap();
+    drop(old);
+    let m = w.lb.dp.copy_lru_conntrack(&pins.path, true).unwrap().unwrap();
+    assert_eq!((m.flows, m.present, m.dropped), (1, 2, 0), "{m:?}");
     assert!(!pins.path.join(datapath_common::maps::CONNTRACK).exists(), "the old pin is removed");
-    assert_eq!(w.lb.dp.conntrack().len(), 4, "two flows, two entries each: {:?}", w.lb.dp.conntrack());
+    assert_eq!(w.lb.dp.copy_lru_conntrack(&pins.path, true).unwrap(), None);
+    assert_eq!(w.lb.dp.conntrack().len(), 6, "three flows, two entries each: {:?}", w.lb.dp.conntrack());
     let got = w.lb.dp.conntrack_get(&tcp_key(CLIENT4, 40000, VIP4, 80)).unwrap();
     assert_eq!((got.backend_id, got.state), (plain, ct::STATE_ESTABLISHED));
-    assert_eq!(w.lb.dp.conntrack_table().connections(plain), 1, "counted as an active connection");
+    assert_eq!(w.lb.dp.conntrack_table().connections(plain), 2, "counted as active connections");
     let ack = Pkt::tcp(CLIENT4, 40000, VIP4, 80, ACK | PSH).payload(b"after the upgrade");
     assert_eq!(w.lb.run(Prog::Xdp, &ack.build()), (Verdict::Redirect, dnatted(&ack, plain)));
     let ack = Pkt::tcp(CLIENT4, 40001, VIP4, 80, ACK | PSH).payload(b"after the upgrade");

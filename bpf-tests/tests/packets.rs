@@ -284,18 +284,24 @@ fn snat_ports_collide_then_exhaust_and_node_local_backends_are_not_snatted() {
     ports.sort();
     assert_eq!(ports, [61000, 61001], "collision moved to the next free port");
     assert_eq!(w.lb.verdict("snat_exhausted"), 1);
-    // An unanswered handshake is not a connection: a fourth client's SYN,
-    // with the ports held by one answered flow and one SYN, takes the SYN's
-    // port (the last it tried), and the SYN's flow goes.
+    // An unanswered handshake is not a connection: with the ports held by
+    // one answered flow and one SYN over a second old, a new client's SYN
+    // takes the SYN's port, and the SYN's flow goes.
     let unanswered = Pkt::tcp("192.0.2.104", 40000, VIP4, 80, SYN);
     w.lb.dp.conntrack_remove(&tcp_key("192.0.2.100", 40000, VIP4, 80)).unwrap();
     let (v, out) = w.lb.run(Prog::Xdp, &unanswered.build());
     assert_eq!(v, Verdict::Redirect);
     let held = u16::from_be_bytes([out[14 + 20], out[14 + 21]]);
-    let (v, out) = w.lb.run(Prog::Xdp, &Pkt::tcp("192.0.2.105", 40000, VIP4, 80, SYN).build());
+    // Not while its SYN-ACK may still be on its way (younger than a SYN
+    // retransmission): the new SYN is refused.
+    let late = Pkt::tcp("192.0.2.105", 40000, VIP4, 80, SYN);
+    assert_eq!(w.lb.run(Prog::Xdp, &late.build()).0, Verdict::Drop);
+    assert_eq!(w.lb.verdict("snat_exhausted"), 2);
+    w.lb.dp.conntrack_age(2);
+    let (v, out) = w.lb.run(Prog::Xdp, &late.build());
     assert_eq!((v, u16::from_be_bytes([out[14 + 20], out[14 + 21]])), (Verdict::Redirect, held));
     assert!(w.lb.dp.conntrack_get(&tcp_key("192.0.2.104", 40000, VIP4, 80)).is_none());
-    assert_eq!(w.lb.verdict("snat_exhausted"), 1);
+    assert_eq!(w.lb.verdict("snat_exhausted"), 2);
 
     w.lb.backend(3, "10.0.1.13", 8080, BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL);
     vip_service(&mut w, Prog::Xdp, false, SCHED_MAGLEV, 0, &[3]);

@@ -20,7 +20,9 @@
 //! - [`unlink`] needs no lock: the swap of the word to dead decides, then the
 //!   two index entries are removed by swapping their exact value (tag,
 //!   generation, record) to 0, so a removal that comes late never touches an
-//!   entry written since.
+//!   entry written since (the datapath, whose removals are never late,
+//!   matches a forward entry by generation and record alone:
+//!   `Table::late_unlinks`).
 
 use crate::{
     PROTO_TCP, ct,
@@ -52,6 +54,13 @@ pub trait Table<A: CtAddr> {
     fn conns(&self, backend: u32) -> Option<*mut u64>;
     /// Counts a CT_EVENTS event.
     fn event(&self, ev: u32);
+    /// True when an unlink may run late — its removal of the forward entry
+    /// after 128 more incarnations of the record (a descheduled agent) —
+    /// so it must match the entry's tag too (a hash it then computes).
+    /// The datapath's unlinks run in one program run, never that late.
+    fn late_unlinks(&self) -> bool {
+        false
+    }
 }
 
 #[inline(always)]
@@ -71,7 +80,7 @@ fn store(p: *mut u64, v: u64) {
 /// BPF has no fence instruction to select, so there it is an `asm!` that
 /// clobbers memory.
 #[inline(always)]
-fn fence() {
+pub fn fence() {
     #[cfg(target_arch = "bpf")]
     {
         // A `mov` of a register to itself: an empty template has no
@@ -355,11 +364,13 @@ pub fn unlink<A: CtAddr, T: Table<A>>(tb: &T, id: u32, w: u64) -> bool {
         return false;
     };
     // Read before the swap; the swap succeeding proves they were the flow's.
-    // Only the reply tuple's hash: the forward entry's bucket is the record
-    // id's (hashing both tuples at once needs more registers than BPF has,
-    // and the spills cost the datapath stack it does not have).
+    // The forward tuple's hash only where an unlink may come late: the
+    // forward entry's bucket is the record id's, and on the datapath
+    // hashing both tuples at once needs more registers than BPF has (the
+    // spills cost stack it does not have).
+    let late = tb.late_unlinks();
     // SAFETY: table memory.
-    let (hr, backend) = unsafe { ((*r).reply_hash(), (*r).backend_id) };
+    let (hr, hf, backend) = unsafe { ((*r).reply_hash(), if late { (*r).forward_hash() } else { 0 }, (*r).backend_id) };
     if !cas(word_of(r), w, dead(w)) {
         return false;
     }
@@ -369,22 +380,25 @@ pub fn unlink<A: CtAddr, T: Table<A>>(tb: &T, id: u32, w: u64) -> bool {
         add(c, u64::MAX);
     }
     let seq = w_seq(w);
-    remove(tb, id / WAYS as u32, entry(0, seq, false, id));
-    remove(tb, reply_bucket(hr, tb.nb()), entry(0, seq, true, id));
+    let fwd_mask = if late { u64::MAX } else { u32::MAX as u64 };
+    remove(tb, id / WAYS as u32, entry(tag(hf), seq, false, id), fwd_mask);
+    remove(tb, reply_bucket(hr, tb.nb()), entry(tag(hr), seq, true, id), u64::MAX);
     true
 }
 
-/// Removes from bucket `bi` the entry whose low 32 bits (direction,
-/// generation, record) are `e`'s, if it is still there: those name one
-/// incarnation of one record, whatever its tag. (The forward way is known
-/// from the record id, but a scan keeps every way's offset a constant the
-/// verifier can check.)
+/// Removes from bucket `bi` the entry equal to `e` in the bits of `mask`,
+/// if it is still there: the whole value (tag, direction, generation,
+/// record), or on the datapath, for a forward entry, the low 32 bits
+/// (direction, generation, record: one incarnation of one record, which a
+/// removal made within the same program run cannot outlive). (The forward
+/// way is known from the record id, but a scan keeps every way's offset a
+/// constant the verifier can check.)
 #[inline(always)]
-fn remove<A: CtAddr, T: Table<A>>(tb: &T, bi: u32, e: u64) {
+fn remove<A: CtAddr, T: Table<A>>(tb: &T, bi: u32, e: u64, mask: u64) {
     if let Some(b) = tb.bucket(bi) {
         for i in 0..WAYS {
             let v = load(way(b, i));
-            if v != 0 && v as u32 == e as u32 {
+            if v != 0 && (v ^ e) & mask == 0 {
                 cas(way(b, i), v, 0);
             }
         }
@@ -392,7 +406,7 @@ fn remove<A: CtAddr, T: Table<A>>(tb: &T, bi: u32, e: u64) {
 }
 
 mod insert;
-pub use insert::{Best, NewFlow, insert, outcome};
+pub use insert::{Best, NewFlow, TAKEOVER_TICKS, insert, outcome};
 
 /// Unlinks every live record `doom` picks (given a consistent copy and its
 /// word): the agent's sweep of expired records, and of UDP flows to

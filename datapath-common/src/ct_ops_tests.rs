@@ -83,6 +83,10 @@ impl Table<[u8; 4]> for Shared {
     fn event(&self, ev: u32) {
         self.0.events[ev as usize].fetch_add(1, Relaxed);
     }
+    // Threads here may be descheduled anywhere, as the agent's sweep.
+    fn late_unlinks(&self) -> bool {
+        true
+    }
 }
 
 const FRONT: [u8; 4] = [10, 96, 0, 1];
@@ -209,29 +213,36 @@ fn an_unanswered_handshake_gives_up_its_snat_port_to_a_new_flow_but_an_answered_
         f.snat_hash = 0;
         f
     };
-    // Every port tried is held by an unanswered SYN (a flood's).
+    // Every port tried is held by an unanswered SYN (a flood's), the first
+    // ones oldest.
     let mut held = Vec::new();
     for i in 0..SNAT_TRIES {
         let mut f = syn(i);
-        assert_eq!(insert(&t, &mut f, TCP_SYN, now), outcome::WON);
+        assert_eq!(insert(&t, &mut f, TCP_SYN, now + i), outcome::WON);
         held.push(f);
     }
-    // The next SYN takes the last port it tried from its holder, which goes.
+    // Younger than a SYN retransmission: none is taken (its SYN-ACK may be
+    // on its way).
+    let mut young = syn(99);
+    assert_eq!(insert(&t, &mut young, TCP_SYN, now + TAKEOVER_TICKS - 1), outcome::SNAT_EXHAUSTED);
+    // Older: the next SYN takes the port of the oldest, which goes.
+    let later = now + 2 * TAKEOVER_TICKS;
     let mut f = syn(100);
-    assert_eq!(insert(&t, &mut f, TCP_SYN, now + 1), outcome::WON);
-    let last = held.last().unwrap();
-    assert_eq!(f.rec.pport, last.rec.pport);
-    assert_eq!(find(&t, &last.rec.forward()), 0, "the holder went, both tuples");
+    assert_eq!(insert(&t, &mut f, TCP_SYN, later), outcome::WON);
+    let oldest = &held[0];
+    assert_eq!(f.rec.pport, oldest.rec.pport);
+    assert_eq!(find(&t, &oldest.rec.forward()), 0, "the holder went, both tuples");
     assert_eq!(found_id(find(&t, &f.rec.reply())), f.id, "the port's reply tuple is the new flow's");
     assert_eq!(t.events(event::REPLY_OVERWRITE), 1);
     // Answered handshakes (established) keep their ports: refused.
-    for h in &held[..held.len() - 1] {
-        assert!(packet(&t, &h.rec.reply(), TCP_SYN | TCP_ACK, now + 2));
+    for h in &held[1..] {
+        assert!(packet(&t, &h.rec.reply(), TCP_SYN | TCP_ACK, later + 1));
     }
-    assert!(packet(&t, &f.rec.reply(), TCP_SYN | TCP_ACK, now + 2));
+    assert!(packet(&t, &f.rec.reply(), TCP_SYN | TCP_ACK, later + 1));
     let mut g = syn(101);
-    assert_eq!(insert(&t, &mut g, TCP_SYN, now + 3), outcome::SNAT_EXHAUSTED);
+    assert_eq!(insert(&t, &mut g, TCP_SYN, later + 2 * TAKEOVER_TICKS), outcome::SNAT_EXHAUSTED);
     assert_eq!(t.live().0.len(), SNAT_TRIES as usize);
+    assert_eq!(t.events(event::REPLY_OVERWRITE), 1);
 }
 
 /// Flows whose forward tuples all land in forward bucket 0 of a table with

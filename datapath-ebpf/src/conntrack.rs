@@ -153,10 +153,20 @@ fn find<A: CtAddr, T: Table<A>>(tb: &T, tu: &Tuple<A>, flags: u8, t: &mut Target
     }
     translation(rec, w, reply, t);
     f.route = 0;
-    if reply && rec.rep_gen == seq as u16 {
-        f.route = rec.rep_ifindex;
-        f.mtu = rec.rep_mtu;
-        t.macs = rec.rep_macs;
+    if reply {
+        // The cached route, read as a seqlock: its generation, the fields,
+        // the generation again (odd while a fill writes).
+        // SAFETY: as above.
+        let seen_gen = unsafe { read_volatile(&rec.rep_gen) };
+        ct_ops::fence();
+        let (ifindex, mtu, macs) = (rec.rep_ifindex, rec.rep_mtu, rec.rep_macs);
+        ct_ops::fence();
+        // SAFETY: as above.
+        if seen_gen == seq as u16 && unsafe { read_volatile(&rec.rep_gen) } == seen_gen {
+            f.route = ifindex;
+            f.mtu = mtu;
+            t.macs = macs;
+        }
     }
     f.word = w;
     f.id = id;
@@ -298,12 +308,22 @@ pub fn cache_reply_route(v6: bool, f: &Found, t: &Target, ifindex: u32) {
 #[inline(always)]
 fn fill<A: CtAddr, T: Table<A>>(tb: &T, f: &Found, t: &Target, ifindex: u32) {
     let Some(r) = tb.record(f.id) else { return };
-    // SAFETY: a map value; plain stores, each harmless on its own (a record
-    // rewritten since has another generation, so this route is never its).
+    // Only for the flow found: a record rewritten since is another's.
+    if !ct_ops::still(r, f.seq) {
+        return;
+    }
+    // SAFETY: a map value. A seqlock's writer: the generation odd (never a
+    // live sequence's low bits, which are even) while the fields change,
+    // then the flow's. Two fills of one flow write the same route; a fill
+    // by a CPU that found an earlier flow of the record ends with that
+    // flow's generation, which no reader of the later one takes.
     unsafe {
+        write_volatile(&raw mut (*r).rep_gen, f.seq as u16 | 1);
+        ct_ops::fence();
         (*r).rep_macs = t.macs;
         (*r).rep_mtu = t.fits;
         (*r).rep_ifindex = ifindex;
+        ct_ops::fence();
         write_volatile(&raw mut (*r).rep_gen, f.seq as u16);
     }
 }

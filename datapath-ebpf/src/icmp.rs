@@ -77,10 +77,13 @@ pub fn error(hook: &mut impl Hook, outer: &mut Flow) -> Action {
     let Some(sc) = SCRATCH.get_ptr_mut(0) else {
         return pass();
     };
-    // SAFETY: per-CPU memory, used by nothing else while this program runs.
-    let r = unsafe { &mut (*sc).rkey };
+    // A raw pointer, each borrow of it short: `related` reads the same
+    // memory (through SCRATCH) in between.
+    // SAFETY: a field of the per-CPU map value, not read here.
+    let r = unsafe { &raw mut (*sc).rkey };
     let mut q = Quote { l3: 0, l4: 0, proto: 0, icmp_diff: 0, inner_diff: 0 };
-    if find(hook, outer, &mut q, r).is_err() {
+    // SAFETY: per-CPU memory, used by nothing else while this program runs.
+    if find(hook, outer, &mut q, unsafe { &mut *r }).is_err() {
         return pass();
     }
     let mut t = core::mem::MaybeUninit::<Target>::uninit();
@@ -90,7 +93,8 @@ pub fn error(hook: &mut impl Hook, outer: &mut Flow) -> Action {
     if !conntrack::related(outer.v6, t) {
         return pass();
     }
-    if rewrite(hook, outer, &mut q, r, t).is_err() {
+    // SAFETY: as above; `related` has returned.
+    if rewrite(hook, outer, &mut q, unsafe { &*r }, t).is_err() {
         count_verdict(verdict::REWRITE_FAILED);
         return Action::Drop;
     }

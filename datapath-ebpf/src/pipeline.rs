@@ -91,36 +91,21 @@ pub fn new_flow_program(hook: &mut impl Hook, scope: u8) -> Action {
     if parse(hook, flow) != Parsed::Flow {
         return done(verdict::PASS, Action::Pass);
     }
-    let len = (flow.l4 + flow.l4_len) as u32;
     let mut t = core::mem::MaybeUninit::<Target>::uninit();
     // SAFETY: `new_flow` sets src, dst and ports before `Step::Nat`; `macs`
     // is only read after `lookup` wrote it.
     let t = unsafe { &mut *t.as_mut_ptr() };
     match new_flow(flow, scope, t) {
+        // Tracked from here, not from `new_flow`: the insert is a global
+        // function with a frame of its own, and the two frames would not
+        // fit the verifier's 512 bytes on top of each other (nor would this
+        // frame, with what `forward_new` keeps in its own).
         Step::Nat(svc) => {
-            // Tracked from here, not from `new_flow`: the insert is a global
-            // function with a frame of its own, and the two frames would
-            // not fit the verifier's 512 bytes on top of each other.
             let reason = conntrack::track(flow, t);
-            if reason == verdict::SNAT_EXHAUSTED || reason == verdict::CT_RACE_DROP || reason == verdict::CT_FULL_DROP {
-                return done(reason, Action::Drop);
-            }
-            if flow.proto == PROTO_TCP && flow.tcp_flags & ct::TCP_SYN == 0 {
-                // Katran's LRU_MISS: a connection's packet that found no
-                // record (lost to expiry or eviction, or from before a
-                // restart without pins).
-                count_verdict(verdict::CT_MISS_NON_SYN);
-            }
-            // The backend `track` settled on (its own choice, or the one a
-            // racing CPU's record names).
-            // SAFETY (of the read): per-CPU memory, written by `track`.
-            let backend =
-                SCRATCH.get_ptr(0).map_or(0, |sc| unsafe { core::ptr::read_volatile(&raw const (*sc).req.backend_id) });
-            count(&SERVICE_STATS, svc, len);
-            count(&BACKEND_STATS, backend, len);
-            let route = next_hop::route(hook, flow, t, backend);
-            match translate::<false>(hook, flow, t, route, reason) {
+            match forward_new(hook, flow, t, (svc as u64) << 32 | reason as u64) {
                 Step::Done(action) => action,
+                // (The tail call from here: BPF allows it only in functions
+                // returning an int.)
                 Step::TooBig(mtu) => answer_with(hook, mtu),
                 _ => done(verdict::REWRITE_FAILED, Action::Drop),
             }
@@ -130,6 +115,34 @@ pub fn new_flow_program(hook: &mut impl Hook, scope: u8) -> Action {
         Step::Drop(reason) => done(reason, Action::Drop),
         _ => done(verdict::REWRITE_FAILED, Action::Drop),
     }
+}
+
+/// A new flow of frontend `svc`, tracked (`reason`, from `track`; the two
+/// in one argument, `svc << 32 | reason`: a function returning a `Step`
+/// has one argument less, five in all), counted, routed and translated
+/// (`Step::Done`, or `Step::TooBig` to answer), or dropped when it could not
+/// be tracked.
+#[inline(never)]
+fn forward_new(hook: &mut impl Hook, flow: &Flow, t: &mut Target, svc_reason: u64) -> Step {
+    let (svc, reason) = ((svc_reason >> 32) as u32, svc_reason as u32);
+    if reason == verdict::SNAT_EXHAUSTED || reason == verdict::CT_RACE_DROP || reason == verdict::CT_FULL_DROP {
+        return Step::Done(done(reason, Action::Drop));
+    }
+    if flow.proto == PROTO_TCP && flow.tcp_flags & ct::TCP_SYN == 0 {
+        // Katran's LRU_MISS: a connection's packet that found no record
+        // (lost to expiry or eviction, or from before a restart without pins).
+        count_verdict(verdict::CT_MISS_NON_SYN);
+    }
+    // The backend `track` settled on (its own choice, or the one a racing
+    // CPU's record names).
+    // SAFETY (of the read): per-CPU memory, written by `track`.
+    let backend =
+        SCRATCH.get_ptr(0).map_or(0, |sc| unsafe { core::ptr::read_volatile(&raw const (*sc).req.backend_id) });
+    let len = (flow.l4 + flow.l4_len) as u32;
+    count(&SERVICE_STATS, svc, len);
+    count(&BACKEND_STATS, backend, len);
+    let route = next_hop::route(hook, flow, t, backend);
+    translate::<false>(hook, flow, t, route, reason)
 }
 
 /// Continues in the answer program with `answer` (see `reject`).

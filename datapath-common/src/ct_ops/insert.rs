@@ -50,7 +50,42 @@ pub struct NewFlow<A> {
     pub seq: u32,
     /// Scratch of the insert's bucket scans.
     pub best: Best,
+    /// SNAT: the port of the oldest unanswered handshake seen holding a
+    /// port tried (0: none), and its age.
+    pub cand_port: u16,
+    pub _pad: u16,
+    pub cand_age: u32,
 }
+
+/// How old an unanswered handshake must be before a new SNAT flow may take
+/// its port (when every port it tried is held), so that a SYN-ACK still on
+/// its way is not reverse-translated to the new flow's client: 100 ms, many
+/// round trips between a node and a backend of its cluster (which is the
+/// path a SNATed SYN-ACK takes). Not a SYN retransmission timeout (1 s):
+/// under a flood the table holds only the last fraction of a second of
+/// SYNs, so no holder would ever be that old, and new flows would fail for
+/// want of a port exactly when the ports are the flood's.
+pub const TAKEOVER_TICKS: u32 = crate::ct_table::ticks(100_000_000);
+
+/// Offers the port being tried, held by an unanswered handshake of age
+/// `age`, as the takeover candidate (the oldest wins). Volatile, as `Best`.
+#[inline(always)]
+fn candidate<A>(nf: *mut NewFlow<A>, port: u16, age: u32) {
+    // SAFETY: the caller's NewFlow (per-CPU map memory on the datapath).
+    unsafe {
+        let p = &raw mut (*nf).cand_port;
+        let a = &raw mut (*nf).cand_age;
+        if core::ptr::read_volatile(p) == 0 || age > core::ptr::read_volatile(a) {
+            core::ptr::write_volatile(p, port);
+            core::ptr::write_volatile(a, age);
+        }
+    }
+}
+
+/// [`Best::take`]'s results.
+const BUSY: u32 = 0;
+const FREE: u32 = 1;
+const TAKEN: u32 = 2;
 
 /// Ranks of a way for a new record: the higher wins.
 const R_NONE: u32 = 0;
@@ -121,30 +156,32 @@ impl Best {
     }
 
     /// Frees the chosen way's record if it is a live one (an eviction, or
-    /// the same tuple's stale record). False when it changed since the scan.
+    /// the same tuple's stale record): `TAKEN` when this call unlinked it,
+    /// `FREE` when there was nothing to unlink (an empty way, or a record
+    /// another unlink ended first), `BUSY` when it changed since the scan.
     #[inline(always)]
-    fn take<A: CtAddr, T: Table<A>>(&self, tb: &T) -> bool {
+    fn take<A: CtAddr, T: Table<A>>(&self, tb: &T) -> u32 {
         if self.rank == R_EMPTY {
-            return true;
+            return FREE;
         }
         // Already dead (the reply scan of this very insert may have taken
         // the same record): free, and no hashing for a swap bound to fail.
         if tb.record(self.id).is_some_and(|r| !live(load(word_of(r)))) {
-            return true;
+            return FREE;
         }
         if !unlink(tb, self.id, self.w) {
             // Dead since the scan (another CPU's eviction, the sweep, the
             // reply scan of this very insert): the way is free all the same.
             if tb.record(self.id).is_some_and(|r| !live(load(word_of(r)))) {
-                return true;
+                return FREE;
             }
             tb.event(event::INSERT_BUSY);
-            return false;
+            return BUSY;
         }
         if self.rank != R_SAME {
             tb.event(if self.rank == R_EVICTABLE { event::EVICT_UNESTABLISHED } else { event::EVICT_EXPIRED });
         }
-        true
+        TAKEN
     }
 }
 
@@ -229,11 +266,24 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
     if snat && nf.snat_max < nf.snat_min {
         return outcome::SNAT_EXHAUSTED;
     }
-    let tries = if snat { SNAT_TRIES } else { 1 };
+    // With SNAT, SNAT_TRIES ports, then one more round on the port of the
+    // oldest unanswered handshake among those held (if old enough).
+    let rounds = if snat { SNAT_TRIES + 1 } else { 1 };
     // Never 0 (no division by zero to panic on, which BPF cannot take).
     let range = nf.snat_max.wrapping_sub(nf.snat_min) as u32 + 1;
-    for i in 0..tries {
-        if snat {
+    let nfp: *mut NewFlow<A> = nf;
+    // SAFETY: the caller's NewFlow.
+    unsafe { core::ptr::write_volatile(&raw mut (*nfp).cand_port, 0) };
+    for i in 0..rounds {
+        let takeover = snat && i == SNAT_TRIES;
+        if takeover {
+            // SAFETY: as above.
+            let port = unsafe { core::ptr::read_volatile(&raw const (*nfp).cand_port) };
+            if port == 0 {
+                break;
+            }
+            nf.rec.pport = port;
+        } else if snat {
             nf.rec.pport = ((nf.snat_min as u32 + nf.snat_hash.wrapping_add(i) % range) as u16).to_be();
         }
         let hr = nf.rec.reply_hash();
@@ -244,11 +294,11 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
             tb.event(event::INSERT_BUSY);
             return outcome::BUSY;
         }
-        let rw = reply_way(tb, rb, &nf.rec, hr, snat, i + 1 == tries, now, &raw mut nf.best);
+        let rw = reply_way(tb, rb, nfp, hr, snat, takeover, now);
         // The forward victim goes only once the reply way is secured: a
         // flow refused for want of a port or a reply way evicts nothing.
         if rw < WAYS {
-            if !best.take(tb) {
+            if best.take(tb) == BUSY {
                 unlock(rb);
                 return outcome::BUSY;
             }
@@ -268,23 +318,31 @@ fn insert_locked<A: CtAddr, T: Table<A>>(
     outcome::REPLY_FULL
 }
 
-/// A way for reply tuple `rep` (hash `hr`) in the locked reply bucket `rb`:
-/// `WAYS` when there is none (with SNAT: the port is held by a live flow),
-/// `WAYS + 1` when a victim changed under us. Without SNAT, an
-/// unestablished flow with the same reply tuple (one client port to one
-/// backend through two frontends) gives it up to the new flow
-/// (`REPLY_OVERWRITE`); an established one keeps it.
+/// A way for the reply tuple of `nf`'s record (hash `hr`) in the locked
+/// reply bucket `rb`: `WAYS` when there is none (with SNAT: the port is
+/// held by a live flow), `WAYS + 1` when a victim changed under us. With
+/// SNAT, a port held by an unanswered handshake old enough is offered as
+/// the takeover candidate, and on the `takeover` round (that port again)
+/// its holder is ended and the port given to the new flow — nf_conntrack's
+/// early_drop of a flow not assured: under a SYN flood the ports are the
+/// flood's, and a new flow must not fail for want of one. Never an answered
+/// flow, and never a UDP flow (one-way UDP is a flow: its client must not
+/// share its port with another). Without SNAT, an unestablished flow with
+/// the same reply tuple (one client port to one backend through two
+/// frontends) gives it up to the new flow (`REPLY_OVERWRITE`); an
+/// established one keeps it.
 #[inline(always)]
 fn reply_way<A: CtAddr, T: Table<A>>(
     tb: &T,
     rb: *mut CtBucket,
-    want: &CtRecord<A>,
+    nf: *mut NewFlow<A>,
     hr: u32,
     snat: bool,
-    last: bool,
+    takeover: bool,
     now: u32,
-    bp: *mut Best,
 ) -> usize {
+    // SAFETY: the caller's NewFlow; the record is only read here.
+    let (want, bp) = unsafe { (&(*nf).rec, &raw mut (*nf).best) };
     Best::reset(bp);
     for i in 0..WAYS {
         let e = load(way(rb, i));
@@ -305,24 +363,24 @@ fn reply_way<A: CtAddr, T: Table<A>>(
                 w = m;
             }
             if m != 0 && owns(e, w) {
-                // The reply tuple is taken: by a live flow (SNAT: try
-                // another port; else the newer flow takes the tuple over),
-                // or by an expired one, replaced so the tuple has one entry.
+                // The reply tuple is taken: by a live flow, or by an
+                // expired one, replaced so the tuple has one entry.
                 let old = expired(w, seen, now);
-                // SNAT: the port is taken, try another; on the last port
-                // tried, an unanswered handshake (SYN_SENT) gives it up, as
-                // nf_conntrack's early_drop ends a flow not assured: under a
-                // SYN flood the ports are the flood's, and a new flow must
-                // not fail for want of one. An unanswered UDP flow keeps its
-                // port (one-way UDP is a flow: its client must not share
-                // the port with another). Without SNAT, a new flow takes the
-                // tuple over only from a flow that may be evicted anyway
-                // (never an established one).
-                let keep = if snat { !(last && w_state(w) == ct::STATE_SYN_SENT) } else { !evictable(w) };
+                let handshake = w_state(w) == ct::STATE_SYN_SENT && age(seen, now) >= TAKEOVER_TICKS;
+                let keep = if !snat {
+                    !evictable(w)
+                } else if takeover {
+                    !handshake
+                } else {
+                    if handshake {
+                        candidate(nf, want.pport, age(seen, now));
+                    }
+                    true
+                };
                 if !old && keep {
                     return WAYS;
                 }
-                // (Its age says which: counted once the record is taken.)
+                // (Its age says which: counted once this insert took it.)
                 Best::offer(bp, i, R_SAME, if old { 1 } else { 0 }, w, id);
                 continue;
             }
@@ -333,10 +391,11 @@ fn reply_way<A: CtAddr, T: Table<A>>(
     if best.rank == R_NONE || best.i >= WAYS as u32 {
         return WAYS;
     }
-    if !best.take(tb) {
+    let took = best.take(tb);
+    if took == BUSY {
         return WAYS + 1;
     }
-    if best.rank == R_SAME {
+    if best.rank == R_SAME && took == TAKEN {
         tb.event(if best.age != 0 { event::EVICT_EXPIRED } else { event::REPLY_OVERWRITE });
     }
     best.i as usize
