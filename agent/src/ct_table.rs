@@ -192,9 +192,8 @@ impl Conntrack {
     /// many entries went (two per flow).
     pub fn sweep(&self, mut drop: impl FnMut(&CtKey, &CtEntry) -> bool) -> usize {
         let now = crate::dump::now_ns();
-        let mut doom = |r: &dyn Fn() -> [(CtKey, CtEntry); 2]| r().iter().any(|(k, e)| drop(k, e));
-        let n4 = self.v4.sweep(|r, _| doom(&|| entries(r, now)));
-        let n6 = self.v6.sweep(|r, _| doom(&|| entries(r, now)));
+        let n4 = self.v4.sweep(|r, _| entries(r, now).iter().any(|(k, e)| drop(k, e)));
+        let n6 = self.v6.sweep(|r, _| entries(r, now).iter().any(|(k, e)| drop(k, e)));
         2 * (n4 + n6) as usize
     }
 
