@@ -15,7 +15,7 @@ use crate::{
     agent::{self, Settings},
     attach::XdpAttachMode,
     dump, maglev,
-    translate::Options,
+    translate::{Options, Scheduler},
 };
 
 #[derive(Parser)]
@@ -229,6 +229,10 @@ pub struct AgentArgs {
     /// Allowed externalIPs (default: any). Set it to mitigate CVE-2020-8554.
     #[arg(long, env = "XLB_EXTERNAL_IP_CIDRS", value_delimiter = ',', value_parser = agent::cidr)]
     pub external_ip_cidrs: Vec<IpNet>,
+    /// The scheduler of a Service without `xlb.io/scheduler`: rr, wrr, lc,
+    /// wlc, sh, mh (maglev) or random.
+    #[arg(long, env = "XLB_SCHEDULER", default_value = "mh")]
+    pub scheduler: Scheduler,
     /// Smallest Maglev table size (the smallest prime ≥ 100 × backends is used within the bounds).
     #[arg(long, env = "XLB_MAGLEV_MIN", default_value_t = maglev::MIN_SIZE)]
     pub maglev_min: u32,
@@ -356,6 +360,7 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
             external_ip_cidrs: a.external_ip_cidrs.clone(),
             maglev_min: a.maglev_min,
             maglev_max: a.maglev_max,
+            scheduler: a.scheduler,
             // No EndpointSlice controller writes hints into a directory.
             derive_hints: a.manifests.is_some(),
         },

@@ -22,8 +22,8 @@ use aya::{
     util::nr_cpus,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtEntry, CtKey, FrontendInfo, NextHop, RevNat, SCHED_MAGLEV, Service,
-    ServiceKey, SockRevKey, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, Config, CtEntry, CtKey, FrontendInfo, NextHop, RevNat, SCHED_MAGLEV, SCHED_RANDOM,
+    SCHED_SOURCE_HASH, SCHED_WEIGHTED_LC, SCHED_WEIGHTED_RR, Service, ServiceKey, SockRevKey, SourceRangeKey,
     ct_table::{WAYS, buckets_for},
     maps, tail, v4_mapped,
 };
@@ -33,6 +33,7 @@ use crate::{
     maglev,
     mapped::Mapped,
     region::{Allocator, Region},
+    sequence,
 };
 
 mod handles;
@@ -60,6 +61,8 @@ pub enum Error {
     UnknownBackend(u32),
     #[error("Maglev table size {0} is not a prime")]
     MaglevSize(u32),
+    #[error("{weights} weights for {backends} backends (need one per backend, each above 0)")]
+    Weights { weights: usize, backends: usize },
     #[error("bad source range {0}")]
     SourceRange(String),
     #[error(
@@ -125,8 +128,55 @@ pub struct ServiceSpec {
     /// Backend ids eligible for new flows (active ones; terminating backends
     /// are left out but stay in BACKENDS so their flows drain).
     pub backends: Vec<u32>,
-    /// Maglev table size; `None` picks [`maglev::size_for`].
+    /// Their weights (all above 0), reduced by their gcd
+    /// ([`sequence::reduce`]); empty when they are equal or the scheduler
+    /// ignores them.
+    pub weights: Vec<u16>,
+    /// Maglev table size (`mh`, `sh`); `None` picks [`maglev::size_for`].
     pub maglev_size: Option<u32>,
+}
+
+impl ServiceSpec {
+    /// The SLOTS region's parts: the weights (stored when there are any,
+    /// for `wlc`'s comparison and so a restarted agent recovers them) and
+    /// the scheduler's table (Maglev table, or weighted sequence).
+    fn region_parts(&self, backends: &HashMap<u32, Backend>) -> Result<(Vec<u32>, Vec<u32>)> {
+        let n = self.backends.len();
+        if !self.weights.is_empty() && (self.weights.len() != n || self.weights.contains(&0)) {
+            return Err(Error::Weights { weights: self.weights.len(), backends: n });
+        }
+        let weight = |i: usize| self.weights.get(i).copied().unwrap_or(1);
+        let weights: Vec<u32> = self.weights.iter().map(|w| *w as u32).collect();
+        if n == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let table = match self.scheduler {
+            SCHED_MAGLEV | SCHED_SOURCE_HASH => {
+                let mut entries = Vec::with_capacity(n);
+                for (i, id) in self.backends.iter().enumerate() {
+                    let b = backends.get(id).ok_or(Error::UnknownBackend(*id))?;
+                    // `sh` keys a backend by its address alone: every port
+                    // of a Service builds the same table, so one client
+                    // reaches one pod on all of them.
+                    let key = if self.scheduler == SCHED_SOURCE_HASH {
+                        b.addr.to_vec()
+                    } else {
+                        maglev::backend_key(&b.addr, b.port)
+                    };
+                    entries.push(maglev::Entry { key, id: *id, weight: weight(i) });
+                }
+                let m = self.maglev_size.unwrap_or_else(|| maglev::size_for(n));
+                if maglev::next_prime(m) != m {
+                    return Err(Error::MaglevSize(m));
+                }
+                maglev::build(&entries, m)
+            }
+            _ if weights.is_empty() => Vec::new(),
+            SCHED_WEIGHTED_RR | SCHED_RANDOM | SCHED_WEIGHTED_LC => sequence::build(&self.weights),
+            _ => Vec::new(),
+        };
+        Ok((weights, table))
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
@@ -532,30 +582,17 @@ impl Datapath {
         if spec.id >= self.sizes.services {
             return Err(Error::ServiceId(spec.id, self.sizes.services));
         }
-        let mut entries = Vec::with_capacity(spec.backends.len());
         for id in &spec.backends {
-            let b = self.backends.get(id).ok_or(Error::UnknownBackend(*id))?;
-            entries.push(maglev::Entry { key: maglev::backend_key(&b.addr, b.port), id: *id });
+            self.backends.get(id).ok_or(Error::UnknownBackend(*id))?;
         }
-        let m = match (spec.scheduler, entries.is_empty()) {
-            (SCHED_MAGLEV, false) => spec.maglev_size.unwrap_or_else(|| maglev::size_for(entries.len())),
-            _ => 0,
-        };
-        let table = if m > 0 {
-            if maglev::next_prime(m) != m {
-                return Err(Error::MaglevSize(m));
-            }
-            maglev::build(&entries, m)
-        } else {
-            Vec::new()
-        };
+        let (weights, table) = spec.region_parts(&self.backends)?;
         let count = spec.backends.len() as u32;
-        let region = self.alloc.alloc(count + m).ok_or(Error::SlotsFull {
-            needed: count + m,
-            available: self.alloc.available(),
-            capacity: self.alloc.capacity(),
-        })?;
-        let written = self.write_region(region, &spec.backends, &table);
+        let len = count + weights.len() as u32 + table.len() as u32;
+        let region = self
+            .alloc
+            .alloc(len)
+            .ok_or(Error::SlotsFull { needed: len, available: self.alloc.available(), capacity: self.alloc.capacity() })?;
+        let written = self.write_region(region, &[&spec.backends, &weights, &table]);
         if let Err(e) = written {
             self.alloc.release(region);
             return Err(e);
@@ -571,8 +608,8 @@ impl Datapath {
             flags: spec.flags,
             _pad: 0,
             list_off: region.off,
-            maglev_off: region.off + count,
-            maglev_len: m,
+            table_off: region.off + count + weights.len() as u32,
+            table_len: table.len() as u32,
             affinity_timeout_s: spec.affinity_timeout_s,
         };
         // A frontend counts once however often it is rewritten: only a new
@@ -594,11 +631,11 @@ impl Datapath {
         Ok(())
     }
 
-    /// Writes a region's list and table: plain stores into the mapped map,
+    /// Writes a region's parts (list, weights, table): plain stores into the mapped map,
     /// or (a map that cannot be mapped) one `BPF_MAP_UPDATE_BATCH` (Linux
     /// ≥ 5.6) instead of a syscall per slot, or single updates.
-    fn write_region(&mut self, region: Region, list: &[u32], table: &[u32]) -> Result<()> {
-        let values: Vec<u32> = list.iter().chain(table).copied().collect();
+    fn write_region(&mut self, region: Region, parts: &[&[u32]]) -> Result<()> {
+        let values: Vec<u32> = parts.concat();
         if values.is_empty() {
             return Ok(());
         }
@@ -673,7 +710,9 @@ impl Datapath {
     pub fn recover(&mut self) -> Result<(usize, usize)> {
         let services = self.maps.services();
         for (key, svc) in &services {
-            let region = Region { off: svc.list_off, len: svc.count + svc.maglev_len };
+            // List, weights (if any) and table are one run from `list_off`.
+            let end = (svc.list_off + svc.count).max(svc.table_off + svc.table_len);
+            let region = Region { off: svc.list_off, len: end - svc.list_off };
             if self.alloc.reserve(region) {
                 self.regions.insert(*key, region);
             }

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::{
     datapath::{Maps, map_addr},
-    select::{Pick, pick},
+    select::{Flow, Parts, Pick, pick},
     translate::{Kind, Protocol, Scheduler},
 };
 
@@ -196,7 +196,8 @@ fn services(v: &View) -> anyhow::Result<(Value, Table)> {
         "SCHEDULER",
         "FLAGS",
         "BACKENDS",
-        "MAGLEV",
+        "WEIGHTS",
+        "TABLE",
         "PACKETS",
         "BYTES",
     ]);
@@ -204,33 +205,38 @@ fn services(v: &View) -> anyhow::Result<(Value, Table)> {
     for (k, s) in sorted_services(v) {
         let kind = v.names.get(&s.id).and_then(|i| Kind::from_number(i.kind)).map(Kind::name).unwrap_or("?");
         let scope = if k.scope == SCOPE_INTERNAL { "internal" } else { "external" };
-        let sched = match Scheduler::from_number(s.scheduler) {
-            Some(Scheduler::Maglev) => "maglev",
-            Some(Scheduler::RoundRobin) => "round-robin",
-            Some(Scheduler::Random) => "random",
-            None => "?",
-        };
+        let scheduler = Scheduler::from_number(s.scheduler);
+        let sched = scheduler.map(Scheduler::long_name).unwrap_or("?");
         let c = v.maps.service_stats(s.id)?;
         let slots = v.maps.region_slots(&s)?;
-        let backends: Vec<String> = slots.iter().take(s.count as usize).map(|id| v.backend_name(*id)).collect();
+        let parts = Parts::of(&s, &slots);
+        let backends: Vec<String> = parts.list.iter().map(|id| v.backend_name(*id)).collect();
+        let weights: Vec<u32> = (0..parts.list.len()).map(|i| parts.weight(i)).collect();
+        let maglev = scheduler.is_some_and(Scheduler::maglev);
         t.add_row(vec![
             s.id.to_string(),
             frontend_addr(&k),
             kind.to_string(),
             scope.to_string(),
             v.service_name(s.id),
-            sched.to_string(),
+            scheduler.map(Scheduler::ipvs_name).unwrap_or("?").to_string(),
             flag_names(s.flags),
             s.count.to_string(),
-            s.maglev_len.to_string(),
+            if parts.weights.is_empty() {
+                "-".to_string()
+            } else {
+                weights.iter().map(u32::to_string).collect::<Vec<_>>().join(":")
+            },
+            s.table_len.to_string(),
             c.packets.to_string(),
             c.bytes.to_string(),
         ]);
         out.push(json!({
             "id": s.id, "service": v.service_name(s.id), "kind": kind, "address": ip(&k.addr).to_string(),
             "port": u16::from_be(k.port), "protocol": proto_name(k.proto), "scope": scope, "scheduler": sched,
-            "flags": flag_names(s.flags), "affinity_timeout_s": s.affinity_timeout_s, "maglev_size": s.maglev_len,
-            "backends": backends, "packets": c.packets, "bytes": c.bytes,
+            "ipvs_scheduler": scheduler.map(Scheduler::ipvs_name), "flags": flag_names(s.flags),
+            "affinity_timeout_s": s.affinity_timeout_s, "maglev_size": if maglev { s.table_len } else { 0 },
+            "table_len": s.table_len, "backends": backends, "weights": weights, "packets": c.packets, "bytes": c.bytes,
         }));
     }
     Ok((Value::Array(out), t))
@@ -284,23 +290,24 @@ fn maglev(v: &View, service: &str, all_slots: bool) -> anyhow::Result<(Value, Ta
     let mut out = Vec::new();
     for (k, s) in found {
         let region = v.maps.region_slots(&s)?;
-        let base = s.list_off.min(s.maglev_off);
-        let tab: Vec<u32> = region[(s.maglev_off - base) as usize..].to_vec();
+        let maglev = Scheduler::from_number(s.scheduler).is_some_and(Scheduler::maglev);
+        let tab: Vec<u32> = if maglev { Parts::of(&s, &region).table.to_vec() } else { Vec::new() };
+        let m = tab.len() as u32;
         let mut per: BTreeMap<String, usize> = BTreeMap::new();
         for id in &tab {
             *per.entry(v.backend_name(*id)).or_default() += 1;
         }
         for (b, n) in &per {
-            let share = if s.maglev_len > 0 { *n as f64 * 100.0 / s.maglev_len as f64 } else { 0.0 };
+            let share = if m > 0 { *n as f64 * 100.0 / m as f64 } else { 0.0 };
             t.add_row(vec![
                 frontend_addr(&k),
-                s.maglev_len.to_string(),
+                m.to_string(),
                 b.clone(),
                 n.to_string(),
                 format!("{share:.2}%"),
             ]);
         }
-        if s.maglev_len == 0 {
+        if m == 0 {
             t.add_row(vec![frontend_addr(&k), "0".into(), "(not Maglev, or no backends)".into(), "".into(), "".into()]);
         }
         if all_slots {
@@ -308,7 +315,7 @@ fn maglev(v: &View, service: &str, all_slots: bool) -> anyhow::Result<(Value, Ta
                 t.add_row(vec![frontend_addr(&k), format!("slot {i}"), v.backend_name(*id), "".into(), "".into()]);
             }
         }
-        out.push(json!({"frontend": frontend_addr(&k), "m": s.maglev_len, "slots_per_backend": per,
+        out.push(json!({"frontend": frontend_addr(&k), "m": m, "slots_per_backend": per,
             "table": if all_slots { json!(tab) } else { Value::Null }}));
     }
     Ok((Value::Array(out), t))
@@ -446,7 +453,12 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
             }
         }
         let slots = v.maps.region_slots(&svc)?;
-        match pick(&svc, &slots, &caddr, sport, dport, proto, 0) {
+        let parts = Parts::of(&svc, &slots);
+        let flow = Flow { saddr: &caddr, sport, dport, proto };
+        let conns = |id: u32| v.maps.conntrack_table().connections(id);
+        let sched = Scheduler::from_number(svc.scheduler);
+        let sched_name = sched.map(Scheduler::ipvs_name).unwrap_or("?");
+        match pick(&svc, &slots, flow, [0; 3], conns) {
             Pick::Reject if svc.flags & SVC_F_NO_LOCAL_DROP != 0 => {
                 lines.push(
                     "→ no endpoint on this node (Local policy; the Service has endpoints elsewhere): the flow is dropped"
@@ -460,15 +472,40 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
             }
             Pick::Maglev { slot, backend } => {
                 let b = v.backend_name(backend);
-                lines.push(format!("→ backend {b}: new flow, Maglev slot {slot} of {}", svc.maglev_len));
-                answer = json!({"service": name, "backend": b, "reason": "maglev", "slot": slot, "m": svc.maglev_len});
+                let by = if sched == Some(Scheduler::SourceHash) {
+                    "source hash (the client address alone)"
+                } else {
+                    "Maglev (the flow hash)"
+                };
+                lines.push(format!("→ backend {b}: new flow, {by}, slot {slot} of {}", svc.table_len));
+                let reason = if sched == Some(Scheduler::SourceHash) { "source_hash" } else { "maglev" };
+                answer = json!({"service": name, "backend": b, "reason": reason, "slot": slot, "m": svc.table_len});
             }
-            Pick::List { .. } => {
-                let all: Vec<String> = slots.iter().take(svc.count as usize).map(|id| v.backend_name(*id)).collect();
-                let how =
-                    if svc.scheduler == datapath_common::SCHED_RANDOM { "random" } else { "round-robin (per CPU)" };
-                lines.push(format!("→ new flow: {how} over {}", all.join(", ")));
-                answer = json!({"service": name, "backend": null, "reason": how, "candidates": all});
+            Pick::List { .. } | Pick::LeastConnections { .. } => {
+                let candidates: Vec<Value> = parts
+                    .list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| {
+                        json!({"backend": v.backend_name(*id), "weight": parts.weight(i), "connections": conns(*id)})
+                    })
+                    .collect();
+                let all: Vec<String> = parts
+                    .list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| format!("{} (weight {}, {} active)", v.backend_name(*id), parts.weight(i), conns(*id)))
+                    .collect();
+                let how = match sched {
+                    Some(Scheduler::Random) => "random: not predictable",
+                    Some(Scheduler::RoundRobin | Scheduler::WeightedRoundRobin) => {
+                        "round-robin: depends on the CPU's cursor"
+                    }
+                    _ => "least connections: depends on live counts (two random candidates)",
+                };
+                lines.push(format!("→ new flow, {sched_name} ({how}) over {}", all.join(", ")));
+                answer = json!({"service": name, "backend": null, "reason": sched_name, "scheduler": sched_name,
+                    "candidates": candidates});
             }
         }
         break;

@@ -21,6 +21,7 @@ pub mod pktgen;
 pub mod region;
 pub mod routes;
 pub mod select;
+pub mod sequence;
 pub mod sock_diag;
 pub mod socket_lb;
 pub mod source;

@@ -11,6 +11,13 @@
 //!
 //! The key is the backend's address and port, never a node-local id, so
 //! every node builds the same table and picks the same backend for a flow.
+//!
+//! Weights (the paper's §3.4 leaves them to "the populating procedure"):
+//! every turn adds a backend's weight to its credit, and it claims a slot
+//! only when the credit reaches the largest weight, paying that back; so
+//! the heaviest backends claim at every turn and each one's share of the
+//! table is ∝ its weight (Katran's `MaglevHashV2` does the same). Equal
+//! weights give exactly the unweighted table.
 
 /// Smallest Maglev table size the agent uses.
 pub const MIN_SIZE: u32 = 251;
@@ -66,12 +73,14 @@ fn hash64(seed: u64, bytes: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
-/// A backend as Maglev sees it: the stable key it is hashed by, and the
-/// value its slots hold (the backend id in the BACKENDS map).
+/// A backend as Maglev sees it: the stable key it is hashed by, the
+/// value its slots hold (the backend id in the BACKENDS map) and its
+/// weight (above 0).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Entry {
     pub key: Vec<u8>,
     pub id: u32,
+    pub weight: u16,
 }
 
 /// The stable Maglev key of a backend: its 16-byte address and port.
@@ -101,8 +110,15 @@ pub fn build(entries: &[Entry], m: u32) -> Vec<u32> {
     let mut next = vec![0u64; entries.len()];
     let mut taken = vec![false; m as usize];
     let mut filled = 0u32;
+    let max_weight = entries.iter().map(|e| e.weight.max(1) as u64).max().unwrap_or(1);
+    let mut credit = vec![0u64; entries.len()];
     'fill: loop {
         for (i, e) in entries.iter().enumerate() {
+            credit[i] += e.weight.max(1) as u64;
+            if credit[i] < max_weight {
+                continue;
+            }
+            credit[i] -= max_weight;
             let (offset, skip) = perm[i];
             let mut c = ((offset + next[i] * skip) % m64) as usize;
             while taken[c] {
@@ -131,6 +147,7 @@ mod tests {
             .map(|i| Entry {
                 key: backend_key(&datapath_common::v4_mapped([10, 0, (i >> 8) as u8, i as u8]), 8080u16.to_be()),
                 id: i,
+                weight: 1,
             })
             .collect()
     }
@@ -192,6 +209,31 @@ mod tests {
             let d = worst_disruption(n, size_for(n as usize));
             assert!(d <= 1.0 / n as f64 + 0.04, "n={n} M≈100N: {d:.4} of slots moved");
         }
+    }
+
+    /// Shares follow the weights within 0.5 % of the table (here 3:1:1 and
+    /// a spread of weights), and equal weights (any value) give the
+    /// unweighted table, so an upgrade moves no flow.
+    #[test]
+    fn weighted_shares_follow_the_weights() {
+        for weights in [vec![3u16, 1, 1], vec![1, 2, 3, 4, 5, 6, 7, 8], vec![65535, 1, 100]] {
+            let mut e = entries(weights.len() as u32);
+            for (e, w) in e.iter_mut().zip(&weights) {
+                e.weight = *w;
+            }
+            let m = size_for(e.len());
+            let l = loads(&build(&e, m));
+            let total: u64 = weights.iter().map(|w| *w as u64).sum();
+            for (e, w) in e.iter().zip(&weights) {
+                let share = l.get(&e.id).copied().unwrap_or(0) as f64 / m as f64;
+                let want = *w as f64 / total as f64;
+                assert!((share - want).abs() <= 0.005, "{weights:?}: id {} has {share:.4}, wants {want:.4}", e.id);
+            }
+        }
+        let mut e = entries(7);
+        let plain = build(&e, 1009);
+        e.iter_mut().for_each(|e| e.weight = 9);
+        assert_eq!(build(&e, 1009), plain);
     }
 
     #[test]

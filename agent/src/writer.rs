@@ -30,13 +30,15 @@ use std::{
 
 use datapath_common::{
     BACKEND_ACTIVE, BACKEND_F_NODE_LOCAL, BACKEND_TERMINATING, Backend, FrontendInfo, SVC_F_AFFINITY, SVC_F_EXT_LOCAL,
-    SVC_F_NO_LOCAL_DROP, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey,
+    SCHED_MAGLEV, SCHED_SOURCE_HASH, SVC_F_NO_LOCAL_DROP, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey,
 };
 use serde::Serialize;
 
 use crate::{
     Datapath, ServiceSpec,
     datapath::map_addr,
+    select::Parts,
+    sequence,
     translate::{BackendState, Desired, Frontend, Kind, Problem, Protocol, Scope},
 };
 
@@ -234,16 +236,20 @@ impl Writer {
         for (key, svc) in dp.services() {
             w.frontend_ids.take(svc.id);
             let slots = dp.region_slots(&svc).unwrap_or_default();
-            let list: Vec<u32> = slots.iter().take(svc.count as usize).copied().collect();
-            let mut refs: BTreeSet<u32> = slots.iter().copied().filter(|id| *id != 0).collect();
-            refs.extend(list.iter().copied());
+            let region = Parts::of(&svc, &slots);
+            let maglev = matches!(svc.scheduler, SCHED_MAGLEV | SCHED_SOURCE_HASH);
+            let mut refs: BTreeSet<u32> = region.list.iter().copied().collect();
+            if maglev {
+                refs.extend(region.table.iter().copied().filter(|id| *id != 0));
+            }
             let spec = ServiceSpec {
                 id: svc.id,
                 scheduler: svc.scheduler,
                 flags: svc.flags,
                 affinity_timeout_s: svc.affinity_timeout_s,
-                backends: list,
-                maglev_size: (svc.maglev_len > 0).then_some(svc.maglev_len),
+                backends: region.list.to_vec(),
+                weights: region.weights.iter().map(|w| *w as u16).collect(),
+                maglev_size: (maglev && svc.table_len > 0).then_some(svc.table_len),
             };
             let applied = Applied {
                 spec,
@@ -527,6 +533,7 @@ impl Writer {
         serving: &[u32],
     ) -> Result<bool, String> {
         let mut active = Vec::new();
+        let mut weights = Vec::new();
         let mut all = Vec::new();
         for b in &f.backends {
             let bk = (map_addr(b.address), b.port.to_be());
@@ -535,8 +542,9 @@ impl Writer {
             }
             let (id, _) = self.backends[&bk];
             all.push(id);
-            if b.state == BackendState::Active {
+            if b.eligible() {
                 active.push(id);
+                weights.push(b.weight);
             }
         }
         let existing = self.frontends.get(&key);
@@ -569,6 +577,7 @@ impl Writer {
             flags,
             affinity_timeout_s: f.affinity_timeout_s.unwrap_or(0),
             backends: active,
+            weights: if f.scheduler.weighted() { sequence::reduce(&weights) } else { Vec::new() },
             maglev_size: (f.maglev_size > 0).then_some(f.maglev_size),
         };
         let ranges: BTreeSet<(IpAddr, u8)> = f.source_ranges.iter().map(|n| (n.addr(), n.prefix_len())).collect();

@@ -186,7 +186,7 @@ fn the_examples_translate_cleanly() {
     assert!(d.problems.is_empty(), "{:?}", d.problems);
     // 4 ClusterIPs, 2 NodePorts, 1 LoadBalancer IP, 1 externalIP; 4 pods each.
     assert_eq!(d.frontends.len(), 8);
-    assert!(d.frontends.iter().all(|f| f.active().count() == 4));
+    assert!(d.frontends.iter().all(|f| f.eligible().count() == 4));
     assert!(d.frontends.iter().any(|f| f.key.port == 30036));
     assert!(d.frontends.iter().any(|f| f.key.port == 8765 && f.backends[0].port == 9376));
 }

@@ -300,7 +300,7 @@ fn no_endpoints_at_all_rejects_rather_than_drops() {
         .replace("conditions: {ready: true}", "conditions: {ready: false}");
     let d = run(&y);
     for f in &d.frontends {
-        assert!(f.active().next().is_none() && !f.no_local_endpoints, "{f:#?}");
+        assert!(f.eligible().next().is_none() && !f.no_local_endpoints, "{f:#?}");
     }
     for f in &run(WEB).frontends {
         assert!(!f.no_local_endpoints);
@@ -362,7 +362,7 @@ fn maglev_size_adapts_to_backends_within_bounds() {
         y.push_str(&format!("- addresses: [10.0.3.{i}]\n"));
     }
     let d = run(&y);
-    assert_eq!(d.frontends[0].active().count(), 12);
+    assert_eq!(d.frontends[0].eligible().count(), 12);
     assert_eq!(d.frontends[0].maglev_size, 1201, "smallest prime ≥ 1200");
     let small = Options { maglev_max: 1000, ..Options::default() };
     assert_eq!(run_with(&y, &small).frontends[0].maglev_size, 997, "largest prime ≤ the bound");

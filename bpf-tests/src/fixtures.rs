@@ -77,7 +77,15 @@ fn world_with(mut lb: Lb) -> World {
 }
 
 pub fn spec(id: u32, scheduler: u8, flags: u8, backends: &[u32]) -> ServiceSpec {
-    ServiceSpec { id, scheduler, flags, affinity_timeout_s: 10800, backends: backends.to_vec(), maglev_size: None }
+    ServiceSpec {
+        id,
+        scheduler,
+        flags,
+        affinity_timeout_s: 10800,
+        backends: backends.to_vec(),
+        weights: Vec::new(),
+        maglev_size: None,
+    }
 }
 
 pub fn backends(v6: bool) -> Vec<u32> {
@@ -103,10 +111,9 @@ pub fn expected_backend(w: &World, key: &ServiceKey, p: &Pkt) -> u32 {
         L4::Tcp { .. } => PROTO_TCP,
         L4::Udp => PROTO_UDP,
     };
-    match select::pick(&svc, &slots, &addr16(&p.src.to_string()), p.sport.to_be(), p.dport.to_be(), proto, 0) {
-        select::Pick::Maglev { backend, .. } | select::Pick::List { backend, .. } => backend,
-        select::Pick::Reject => panic!("no backend"),
-    }
+    let saddr = addr16(&p.src.to_string());
+    let flow = select::Flow { saddr: &saddr, sport: p.sport.to_be(), dport: p.dport.to_be(), proto };
+    select::pick(&svc, &slots, flow, [0; 3], |_| 0).backend().expect("no backend")
 }
 
 /// The packet as the datapath must emit it after DNAT to `backend` and FIB

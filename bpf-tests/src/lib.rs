@@ -366,6 +366,7 @@ impl Lb {
             flags: 0,
             affinity_timeout_s: 0,
             backends: vec![backend],
+            weights: Vec::new(),
             maglev_size: None,
         };
         self.dp.set_service(svc_key(vip, 80, PROTO_TCP, scope), &spec).expect("set service");

@@ -376,7 +376,7 @@ fn established_flows_keep_their_backend_across_a_maglev_region_flip() {
         // Scale out: the table is rebuilt in a fresh region and flipped.
         vip_service(&mut w, prog, false, SCHED_MAGLEV, 0, &[1, 2, 3, 4]);
         let after_region = w.lb.dp.service(&key).unwrap();
-        assert_ne!(before_region.maglev_off, after_region.maglev_off, "a fresh region was written");
+        assert_ne!(before_region.table_off, after_region.table_off, "a fresh region was written");
         let mut moved_if_new = 0;
         for (port, backend_octet) in &pinned {
             let p = Pkt::tcp(CLIENT4, *port, VIP4, 80, ACK);

@@ -57,7 +57,7 @@ fn diffs_flip_regions_and_release_what_is_gone() {
     assert_eq!((r.changed, r.backends_written, r.failed.len()), (1, 2, 0));
     let key = svc_key("10.96.0.1", 80, PROTO_TCP, SCOPE_INTERNAL);
     let before = dp.service(&key).unwrap();
-    assert_eq!(before.maglev_len, 251);
+    assert_eq!(before.table_len, 251);
 
     // Same input: nothing is written.
     let r = w.apply(&mut dp, &desired(&svc("a", "10.96.0.1", &["10.0.0.1", "10.0.0.2"])));
@@ -70,7 +70,7 @@ fn diffs_flip_regions_and_release_what_is_gone() {
     assert_eq!((r.changed, r.backends_written), (1, 2));
     let after = dp.service(&key).unwrap();
     assert_eq!(after.id, before.id, "the frontend keeps its id");
-    let (a, b) = (before.list_off..before.list_off + before.count + before.maglev_len, after.list_off);
+    let (a, b) = (before.list_off..before.list_off + before.count + before.table_len, after.list_off);
     assert!(!a.contains(&b), "the new region was written beside the live one");
     assert_eq!(listed(&dp, "10.96.0.1"), [addr16("10.0.0.2"), addr16("10.0.0.3")]);
     let states: Vec<(String, u8)> =
@@ -162,7 +162,7 @@ fn a_writer_continues_from_pinned_maps() {
     assert_eq!(ids.len(), 3);
     let c = dp.service(&svc_key("10.96.0.3", 80, PROTO_TCP, SCOPE_INTERNAL)).unwrap();
     let a = before;
-    assert!(c.list_off >= a.list_off + a.count + a.maglev_len || c.list_off + c.count + c.maglev_len <= a.list_off);
+    assert!(c.list_off >= a.list_off + a.count + a.table_len || c.list_off + c.count + c.table_len <= a.list_off);
     assert_eq!(listed(&dp, "10.96.0.3"), [addr16("10.0.2.1")]);
 }
 

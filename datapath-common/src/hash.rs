@@ -36,6 +36,19 @@ pub fn flow_hash(saddr: &[u8; 16], sport: u16, dport: u16, proto: u8) -> u32 {
     finish(h ^ 24)
 }
 
+/// Hash of the client address alone, for source hashing (`sh`): every
+/// port and protocol of one client gives the same value.
+#[inline(always)]
+pub fn client_hash(saddr: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_le_bytes([saddr[i], saddr[i + 1], saddr[i + 2], saddr[i + 3]]);
+    let mut h = 0x5f0a_c1e7_u32;
+    h = mix(h, w(0));
+    h = mix(h, w(4));
+    h = mix(h, w(8));
+    h = mix(h, w(12));
+    finish(h ^ 16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

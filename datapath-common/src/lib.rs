@@ -35,9 +35,22 @@ pub const SCOPE_EXTERNAL: u8 = 0;
 pub const SCOPE_INTERNAL: u8 = 1;
 
 /// How a service picks a backend for a new flow ([`Service::scheduler`]).
+/// The names are IPVS's (`ipvsadm -s`); see the README for each one's behaviour.
+/// `mh`: Maglev over the flow hash; the table is weighted.
 pub const SCHED_MAGLEV: u8 = 0;
+/// `rr`: the per-CPU cursor over the list (weights ignored).
 pub const SCHED_ROUND_ROBIN: u8 = 1;
+/// `random`: a random draw from the weighted sequence (or the list).
 pub const SCHED_RANDOM: u8 = 2;
+/// `wrr`: the per-CPU cursor over the weighted sequence.
+pub const SCHED_WEIGHTED_RR: u8 = 3;
+/// `lc`: the fewer active connections of two distinct random backends.
+pub const SCHED_LEAST_CONN: u8 = 4;
+/// `wlc`: of two distinct weighted random backends, the fewer active
+/// connections per weight (`c_a·w_b` against `c_b·w_a`, IPVS's comparison).
+pub const SCHED_WEIGHTED_LC: u8 = 5;
+/// `sh`: a Maglev table (unweighted) over the client address alone.
+pub const SCHED_SOURCE_HASH: u8 = 6;
 
 /// [`Service::flags`] bits.
 /// sessionAffinity: ClientIP — consult/refresh the AFFINITY map.
@@ -94,10 +107,18 @@ pub struct ServiceKey {
     pub scope: u8,
 }
 
-/// Value of SERVICES. A service's backends live in the flat SLOTS array:
-/// `slots[list_off .. list_off + count]` lists the backend ids eligible for new
-/// flows (round-robin / random pick from it) and
-/// `slots[maglev_off .. maglev_off + maglev_len]` is its Maglev lookup table.
+/// Value of SERVICES. A service's backends live in the flat SLOTS array, in
+/// one region per frontend:
+/// - `slots[list_off .. list_off + count]`: the backend ids eligible for new
+///   flows (weight 0 leaves a backend out);
+/// - for `wlc` only, `slots[list_off + count ..][..count]`: their weights,
+///   in list order;
+/// - `slots[table_off .. table_off + table_len]`: the scheduler's table.
+///   For `mh` and `sh` the Maglev lookup table (backend ids); for `wrr`,
+///   `random` and `wlc` the weighted sequence (list *positions*, each
+///   backend's share ∝ its weight, interleaved). `table_len` 0: no table
+///   (a draw is uniform over the list).
+///
 /// The agent writes a fresh region and only then replaces this value, so the
 /// datapath never sees a half-written table (the "region flip").
 #[repr(C)]
@@ -113,9 +134,10 @@ pub struct Service {
     pub flags: u8,
     pub _pad: u16,
     pub list_off: u32,
-    pub maglev_off: u32,
-    /// Maglev table size M (prime); 0 when the scheduler is not Maglev.
-    pub maglev_len: u32,
+    pub table_off: u32,
+    /// Table length: a Maglev table's size M (a prime), a weighted
+    /// sequence's length, or 0.
+    pub table_len: u32,
     /// sessionAffinity timeout in seconds (with [`SVC_F_AFFINITY`]).
     pub affinity_timeout_s: u32,
 }

@@ -104,8 +104,8 @@ impl Maps {
 
     /// The SLOTS entries of `svc`'s region (list, then Maglev table).
     pub fn region_slots(&self, svc: &Service) -> Result<Vec<u32>> {
-        let start = svc.list_off.min(svc.maglev_off);
-        (start..svc.maglev_off + svc.maglev_len).map(|i| self.slots.get(&i, 0).map_err(map_err(maps::SLOTS))).collect()
+        let start = svc.list_off.min(svc.table_off);
+        (start..svc.table_off + svc.table_len).map(|i| self.slots.get(&i, 0).map_err(map_err(maps::SLOTS))).collect()
     }
 
     /// Every live flow as its two entries, forward then reply

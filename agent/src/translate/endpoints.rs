@@ -18,6 +18,10 @@ pub(super) struct Endpoint {
     pub(super) serving: bool,
     pub(super) terminating: bool,
     pub(super) local: bool,
+    /// `targetRef.name`: the pod's name (`xlb.io/weights` keys).
+    pub(super) name: Option<String>,
+    /// From `xlb.io/weights` (set by the caller; 1 here).
+    pub(super) weight: u16,
     /// `hints.forZones` and `hints.forNodes` (names).
     pub(super) zone_hints: Vec<String>,
     pub(super) node_hints: Vec<String>,
@@ -106,7 +110,19 @@ pub(super) fn endpoints_for(
                     continue;
                 }
                 let (zone_hints, node_hints) = hints(e, derive);
-                let ep = Endpoint { address, port: tp, ready, serving, terminating, local, zone_hints, node_hints };
+                let name = e.target_ref.as_ref().and_then(|r| r.name.clone());
+                let ep = Endpoint {
+                    address,
+                    port: tp,
+                    ready,
+                    serving,
+                    terminating,
+                    local,
+                    name,
+                    weight: 1,
+                    zone_hints,
+                    node_hints,
+                };
                 match seen.get(&(address, tp)) {
                     Some(old) if rank(old) >= rank(&ep) => {}
                     _ => {
@@ -199,6 +215,7 @@ pub(super) fn select_backends(candidates: &[&Endpoint], topology: Topology, node
             state: BackendState::Active,
             node_local: e.local,
             serving: e.serving,
+            weight: e.weight,
         })
         .collect();
     let mut draining: Vec<BackendSpec> = candidates
@@ -210,6 +227,7 @@ pub(super) fn select_backends(candidates: &[&Endpoint], topology: Topology, node
             state: BackendState::Terminating,
             node_local: e.local,
             serving: e.serving,
+            weight: e.weight,
         })
         .collect();
     out.sort();

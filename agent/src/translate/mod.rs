@@ -37,6 +37,7 @@ mod node;
 mod notes;
 mod service;
 mod translator;
+mod weights;
 
 pub use endpoints::{TOPOLOGY_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION};
 pub use model::{BackendSpec, BackendState, Frontend, FrontendKey, Kind, Protocol, Scheduler, Scope};
@@ -45,8 +46,16 @@ pub use translator::Translator;
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Annotation choosing the scheduler: `maglev` (default), `round-robin`, `random`.
+/// Annotation choosing the scheduler, by IPVS's name or the long one: `rr`
+/// (`round-robin`), `wrr`, `lc`, `wlc`, `sh`, `mh` (`maglev`, the default
+/// unless `--scheduler` says otherwise), `random`.
 pub const SCHEDULER_ANNOTATION: &str = "xlb.io/scheduler";
+/// Annotation giving endpoints weights: `key=weight` entries separated by
+/// commas or white space, the key an endpoint's pod name (EndpointSlice
+/// `targetRef.name`) or address, the weight 0–65535. An address entry
+/// wins over a name entry; an endpoint named nowhere weighs 1; 0 takes no
+/// new connections (established ones go on).
+pub const WEIGHTS_ANNOTATION: &str = "xlb.io/weights";
 /// Annotation overriding the Maglev table size (a prime within the configured bounds).
 pub const MAGLEV_SIZE_ANNOTATION: &str = "xlb.io/maglev-table-size";
 /// Kubernetes' default sessionAffinity ClientIP timeout.

@@ -76,39 +76,109 @@ impl Kind {
     }
 }
 
+/// How a frontend picks a backend for a new flow. Serialised (dry-run,
+/// dump) by its long name; [`Scheduler::parse`] also takes IPVS's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
+    /// `mh`: Maglev over the flow hash, weighted.
     Maglev,
+    /// `rr`: per-CPU round-robin over the list; weights ignored.
     RoundRobin,
+    /// `random`: weighted random.
     Random,
+    /// `wrr`: per-CPU round-robin over the weighted, interleaved sequence.
+    WeightedRoundRobin,
+    /// `lc`: fewer active connections of two distinct random backends.
+    LeastConnection,
+    /// `wlc`: fewer active connections per weight of two distinct weighted
+    /// random backends.
+    WeightedLeastConnection,
+    /// `sh`: Maglev over the client address alone; weights ignored.
+    SourceHash,
 }
 
 impl Scheduler {
+    pub const ALL: [Self; 7] = [
+        Self::RoundRobin,
+        Self::WeightedRoundRobin,
+        Self::LeastConnection,
+        Self::WeightedLeastConnection,
+        Self::SourceHash,
+        Self::Maglev,
+        Self::Random,
+    ];
+
     pub fn number(self) -> u8 {
+        use datapath_common::*;
         match self {
-            Self::Maglev => datapath_common::SCHED_MAGLEV,
-            Self::RoundRobin => datapath_common::SCHED_ROUND_ROBIN,
-            Self::Random => datapath_common::SCHED_RANDOM,
+            Self::Maglev => SCHED_MAGLEV,
+            Self::RoundRobin => SCHED_ROUND_ROBIN,
+            Self::Random => SCHED_RANDOM,
+            Self::WeightedRoundRobin => SCHED_WEIGHTED_RR,
+            Self::LeastConnection => SCHED_LEAST_CONN,
+            Self::WeightedLeastConnection => SCHED_WEIGHTED_LC,
+            Self::SourceHash => SCHED_SOURCE_HASH,
         }
     }
 
     pub fn from_number(n: u8) -> Option<Self> {
-        match n {
-            datapath_common::SCHED_MAGLEV => Some(Self::Maglev),
-            datapath_common::SCHED_ROUND_ROBIN => Some(Self::RoundRobin),
-            datapath_common::SCHED_RANDOM => Some(Self::Random),
-            _ => None,
+        Self::ALL.into_iter().find(|s| s.number() == n)
+    }
+
+    /// IPVS's name (`ipvsadm -s`).
+    pub fn ipvs_name(self) -> &'static str {
+        match self {
+            Self::Maglev => "mh",
+            Self::RoundRobin => "rr",
+            Self::Random => "random",
+            Self::WeightedRoundRobin => "wrr",
+            Self::LeastConnection => "lc",
+            Self::WeightedLeastConnection => "wlc",
+            Self::SourceHash => "sh",
         }
     }
 
-    pub(super) fn parse(s: &str) -> Option<Self> {
-        match s {
-            "maglev" => Some(Self::Maglev),
-            "round-robin" | "rr" => Some(Self::RoundRobin),
-            "random" => Some(Self::Random),
-            _ => None,
+    /// The long name (the serialised form).
+    pub fn long_name(self) -> &'static str {
+        match self {
+            Self::Maglev => "maglev",
+            Self::RoundRobin => "round-robin",
+            Self::Random => "random",
+            Self::WeightedRoundRobin => "weighted-round-robin",
+            Self::LeastConnection => "least-connection",
+            Self::WeightedLeastConnection => "weighted-least-connection",
+            Self::SourceHash => "source-hash",
         }
+    }
+
+    /// By IPVS's name or the long one (`--scheduler`, `xlb.io/scheduler`).
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        Self::ALL.into_iter().find(|k| k.ipvs_name().eq_ignore_ascii_case(s) || k.long_name().eq_ignore_ascii_case(s))
+    }
+
+    /// The names `parse` takes, for messages.
+    pub fn names() -> String {
+        Self::ALL.iter().map(|s| s.ipvs_name()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Honours backend weights beyond 0 (which drains under every scheduler).
+    pub fn weighted(self) -> bool {
+        matches!(self, Self::Maglev | Self::Random | Self::WeightedRoundRobin | Self::WeightedLeastConnection)
+    }
+
+    /// Uses a Maglev table (sized by `xlb.io/maglev-table-size` or adaptively).
+    pub fn maglev(self) -> bool {
+        matches!(self, Self::Maglev | Self::SourceHash)
+    }
+}
+
+impl std::str::FromStr for Scheduler {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s).ok_or_else(|| format!("unknown scheduler {s:?} (one of {})", Self::names()))
     }
 }
 
@@ -140,6 +210,17 @@ pub struct BackendSpec {
     /// UDP flow pinned to an endpoint that is not is moved at its next
     /// packet (kube-proxy's `conntrack/cleanup.go`).
     pub serving: bool,
+    /// From `xlb.io/weights` (1 when not named there): 0 takes no new
+    /// flows (its established ones go on); the weighted schedulers give it
+    /// a share ∝ weight.
+    pub weight: u16,
+}
+
+impl BackendSpec {
+    /// Takes new flows: active, and a weight above 0.
+    pub fn eligible(&self) -> bool {
+        self.state == BackendState::Active && self.weight > 0
+    }
 }
 
 /// One frontend of the desired state.
@@ -162,16 +243,19 @@ pub struct Frontend {
     /// balancer's health checks move traffic elsewhere. A Service with no
     /// usable endpoint at all is rejected.
     pub no_local_endpoints: bool,
-    /// Maglev table size (prime), 0 for other schedulers or no backends.
+    /// Maglev table size (prime) for `mh` and `sh`; 0 for other schedulers
+    /// or no eligible backend.
     pub maglev_size: u32,
     /// loadBalancerSourceRanges of a LoadBalancer frontend; empty: any source.
     pub source_ranges: Vec<IpNet>,
-    /// Eligible (`active`) backends first, then draining ones; sorted within each.
+    /// Active backends first, then draining ones; sorted within each.
+    /// Those [`BackendSpec::eligible`] take new flows.
     pub backends: Vec<BackendSpec>,
 }
 
 impl Frontend {
-    pub fn active(&self) -> impl Iterator<Item = &BackendSpec> {
-        self.backends.iter().filter(|b| b.state == BackendState::Active)
+    /// The backends that take new flows (active, weight above 0).
+    pub fn eligible(&self) -> impl Iterator<Item = &BackendSpec> {
+        self.backends.iter().filter(|b| b.eligible())
     }
 }

@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use serde::Serialize;
 
+use super::Scheduler;
 use crate::maglev;
 
 /// This node, as translation needs it.
@@ -95,6 +96,8 @@ pub struct Options {
     /// Bounds of the adaptive Maglev table size.
     pub maglev_min: u32,
     pub maglev_max: u32,
+    /// The scheduler of a Service that names none (`--scheduler`).
+    pub scheduler: Scheduler,
     /// Give endpoints without hints the ones the EndpointSlice controller
     /// would (from `trafficDistribution`): on with `--manifests`, where no
     /// controller runs.
@@ -123,6 +126,7 @@ impl Default for Options {
             external_ip_cidrs: Vec::new(),
             maglev_min: maglev::MIN_SIZE,
             maglev_max: maglev::MAX_SIZE,
+            scheduler: Scheduler::Maglev,
             derive_hints: false,
         }
     }

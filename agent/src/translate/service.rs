@@ -9,11 +9,12 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
 use super::{
-    BackendState, DEFAULT_AFFINITY_TIMEOUT_S, EndpointSlice, Frontend, FrontendKey, HealthCheck, Kind,
-    MAGLEV_SIZE_ANNOTATION, NodeInfo, Options, Protocol, SCHEDULER_ANNOTATION, Scheduler, Scope,
+    DEFAULT_AFFINITY_TIMEOUT_S, EndpointSlice, Frontend, FrontendKey, HealthCheck, Kind,
+    MAGLEV_SIZE_ANNOTATION, NodeInfo, Options, Protocol, SCHEDULER_ANNOTATION, Scheduler, Scope, WEIGHTS_ANNOTATION,
     endpoints::{Distribution, Endpoint, Topology, endpoints_for, select_backends},
     family_matches, in_any,
     notes::{Note, NoteKind, Notes},
+    weights::Weights,
 };
 use crate::maglev;
 
@@ -31,6 +32,8 @@ struct Shape<'a> {
     primary_v4: bool,
     scheduler: Scheduler,
     maglev_override: Option<u32>,
+    /// `xlb.io/weights`.
+    weights: Weights,
     affinity_timeout_s: Option<u32>,
     ext_local: bool,
     int_local: bool,
@@ -153,6 +156,13 @@ fn shape<'a>(
         primary_v4,
         scheduler,
         maglev_override,
+        weights: svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(WEIGHTS_ANNOTATION))
+            .map(|v| Weights::parse(v, problems))
+            .unwrap_or_default(),
         affinity_timeout_s,
         ext_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         int_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
@@ -196,10 +206,14 @@ fn scheduler(svc: &Service, opts: &Options, problems: &mut Notes) -> (Scheduler,
     let annotations = svc.metadata.annotations.as_ref();
     let get = |k: &str| annotations.and_then(|a| a.get(k));
     let scheduler = match get(SCHEDULER_ANNOTATION) {
-        None => Scheduler::Maglev,
+        None => opts.scheduler,
         Some(s) => Scheduler::parse(s).unwrap_or_else(|| {
-            problems.push(format!("{SCHEDULER_ANNOTATION}: {s:?} is not maglev, round-robin or random; using maglev"));
-            Scheduler::Maglev
+            problems.push(format!(
+                "{SCHEDULER_ANNOTATION}: {s:?} is not a scheduler ({}); using {}",
+                Scheduler::names(),
+                opts.scheduler.ipvs_name()
+            ));
+            opts.scheduler
         }),
     };
     let maglev_override = get(MAGLEV_SIZE_ANNOTATION).and_then(|s| match s.parse::<u32>() {
@@ -274,7 +288,10 @@ fn port_frontends(
         problems.push(format!("port {pname}: bad port {}; skipped", port.port));
         return Vec::new();
     };
-    let endpoints = endpoints_for(port, proto, slices, node, shape.derive_hints);
+    let mut endpoints = endpoints_for(port, proto, slices, node, shape.derive_hints);
+    for e in &mut endpoints {
+        e.weight = shape.weights.of(e);
+    }
     let f = Port { shape, name: format!("{}:{pname}", shape.id), proto, endpoints: &endpoints, node, opts };
     let ext_local = shape.ext_local;
     for a in &shape.cluster_ips {
@@ -355,11 +372,10 @@ impl Port<'_> {
         } else {
             select_backends(&family, Topology::of(&family, node), node)
         };
-        let active = backends.iter().filter(|b| b.state == BackendState::Active).count();
-        let usable_anywhere =
-            local_only && select_backends(&family, Topology::Any, node).iter().any(|b| b.state == BackendState::Active);
-        let maglev_size = match (shape.scheduler, active) {
-            (Scheduler::Maglev, n) if n > 0 => shape.maglev_override.unwrap_or_else(|| {
+        let eligible = backends.iter().filter(|b| b.eligible()).count();
+        let usable_anywhere = local_only && select_backends(&family, Topology::Any, node).iter().any(|b| b.eligible());
+        let maglev_size = match (shape.scheduler, eligible) {
+            (s, n) if s.maglev() && n > 0 => shape.maglev_override.unwrap_or_else(|| {
                 let want = (n as u64 * 100).clamp(opts.maglev_min as u64, opts.maglev_max as u64) as u32;
                 let p = maglev::next_prime(want);
                 if p > opts.maglev_max { maglev::prev_prime(opts.maglev_max) } else { p }
@@ -373,7 +389,7 @@ impl Port<'_> {
             scheduler: shape.scheduler,
             affinity_timeout_s: shape.affinity_timeout_s,
             local_only,
-            no_local_endpoints: active == 0 && usable_anywhere,
+            no_local_endpoints: eligible == 0 && usable_anywhere,
             maglev_size,
             source_ranges: if kind == Kind::LoadBalancer {
                 shape.source_ranges.iter().filter(|n| family_matches(&n.addr(), &address)).copied().collect()

@@ -91,6 +91,7 @@ pub fn measure(snat: bool, table_entries: u32, established: u32, syns: u64, fres
         flags: 0,
         affinity_timeout_s: 0,
         backends: vec![1, 2, 3, 4],
+        weights: Vec::new(),
         maglev_size: None,
     };
     lb.dp.set_service(svc_key(VIP, 80, PROTO_TCP, SCOPE_EXTERNAL), &spec).unwrap();

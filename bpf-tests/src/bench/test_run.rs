@@ -99,7 +99,15 @@ fn conntrack_tables(results: &mut BTreeMap<String, f64>, syn: &[u8], ack: &[u8],
 }
 
 fn spec(id: u32) -> ServiceSpec {
-    ServiceSpec { id, scheduler: SCHED_MAGLEV, flags: 0, affinity_timeout_s: 0, backends: vec![1], maglev_size: None }
+    ServiceSpec {
+        id,
+        scheduler: SCHED_MAGLEV,
+        flags: 0,
+        affinity_timeout_s: 0,
+        backends: vec![1],
+        weights: Vec::new(),
+        maglev_size: None,
+    }
 }
 
 /// One datapath with `services` services; the bench VIP is added last.
