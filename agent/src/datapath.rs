@@ -22,8 +22,9 @@ use aya::{
     util::nr_cpus,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtEntry, CtKey, FrontendInfo, NextHop, RevNat, SCHED_MAGLEV, SCHED_RANDOM,
-    SCHED_SOURCE_HASH, SCHED_WEIGHTED_LC, SCHED_WEIGHTED_RR, Service, ServiceKey, SockRevKey, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, Config, CtEntry, CtKey, FrontendInfo, NextHop, RevNat, SCHED_MAGLEV,
+    SCHED_RANDOM, SCHED_SOURCE_HASH, SCHED_WEIGHTED_LC, SCHED_WEIGHTED_RR, Service, ServiceKey, SockRevKey,
+    SourceRangeKey,
     ct_table::{WAYS, buckets_for},
     maps, tail, v4_mapped,
 };
@@ -588,10 +589,11 @@ impl Datapath {
         let (weights, table) = spec.region_parts(&self.backends)?;
         let count = spec.backends.len() as u32;
         let len = count + weights.len() as u32 + table.len() as u32;
-        let region = self
-            .alloc
-            .alloc(len)
-            .ok_or(Error::SlotsFull { needed: len, available: self.alloc.available(), capacity: self.alloc.capacity() })?;
+        let region = self.alloc.alloc(len).ok_or(Error::SlotsFull {
+            needed: len,
+            available: self.alloc.available(),
+            capacity: self.alloc.capacity(),
+        })?;
         let written = self.write_region(region, &[&spec.backends, &weights, &table]);
         if let Err(e) = written {
             self.alloc.release(region);

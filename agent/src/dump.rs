@@ -299,13 +299,7 @@ fn maglev(v: &View, service: &str, all_slots: bool) -> anyhow::Result<(Value, Ta
         }
         for (b, n) in &per {
             let share = if m > 0 { *n as f64 * 100.0 / m as f64 } else { 0.0 };
-            t.add_row(vec![
-                frontend_addr(&k),
-                m.to_string(),
-                b.clone(),
-                n.to_string(),
-                format!("{share:.2}%"),
-            ]);
+            t.add_row(vec![frontend_addr(&k), m.to_string(), b.clone(), n.to_string(), format!("{share:.2}%")]);
         }
         if m == 0 {
             t.add_row(vec![frontend_addr(&k), "0".into(), "(not Maglev, or no backends)".into(), "".into(), "".into()]);
@@ -494,7 +488,9 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
                     .list
                     .iter()
                     .enumerate()
-                    .map(|(i, id)| format!("{} (weight {}, {} active)", v.backend_name(*id), parts.weight(i), conns(*id)))
+                    .map(|(i, id)| {
+                        format!("{} (weight {}, {} active)", v.backend_name(*id), parts.weight(i), conns(*id))
+                    })
                     .collect();
                 let how = match sched {
                     Some(Scheduler::Random) => "random: not predictable",

@@ -355,6 +355,76 @@ fn scheduler_and_maglev_size_annotations() {
     assert!(d.problems[0].message.contains("not a prime"));
 }
 
+/// The IPVS names (`ipvsadm -s`) and the long ones; `--scheduler` sets the
+/// default; an unknown name is a problem and keeps the default; `sh` sizes
+/// a Maglev table as `mh` does, the others have none.
+#[test]
+fn every_scheduler_by_ipvs_or_long_name_and_the_default() {
+    let ann = |a: &str| {
+        WEB.replace(
+            "metadata: {name: web, namespace: shop}",
+            &format!("metadata: {{name: web, namespace: shop, annotations: {{{a}}}}}"),
+        )
+    };
+    for (names, want) in [
+        (["rr", "round-robin"], Scheduler::RoundRobin),
+        (["wrr", "weighted-round-robin"], Scheduler::WeightedRoundRobin),
+        (["lc", "least-connection"], Scheduler::LeastConnection),
+        (["wlc", "weighted-least-connection"], Scheduler::WeightedLeastConnection),
+        (["sh", "source-hash"], Scheduler::SourceHash),
+        (["mh", "maglev"], Scheduler::Maglev),
+        (["random", "RANDOM"], Scheduler::Random),
+    ] {
+        for name in names {
+            let d = run(&ann(&format!("xlb.io/scheduler: {name}")));
+            assert!(d.problems.is_empty(), "{name}: {:?}", d.problems);
+            let f = &d.frontends[0];
+            assert_eq!(f.scheduler, want, "{name}");
+            assert_eq!(f.maglev_size > 0, want.maglev(), "{name}: {}", f.maglev_size);
+        }
+    }
+    let opts = Options { scheduler: Scheduler::LeastConnection, ..Options::default() };
+    assert_eq!(run_with(WEB, &opts).frontends[0].scheduler, Scheduler::LeastConnection, "--scheduler");
+    let d = run_with(&ann("xlb.io/scheduler: lblc"), &opts);
+    assert_eq!(d.frontends[0].scheduler, Scheduler::LeastConnection, "unknown: the default");
+    assert!(d.problems[0].message.contains("\"lblc\" is not a scheduler (rr, wrr, lc, wlc, sh, mh, random); using lc"));
+}
+
+/// `xlb.io/weights` by pod name (`targetRef.name`) and by address, the
+/// address winning; a missing entry weighs 1; weight 0 keeps the endpoint
+/// as a backend (its flows go on) but not eligible; a bad entry is reported
+/// and the others stand. All weights 0: nothing eligible (rejected, as
+/// IPVS with every dest quiesced).
+#[test]
+fn weights_annotation_by_pod_name_and_address() {
+    let y = WEB
+        .replace(
+            "metadata: {name: web, namespace: shop}",
+            "metadata: {name: web, namespace: shop, annotations: {xlb.io/scheduler: wrr, xlb.io/weights: 'web-a=3 web-b=0 10.0.2.5=2 10.0.3.5=x'}}",
+        )
+        .replace("  nodeName: node-a\n", "  nodeName: node-a\n  targetRef: {kind: Pod, name: web-a}\n")
+        .replace("  nodeName: node-b\n", "  nodeName: node-b\n  targetRef: {kind: Pod, name: web-b}\n")
+        + "- addresses: [10.0.3.5]\n  targetRef: {kind: Pod, name: web-c}\n";
+    let d = run(&y);
+    assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+    assert!(d.problems[0].message.contains("10.0.3.5=x"));
+    let f = &d.frontends[0];
+    let w: Vec<(String, u16, bool)> =
+        f.backends.iter().map(|b| (b.address.to_string(), b.weight, b.eligible())).collect();
+    assert_eq!(
+        w,
+        [("10.0.1.5".into(), 3, true), ("10.0.2.5".into(), 2, true), ("10.0.3.5".into(), 1, true)],
+        "the address entry wins over web-b=0"
+    );
+    let y = y.replace("10.0.2.5=2 ", "");
+    let f = &run(&y).frontends[0];
+    assert_eq!(active(f), ["10.0.1.5:8080", "10.0.3.5:8080"]);
+    assert_eq!(f.backends.len(), 3, "the drained one stays a backend");
+    let y = y.replace("web-a=3", "web-a=0").replace("10.0.3.5=x", "web-c=0");
+    let f = &run(&y).frontends[0];
+    assert!(active(f).is_empty() && f.backends.len() == 3 && !f.no_local_endpoints);
+}
+
 #[test]
 fn maglev_size_adapts_to_backends_within_bounds() {
     let mut y = WEB.to_string();

@@ -166,6 +166,54 @@ fn a_writer_continues_from_pinned_maps() {
     assert_eq!(listed(&dp, "10.96.0.3"), [addr16("10.0.2.1")]);
 }
 
+/// Weighted services of every scheduler survive an agent restart as they
+/// were: the recovered writer finds the weights in each region (list,
+/// weights, table) and rewrites nothing; and the region's parts read back
+/// as written (a weighted sequence holds list positions, not backend ids).
+/// (A frontend with a draining backend, terminating or weight 0, is
+/// rewritten once after a restart: the region does not list it.)
+#[test]
+fn weighted_services_are_recovered_unchanged_after_a_restart() {
+    let pins = PinDir::new();
+    std::fs::create_dir_all(&pins.path).unwrap();
+    let scheds = ["rr", "wrr", "lc", "wlc", "sh", "mh", "random"];
+    let y: String = scheds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            svc(s, &format!("10.96.1.{i}"), &["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]).replace(
+                "namespace: t}",
+                &format!("namespace: t, annotations: {{xlb.io/scheduler: {s}, xlb.io/weights: '10.0.0.1=6 10.0.0.2=2 10.0.0.3=2'}}}}"),
+            )
+        })
+        .collect();
+    let d = desired(&y);
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    {
+        let mut dp = Datapath::load_pinned(test_sizes(), Some(&pins.path)).unwrap();
+        let r = Writer::new(&dp).apply(&mut dp, &d);
+        assert_eq!((r.changed, r.failed.len()), (scheds.len(), 0), "{r:?}");
+        for (i, s) in scheds.iter().enumerate() {
+            let svc = dp.service(&svc_key(&format!("10.96.1.{i}"), 80, PROTO_TCP, SCOPE_INTERNAL)).unwrap();
+            let slots = dp.region_slots(&svc).unwrap();
+            let parts = xlb::select::Parts::of(&svc, &slots);
+            assert_eq!(parts.list.len(), 4, "{s}");
+            let weighted = matches!(*s, "wrr" | "wlc" | "mh" | "random");
+            let want: &[u32] = if weighted { &[6, 2, 2, 1] } else { &[] };
+            assert_eq!(parts.weights, want, "{s}");
+            if matches!(*s, "wrr" | "wlc" | "random") {
+                assert_eq!(parts.table.len(), 11, "{s}: the sequence, one entry per unit of weight");
+                assert!(parts.table.iter().all(|p| *p < 4), "{s}: list positions");
+            }
+        }
+    }
+    let mut dp = Datapath::load_pinned(test_sizes(), Some(&pins.path)).unwrap();
+    dp.recover().unwrap();
+    let mut w = Writer::recover(&dp);
+    let r = w.apply(&mut dp, &d);
+    assert_eq!((r.changed, r.unchanged, r.backends_written), (0, scheds.len(), 0), "{r:?}");
+}
+
 /// `svc` with resourceVersions, so the translator can skip what did not change.
 fn svc_v(name: &str, vip: &str, endpoints: &[&str], version: u32) -> String {
     svc(name, vip, endpoints)

@@ -9,8 +9,8 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
 use super::{
-    DEFAULT_AFFINITY_TIMEOUT_S, EndpointSlice, Frontend, FrontendKey, HealthCheck, Kind,
-    MAGLEV_SIZE_ANNOTATION, NodeInfo, Options, Protocol, SCHEDULER_ANNOTATION, Scheduler, Scope, WEIGHTS_ANNOTATION,
+    DEFAULT_AFFINITY_TIMEOUT_S, EndpointSlice, Frontend, FrontendKey, HealthCheck, Kind, MAGLEV_SIZE_ANNOTATION,
+    NodeInfo, Options, Protocol, SCHEDULER_ANNOTATION, Scheduler, Scope, WEIGHTS_ANNOTATION,
     endpoints::{Distribution, Endpoint, Topology, endpoints_for, select_backends},
     family_matches, in_any,
     notes::{Note, NoteKind, Notes},

@@ -36,7 +36,8 @@ impl Weights {
                 continue;
             };
             let Ok(weight) = weight.parse::<u16>() else {
-                problems.push(format!("{WEIGHTS_ANNOTATION}: {entry:?}: the weight is not an integer 0–65535; ignored"));
+                problems
+                    .push(format!("{WEIGHTS_ANNOTATION}: {entry:?}: the weight is not an integer 0–65535; ignored"));
                 continue;
             };
             let earlier = match key.parse::<IpAddr>() {
