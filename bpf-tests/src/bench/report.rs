@@ -130,6 +130,7 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(md, "| {k} | {v:.1} |");
     }
     md.push('\n');
+    schedulers(&mut md, r);
     if !r.flood.is_empty() {
         let _ = writeln!(md, "### SYN flood (BPF_PROG_TEST_RUN, XDP, external Maglev service, 4 backends)\n");
         let _ = writeln!(
@@ -302,4 +303,36 @@ fn east_west(r: &Results, md: &mut String) {
         );
     }
     let _ = writeln!(md);
+}
+
+/// New flows per second per scheduler (issue #14), from the test_run
+/// `new_flow_<scheduler>[_<N>_services]` medians, one column per size.
+fn schedulers(md: &mut String, r: &Results) {
+    let names = ["rr", "wrr", "lc", "wlc", "sh", "mh", "random"];
+    let mut sizes: Vec<(String, String)> = vec![("1 service".into(), String::new())];
+    let mut n: Vec<u64> = r
+        .test_run
+        .keys()
+        .filter_map(|k| k.strip_prefix("new_flow_rr_")?.strip_suffix("_services")?.parse().ok())
+        .collect();
+    n.sort();
+    sizes.extend(n.iter().map(|n| (format!("{n} services"), format!("_{n}_services"))));
+    if !r.test_run.contains_key("new_flow_rr") {
+        return;
+    }
+    let _ = writeln!(md, "### New flows per scheduler (BPF_PROG_TEST_RUN, XDP, 4 backends weighted 3:1:1:1)\n");
+    let header: Vec<String> = sizes.iter().map(|(h, _)| format!("{h}: ns / Mpps")).collect();
+    let _ = writeln!(md, "| scheduler | {} |", header.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(sizes.len()));
+    for name in names {
+        let cells: Vec<String> = sizes
+            .iter()
+            .map(|(_, sfx)| match r.test_run.get(&format!("new_flow_{name}{sfx}")) {
+                Some(ns) if *ns > 0.0 => format!("{ns:.0} / {:.2}", 1e3 / ns),
+                _ => "–".into(),
+            })
+            .collect();
+        let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
+    }
+    md.push('\n');
 }

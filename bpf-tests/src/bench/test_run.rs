@@ -10,7 +10,9 @@
 //! SYN|RST, whose conntrack entry is born closed, so the next repetition's
 //! SYN starts a new flow again and takes the whole new-flow path (service
 //! lookup, Maglev, two conntrack writes) every time; `new_flow_fib_lookup`
-//! is that path with the next-hop cache off (a FIB lookup per new flow).
+//! is that path with the next-hop cache off (a FIB lookup per new flow);
+//! `new_flow_<scheduler>` the path under each scheduler (IPVS names) over
+//! four backends weighted 3:1:1:1.
 //! `ct_table_*` and `ct_lru_*` are the conntrack work alone (lookup, and
 //! refresh or insert), in the set-associative table and in the LRU hash.
 
@@ -19,7 +21,8 @@ use std::{collections::BTreeMap, time::Duration};
 use crate::{FibEnv, Lb, packet::Pkt, run, svc_key};
 use aya::programs::Xdp;
 use datapath_common::{
-    BACKEND_ACTIVE, CFG_F_KEEP_TTL, CFG_F_NO_NEXT_HOP_CACHE, Config, PROTO_TCP, SCHED_MAGLEV, SCOPE_EXTERNAL, ct,
+    BACKEND_ACTIVE, CFG_F_KEEP_TTL, CFG_F_NO_NEXT_HOP_CACHE, Config, PROTO_TCP, SCHED_LEAST_CONN, SCHED_MAGLEV,
+    SCHED_RANDOM, SCHED_ROUND_ROBIN, SCHED_SOURCE_HASH, SCHED_WEIGHTED_LC, SCHED_WEIGHTED_RR, SCOPE_EXTERNAL, ct,
     ct_table,
 };
 use std::os::fd::AsFd as _;
@@ -128,6 +131,10 @@ fn setup(services: u32) -> Lb {
     lb.dp.set_config(&cfg).unwrap();
     lb.backend(1, VIP, 80, BACKEND_ACTIVE, 0);
     lb.backend(2, "10.0.5.5", 8080, BACKEND_ACTIVE, 0);
+    // More copies of backend 1, for the per-scheduler new-flow paths.
+    for id in 3..=5 {
+        lb.backend(id, VIP, 80, BACKEND_ACTIVE, 0);
+    }
     for i in 1..services {
         let addr = format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
         let mut s = spec(i + 1);
@@ -137,6 +144,17 @@ fn setup(services: u32) -> Lb {
     lb.dp.set_service(svc_key(VIP, 80, PROTO_TCP, SCOPE_EXTERNAL), &spec(1)).unwrap();
     lb
 }
+
+/// The scheduler set (issue #14), by IPVS name.
+const SCHEDULERS: [(&str, u8); 7] = [
+    ("rr", SCHED_ROUND_ROBIN),
+    ("wrr", SCHED_WEIGHTED_RR),
+    ("lc", SCHED_LEAST_CONN),
+    ("wlc", SCHED_WEIGHTED_LC),
+    ("sh", SCHED_SOURCE_HASH),
+    ("mh", SCHED_MAGLEV),
+    ("random", SCHED_RANDOM),
+];
 
 const XDP_TX: u32 = 3;
 const XDP_PASS: u32 = 2;
@@ -172,6 +190,15 @@ pub fn measure(sizes: &[u32], repeat: u32) -> BTreeMap<String, f64> {
         }
         m(&mut lb, "ct_hit", "xlb_xdp", &ack, XDP_REDIRECT);
         m(&mut lb, "new_flow", "xlb_xdp", &synrst, XDP_REDIRECT);
+        // The new-flow path per scheduler: the bench VIP over four
+        // backends weighted 3:1:1:1 (all the VIP itself, so the rewrite is
+        // idempotent); `new_flow_<ipvs name>`.
+        for (name, scheduler) in SCHEDULERS {
+            let spec = ServiceSpec { scheduler, backends: vec![1, 3, 4, 5], weights: vec![3, 1, 1, 1], ..spec(1) };
+            lb.dp.set_service(svc_key(VIP, 80, PROTO_TCP, SCOPE_EXTERNAL), &spec).unwrap();
+            m(&mut lb, &format!("new_flow_{name}"), "xlb_xdp", &synrst, XDP_REDIRECT);
+        }
+        lb.dp.set_service(svc_key(VIP, 80, PROTO_TCP, SCOPE_EXTERNAL), &spec(1)).unwrap();
         if services == 1 {
             // The same path with a FIB lookup per new flow (the next-hop
             // cache off, as under source-selecting ip rules).
