@@ -136,7 +136,20 @@ fn source_hashing_keeps_each_client_on_one_pod_across_ports_and_protocols() {
         }
         let s = spread(&pods);
         assert_eq!(s.len(), 1, "client-{i}: one pod for all its ports and protocols: {s:?}");
-        per_client.push(s.into_keys().next().unwrap());
+        let pod = s.into_keys().next().unwrap();
+        // `xlb dump explain` predicts it from any source port.
+        let client_ip = &c.pod(&format!("client-{i}")).ip4;
+        let explain = |port: u16, proto: &str| -> serde_json::Value {
+            let out =
+                c.dump(1, &["-o", "json", "explain", &format!("{client_ip}:1"), &format!("10.96.0.10:{port}"), proto]);
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["answer"].clone()
+        };
+        for (port, proto, target) in [(80, "tcp", 9376), (81, "tcp", 9377), (53, "udp", 5353)] {
+            let a = explain(port, proto);
+            assert_eq!(a["reason"], "source_hash", "{a:#}");
+            assert_eq!(a["backend"], format!("{}:{target}", c.pod(&pod).ip4), "client-{i} → {pod}: {a:#}");
+        }
+        per_client.push(pod);
     }
     let s = spread(&per_client);
     eprintln!("sh: 8 clients over 3 pods: {s:?}");
@@ -171,5 +184,12 @@ fn least_connection_avoids_the_pod_holding_long_lived_connections() {
         let backends: serde_json::Value = serde_json::from_str(&c.dump(1, &["-o", "json", "backends"])).unwrap();
         let a = backends.as_array().unwrap().iter().find(|b| b["backend"] == "10.244.1.10:9376").unwrap();
         assert_eq!(a["connections"], 50, "{a:#}");
+        // `explain` cannot predict it: it lists the candidates and their counts.
+        let ip = &c.pod("client-0").ip4;
+        let out = c.dump(1, &["-o", "json", "explain", &format!("{ip}:1"), "10.96.0.10:80", "tcp"]);
+        let answer = serde_json::from_str::<serde_json::Value>(&out).unwrap()["answer"].clone();
+        assert_eq!((&answer["reason"], &answer["backend"]), (&serde_json::json!(sched), &serde_json::Value::Null));
+        let loaded = answer["candidates"].as_array().unwrap().iter().find(|b| b["backend"] == "10.244.1.10:9376");
+        assert_eq!(loaded.unwrap()["connections"], 50, "{answer:#}");
     }
 }
