@@ -25,12 +25,7 @@ pub const fn finish(mut h: u32) -> u32 {
 /// Ports in network order, as in the packet and the map keys.
 #[inline(always)]
 pub fn flow_hash(saddr: &[u8; 16], sport: u16, dport: u16, proto: u8) -> u32 {
-    let w = |i: usize| u32::from_le_bytes([saddr[i], saddr[i + 1], saddr[i + 2], saddr[i + 3]]);
-    let mut h = 0x9747_b28c_u32;
-    h = mix(h, w(0));
-    h = mix(h, w(4));
-    h = mix(h, w(8));
-    h = mix(h, w(12));
+    let mut h = mix_address(0x9747_b28c_u32, saddr);
     h = mix(h, ((sport as u32) << 16) | dport as u32);
     h = mix(h, proto as u32);
     finish(h ^ 24)
@@ -40,13 +35,17 @@ pub fn flow_hash(saddr: &[u8; 16], sport: u16, dport: u16, proto: u8) -> u32 {
 /// port and protocol of one client gives the same value.
 #[inline(always)]
 pub fn client_hash(saddr: &[u8; 16]) -> u32 {
-    let w = |i: usize| u32::from_le_bytes([saddr[i], saddr[i + 1], saddr[i + 2], saddr[i + 3]]);
-    let mut h = 0x5f0a_c1e7_u32;
+    finish(mix_address(0x5f0a_c1e7_u32, saddr) ^ 16)
+}
+
+/// `h` with the 16 bytes of an address mixed in, a word at a time.
+#[inline(always)]
+fn mix_address(mut h: u32, a: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
     h = mix(h, w(0));
     h = mix(h, w(4));
     h = mix(h, w(8));
-    h = mix(h, w(12));
-    finish(h ^ 16)
+    mix(h, w(12))
 }
 
 #[cfg(test)]
