@@ -404,6 +404,7 @@ impl Datapath {
             .map_max_entries(maps::FRONTENDS, sizes.services)
             .map_max_entries(maps::FRAGS, sizes.fragments)
             .map_max_entries(maps::SOCK_REV, sizes.sock_rev)
+            .map_max_entries(maps::SOCK_CONNS, sizes.sock_rev)
             .map_max_entries(maps::NEXT_HOP, sizes.backends.saturating_mul(2))
             .load(OBJECT)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;

@@ -476,7 +476,7 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
                 answer = json!({"service": name, "backend": b, "reason": reason, "slot": slot, "m": svc.table_len});
             }
             Pick::List { .. } | Pick::LeastConnections { .. } => {
-                let candidates: Vec<Value> = parts
+                let details: Vec<Value> = parts
                     .list
                     .iter()
                     .enumerate()
@@ -484,7 +484,8 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
                         json!({"backend": v.backend_name(*id), "weight": parts.weight(i), "connections": conns(*id)})
                     })
                     .collect();
-                let all: Vec<String> = parts
+                let all: Vec<String> = parts.list.iter().map(|id| v.backend_name(*id)).collect();
+                let shown: Vec<String> = parts
                     .list
                     .iter()
                     .enumerate()
@@ -492,16 +493,19 @@ fn explain(v: &View, client: SocketAddr, frontend: SocketAddr, protocol: &str) -
                         format!("{} (weight {}, {} active)", v.backend_name(*id), parts.weight(i), conns(*id))
                     })
                     .collect();
-                let how = match sched {
-                    Some(Scheduler::Random) => "random: not predictable",
-                    Some(Scheduler::RoundRobin | Scheduler::WeightedRoundRobin) => {
-                        "round-robin: depends on the CPU's cursor"
+                // `reason` keeps the values of before the scheduler set
+                // (round-robin, random); `candidates` the addresses.
+                let (reason, how) = match sched {
+                    Some(Scheduler::Random) => ("random", "random: not predictable"),
+                    Some(Scheduler::RoundRobin) => ("round-robin (per CPU)", "depends on the CPU's cursor"),
+                    Some(Scheduler::WeightedRoundRobin) => {
+                        ("weighted round-robin (per CPU)", "depends on the CPU's cursor")
                     }
-                    _ => "least connections: depends on live counts (two random candidates)",
+                    _ => ("least connections", "depends on live counts (two random candidates)"),
                 };
-                lines.push(format!("→ new flow, {sched_name} ({how}) over {}", all.join(", ")));
-                answer = json!({"service": name, "backend": null, "reason": sched_name, "scheduler": sched_name,
-                    "candidates": candidates});
+                lines.push(format!("→ new flow, {sched_name} ({how}) over {}", shown.join(", ")));
+                answer = json!({"service": name, "backend": null, "reason": reason, "scheduler": sched_name,
+                    "candidates": all, "candidate_details": details});
             }
         }
         break;

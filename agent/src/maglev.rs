@@ -16,8 +16,9 @@
 //! every turn adds a backend's weight to its credit, and it claims a slot
 //! only when the credit reaches the largest weight, paying that back; so
 //! the heaviest backends claim at every turn and each one's share of the
-//! table is ∝ its weight (Katran's `MaglevHashV2` does the same). Equal
-//! weights give exactly the unweighted table.
+//! table is ∝ its weight (Katran's `MaglevHashV2` does the same). The first
+//! turn is every backend's, on credit, so the lightest still has a slot.
+//! Equal weights give exactly the unweighted table.
 
 /// Smallest Maglev table size the agent uses.
 pub const MIN_SIZE: u32 = 251;
@@ -110,12 +111,15 @@ pub fn build(entries: &[Entry], m: u32) -> Vec<u32> {
     let mut next = vec![0u64; entries.len()];
     let mut taken = vec![false; m as usize];
     let mut filled = 0u32;
-    let max_weight = entries.iter().map(|e| e.weight.max(1) as u64).max().unwrap_or(1);
-    let mut credit = vec![0u64; entries.len()];
+    let max_weight = entries.iter().map(|e| e.weight.max(1) as i64).max().unwrap_or(1);
+    let mut credit = vec![0i64; entries.len()];
+    let mut first = true;
     'fill: loop {
         for (i, e) in entries.iter().enumerate() {
-            credit[i] += e.weight.max(1) as u64;
-            if credit[i] < max_weight {
+            credit[i] += e.weight.max(1) as i64;
+            // The first turn is every backend's, on credit: each has a slot
+            // however light (as IPVS mh's `?: 1`), and pays it back later.
+            if credit[i] < max_weight && !first {
                 continue;
             }
             credit[i] -= max_weight;
@@ -133,6 +137,7 @@ pub fn build(entries: &[Entry], m: u32) -> Vec<u32> {
                 break 'fill;
             }
         }
+        first = false;
     }
     table
 }
@@ -225,6 +230,7 @@ mod tests {
             let l = loads(&build(&e, m));
             let total: u64 = weights.iter().map(|w| *w as u64).sum();
             for (e, w) in e.iter().zip(&weights) {
+                assert!(l.get(&e.id).copied().unwrap_or(0) >= 1, "{weights:?}: id {} has no slot", e.id);
                 let share = l.get(&e.id).copied().unwrap_or(0) as f64 / m as f64;
                 let want = *w as f64 / total as f64;
                 assert!((share - want).abs() <= 0.005, "{weights:?}: id {} has {share:.4}, wants {want:.4}", e.id);

@@ -39,9 +39,10 @@ impl<'a> Parts<'a> {
         }
     }
 
-    /// The weight of list position `pos` (1 without weights).
+    /// The weight of list position `pos` (1 without weights), clamped to
+    /// 1..=65535 as the datapath reads it.
     pub fn weight(&self, pos: usize) -> u32 {
-        self.weights.get(pos).copied().unwrap_or(1)
+        self.weights.get(pos).copied().unwrap_or(1).clamp(1, u16::MAX as u32)
     }
 
     /// The list position for draw `r`, as the datapath's `draw`.
@@ -98,7 +99,9 @@ pub struct Flow<'a> {
 /// datapath's draws (`draws[0]`: the CPU's cursor for round-robin, the
 /// random number for random and the first `lc` candidate; `draws[1..]`:
 /// the second candidate and its fallback) and `connections` (backend id →
-/// active connections) for `lc`/`wlc`.
+/// active connections) for `lc`/`wlc`. Not modelled: socket-LB's
+/// unconnected UDP (`sticky`), which picks by the socket's hash under every
+/// scheduler.
 pub fn pick(svc: &Service, slots: &[u32], flow: Flow, draws: [u32; 3], connections: impl Fn(u32) -> u64) -> Pick {
     if svc.count == 0 {
         return Pick::Reject;

@@ -211,3 +211,19 @@ fn the_zone_comes_from_the_node_label() {
     assert_eq!(cluster_ip(&d), ["10.0.1.1:8080", "10.0.1.2:8080"]);
     assert!(d.problems.is_empty(), "{:?}", d.problems);
 }
+
+/// Drained endpoints (`xlb.io/weights` 0) do not decide topology: with both
+/// of this zone's endpoints at weight 0, the zone is not chosen (it would
+/// leave nothing eligible) and the other zone's endpoint takes the new
+/// connections; the drained ones stay backends, their flows going on.
+#[test]
+fn a_zone_whose_endpoints_are_all_drained_is_not_chosen() {
+    let y = service("", &zone_hinted()).replace(
+        "metadata: {name: web, namespace: shop}",
+        "metadata: {name: web, namespace: shop, annotations: {xlb.io/weights: '10.0.1.1=0 10.0.1.2=0'}}",
+    );
+    let d = run_on(&y, &zoned(Some("zone-a")), &Options::default());
+    let f = find(&d, Kind::ClusterIp, "10.96.0.20", 80);
+    assert_eq!(active(f), ["10.0.2.1:8080"]);
+    assert_eq!(f.backends.len(), 3);
+}

@@ -280,6 +280,19 @@ fn traffic_policies_local() {
     assert!(np.backends.is_empty() && np.no_local_endpoints, "{np:#?}");
     assert_eq!(active(find_in(&d, Kind::NodePort, "192.168.1.10", 30036, Scope::Internal)).len(), 2);
 
+    // The local endpoint drained (weight 0): the health check reports 0,
+    // so the load balancer stops sending here, and the NodePort drops
+    // (endpoints elsewhere), as with no local endpoint.
+    let drained = y.replace(
+        "metadata: {name: web, namespace: shop}",
+        "metadata: {name: web, namespace: shop, annotations: {xlb.io/weights: 10.0.1.5=0}}",
+    );
+    let d = run(&drained);
+    assert_eq!(d.health_checks[0].local_endpoints, 0);
+    let np = find(&d, Kind::NodePort, "192.168.1.10", 30036);
+    assert!(active(np).is_empty() && np.no_local_endpoints, "{np:#?}");
+    assert_eq!(active(find_in(&d, Kind::NodePort, "192.168.1.10", 30036, Scope::Internal)), ["10.0.2.5:8080"]);
+
     let itp = WEB.replace("type: ClusterIP", "type: ClusterIP\n  internalTrafficPolicy: Local");
     let d = run(&itp);
     assert_eq!(active(&d.frontends[0]), ["10.0.1.5:8080"]);

@@ -188,8 +188,50 @@ fn least_connection_avoids_the_pod_holding_long_lived_connections() {
         let ip = &c.pod("client-0").ip4;
         let out = c.dump(1, &["-o", "json", "explain", &format!("{ip}:1"), "10.96.0.10:80", "tcp"]);
         let answer = serde_json::from_str::<serde_json::Value>(&out).unwrap()["answer"].clone();
-        assert_eq!((&answer["reason"], &answer["backend"]), (&serde_json::json!(sched), &serde_json::Value::Null));
-        let loaded = answer["candidates"].as_array().unwrap().iter().find(|b| b["backend"] == "10.244.1.10:9376");
+        assert_eq!((&answer["scheduler"], &answer["backend"]), (&serde_json::json!(sched), &serde_json::Value::Null));
+        assert_eq!(answer["reason"], "least connections");
+        let loaded =
+            answer["candidate_details"].as_array().unwrap().iter().find(|b| b["backend"] == "10.244.1.10:9376");
         assert_eq!(loaded.unwrap()["connections"], 50, "{answer:#}");
+    }
+}
+
+/// `lc` sees the connections socket-level load balancing made (a pod's
+/// process in the agent's cgroup: its socket is rewritten at `connect`, so
+/// conntrack never sees it, and SOCK_CONNS counts it from `connect` to
+/// close): 50 held from a client process on web-1a, the next 100 short
+/// ones from another go to the others; closing the 50 takes the count
+/// back to 0.
+#[test]
+fn least_connection_counts_connections_balanced_at_the_socket() {
+    let mut c = cluster(&web("xlb.io/scheduler: lc"), 1, &["web-1b", "web-2a"]);
+    let vip = sa("10.96.0.10", 80).to_string();
+    let pod = |line: &str| line.split("echo=").nth(1).and_then(|e| e.split(',').next()).unwrap_or("").to_string();
+    let mut holder = c.client_running(1, &c.pod("client-0").ns, &["hold", &vip, "50"]);
+    for _ in 0..50 {
+        assert_eq!(pod(&holder.line()), "web-1a");
+    }
+    let connections = |c: &Cluster, backend: &str| -> u64 {
+        let b: serde_json::Value = serde_json::from_str(&c.dump(1, &["-o", "json", "backends"])).unwrap();
+        b.as_array().unwrap().iter().find(|b| b["backend"] == backend).map_or(0, |b| b["connections"].as_u64().unwrap())
+    };
+    assert_eq!(connections(&c, "10.244.1.10:9376"), 50, "socket-balanced connections are counted");
+    assert!(c.verdict(1, "sock_xlate") >= 50, "balanced at the socket");
+    c.set_pod_state("web-1b", PodState::Ready);
+    c.set_pod_state("web-2a", PodState::Ready);
+    c.write_manifests(&[]);
+    c.wait_synced(2);
+    let out = c.client(1, &c.pod("client-0").ns, &["repeat", &vip, "100", "short"]).expect("100 requests");
+    let pods: Vec<String> = out.lines().map(pod).collect();
+    let s = spread(&pods);
+    eprintln!("lc, socket-LB: 100 short connections with 50 open on web-1a: {s:?}");
+    assert_eq!(pods.len(), 100);
+    assert!(s.get("web-1a").copied().unwrap_or(0) <= 10, "{s:?}");
+    assert_eq!(connections(&c, "10.244.1.11:9376") + connections(&c, "10.244.2.10:9376"), 0, "short ones closed");
+    drop(holder);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while connections(&c, "10.244.1.10:9376") != 0 {
+        assert!(std::time::Instant::now() < deadline, "the held connections were never uncounted");
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

@@ -113,7 +113,7 @@ fn cas(p: *mut u64, old: u64, new: u64) -> bool {
 /// Adds `d` (wrapping: `u64::MAX` subtracts one) without a fetched result,
 /// which the BPF target emits as an atomic add at any CPU version.
 #[inline(always)]
-fn add(p: *mut u64, d: u64) {
+pub fn add(p: *mut u64, d: u64) {
     #[cfg(target_arch = "bpf")]
     {
         use core::intrinsics::{AtomicOrdering::SeqCst as S, atomic_xadd};

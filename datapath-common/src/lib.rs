@@ -111,8 +111,10 @@ pub struct ServiceKey {
 /// one region per frontend:
 /// - `slots[list_off .. list_off + count]`: the backend ids eligible for new
 ///   flows (weight 0 leaves a backend out);
-/// - for `wlc` only, `slots[list_off + count ..][..count]`: their weights,
-///   in list order;
+/// - when their weights differ (`mh`, `wrr`, `random`, `wlc`; reduced by
+///   their gcd), `slots[list_off + count ..][..count]`: the weights, in list
+///   order (`wlc` compares by them; a restarted agent recovers them). Then
+///   `table_off == list_off + 2·count`;
 /// - `slots[table_off .. table_off + table_len]`: the scheduler's table.
 ///   For `mh` and `sh` the Maglev lookup table (backend ids); for `wrr`,
 ///   `random` and `wlc` the weighted sequence (list *positions*, each
@@ -610,6 +612,9 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const FRONTENDS: &str = "FRONTENDS";
     pub const SOCK_REV: &str = "SOCK_REV";
+    /// Socket-LB's counted TCP sockets: cookie → backend id, so that
+    /// `sock_release` takes back the BACKEND_CONNS count `connect` added.
+    pub const SOCK_CONNS: &str = "SOCK_CONNS";
     /// Not pinned with the others: see [`super::FragKey`].
     pub const FRAGS: &str = "FRAGS";
     /// The "maybe ours" filter ([`super::filter`]). Not pinned: every agent
@@ -624,7 +629,7 @@ pub mod maps {
     pub const XDP_CALLS: &str = "XDP_CALLS";
     pub const TC_CALLS: &str = "TC_CALLS";
     /// Every map the loader pins, in load order.
-    pub const PINNED: [&str; 19] = [
+    pub const PINNED: [&str; 20] = [
         SERVICES,
         BACKENDS,
         SLOTS,
@@ -644,6 +649,7 @@ pub mod maps {
         CONFIG,
         FRONTENDS,
         SOCK_REV,
+        SOCK_CONNS,
     ];
 }
 

@@ -63,6 +63,10 @@ pub static FRONTENDS: HashMap<u32, FrontendInfo> = HashMap::with_max_entries(1, 
 /// Socket-level load balancing's reverse translations (`sock.rs`).
 #[map]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::with_max_entries(1, 0);
+/// Socket-LB's TCP sockets counted in BACKEND_CONNS: cookie → backend id
+/// (not LRU: an evicted socket would keep its count forever).
+#[map]
+pub static SOCK_CONNS: HashMap<u64, u32> = HashMap::with_max_entries(1, 0);
 
 /// The "maybe ours" filter (`datapath_common::filter`), memory-mapped by the agent.
 #[map]

@@ -21,7 +21,10 @@
 //!   gives; under a Local policy with no local endpoint, EHOSTUNREACH (the
 //!   packet path drops, and the client waits for its timeout);
 //! - loadBalancerSourceRanges need the source address: those frontends are
-//!   left to the packet path.
+//!   left to the packet path;
+//! - a TCP socket balanced here counts as an active connection of its
+//!   backend from `connect` to `sock_release` (SOCK_CONNS), for `lc`/`wlc`:
+//!   conntrack, which counts the packet path's, never sees it.
 
 use aya_ebpf::{
     EbpfContext,
@@ -34,7 +37,7 @@ use datapath_common::{
 };
 
 use crate::{
-    maps::{CONFIG, REV_NAT, SOCK_REV, count_verdict},
+    maps::{BACKEND_CONNS, CONFIG, REV_NAT, SOCK_CONNS, SOCK_REV, count_verdict},
     service,
 };
 
@@ -161,7 +164,7 @@ fn forward<const V6: bool>(ctx: &SockAddrContext, proto: u8, datagram: bool) -> 
     } else {
         mix(cookie)
     };
-    let Some((_, b)) = service::backend(&svc, &netns_client(netns), hash, datagram) else {
+    let Some((id, b)) = service::backend(&svc, &netns_client(netns), hash, datagram) else {
         return if svc.flags & SVC_F_NO_LOCAL_DROP != 0 {
             fail(verdict::SOCK_NO_LOCAL, EHOSTUNREACH)
         } else {
@@ -181,8 +184,36 @@ fn forward<const V6: bool>(ctx: &SockAddrContext, proto: u8, datagram: bool) -> 
         return fail(verdict::SOCK_REJECT, ENOMEM);
     }
     set_user::<V6>(ctx, &b.addr, b.port);
+    if proto == PROTO_TCP {
+        count_connection(cookie, id);
+    }
     count_verdict(verdict::SOCK_XLATE);
     PROCEED
+}
+
+/// Counts a TCP socket balanced here as an active connection of backend
+/// `id` (BACKEND_CONNS, what `lc`/`wlc` compare) until `sock_release`
+/// (its close): its packets never reach conntrack, which counts the
+/// others. A socket connecting again (after a failed attempt) moves its
+/// count. Not counted when SOCK_CONNS is full.
+#[inline(always)]
+fn count_connection(cookie: u64, id: u32) {
+    // SAFETY: the value is copied out at once.
+    if let Some(old) = unsafe { SOCK_CONNS.get(&cookie) }.copied() {
+        add_connections(old, u64::MAX);
+    }
+    if SOCK_CONNS.insert(&cookie, &id, 0).is_ok() {
+        add_connections(id, 1);
+    } else {
+        let _ = SOCK_CONNS.remove(&cookie);
+    }
+}
+
+#[inline(always)]
+fn add_connections(id: u32, d: u64) {
+    if let Some(c) = BACKEND_CONNS.get_ptr_mut(id) {
+        datapath_common::ct_ops::add(c, d);
+    }
 }
 
 /// recvmsg4/6 and getpeername4/6: a backend address this socket was sent to
@@ -241,6 +272,11 @@ pub fn release(ctx: &SockContext) -> i32 {
     // SAFETY: plain helper call on this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = SOCK_REV.remove(&SockRevKey { cookie, addr, port, _pad: [0; 6] });
+    // SAFETY: the value is copied out at once.
+    if let Some(id) = unsafe { SOCK_CONNS.get(&cookie) }.copied() {
+        let _ = SOCK_CONNS.remove(&cookie);
+        add_connections(id, u64::MAX);
+    }
     PROCEED
 }
 

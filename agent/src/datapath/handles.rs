@@ -37,7 +37,7 @@ pub struct Maps {
 }
 
 /// Key and value sizes of each pinned map, checked before a pin is reused.
-pub(super) const LAYOUT: [(&str, usize, usize); 20] = {
+pub(super) const LAYOUT: [(&str, usize, usize); 21] = {
     use datapath_common::ct_table::{CtBucket, CtRecord4, CtRecord6};
     use std::mem::size_of;
     [
@@ -61,6 +61,7 @@ pub(super) const LAYOUT: [(&str, usize, usize); 20] = {
         (maps::CONFIG, 4, size_of::<Config>()),
         (maps::FRONTENDS, 4, size_of::<FrontendInfo>()),
         (maps::SOCK_REV, size_of::<SockRevKey>(), size_of::<SockRevValue>()),
+        (maps::SOCK_CONNS, 8, 4),
     ]
 };
 
@@ -102,7 +103,8 @@ impl Maps {
         self.services.get(key, 0).ok()
     }
 
-    /// The SLOTS entries of `svc`'s region (list, then Maglev table).
+    /// The SLOTS entries of `svc`'s region (list, weights when they differ,
+    /// table; split by `select::Parts`).
     pub fn region_slots(&self, svc: &Service) -> Result<Vec<u32>> {
         let start = svc.list_off.min(svc.table_off);
         (start..svc.table_off + svc.table_len).map(|i| self.slots.get(&i, 0).map_err(map_err(maps::SLOTS))).collect()

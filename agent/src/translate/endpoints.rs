@@ -173,8 +173,10 @@ impl Topology {
     /// this node; else same zone when every ready endpoint has a zone hint
     /// and one names this node's zone; else none. (Incomplete hints, a
     /// node without a zone label, or no endpoint for here: no topology.)
+    /// A drained endpoint (weight 0) counts as not ready here: a zone whose
+    /// endpoints are all drained must not be chosen.
     pub(super) fn of(endpoints: &[&Endpoint], node: &NodeInfo) -> Self {
-        let ready: Vec<&&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+        let ready: Vec<&&Endpoint> = endpoints.iter().filter(|e| e.ready && e.weight > 0).collect();
         if ready.is_empty() {
             return Self::Any;
         }

@@ -65,7 +65,9 @@ pub(super) fn service_frontends(
         local_ready.extend(
             endpoints
                 .iter()
-                .filter(|e| e.local && e.ready && e.address.is_ipv4() == shape.primary_v4)
+                // A drained endpoint (weight 0) takes no new connection:
+                // not one the load balancer should send to this node for.
+                .filter(|e| e.local && e.ready && e.weight > 0 && e.address.is_ipv4() == shape.primary_v4)
                 .map(|e| e.address),
         );
     }

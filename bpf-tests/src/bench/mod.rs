@@ -462,7 +462,11 @@ impl Installed {
         use datapath_common::{Backend, FrontendInfo, RevNat, Service, ServiceKey};
         use std::mem::size_of;
         let services = x.dp.services();
-        let slots: u64 = services.iter().map(|(_, s)| (s.count + s.table_len) as u64).sum();
+        // List, weights (when they differ) and table: one run from list_off.
+        let slots: u64 = services
+            .iter()
+            .map(|(_, s)| ((s.list_off + s.count).max(s.table_off + s.table_len) - s.list_off) as u64)
+            .sum();
         let per_frontend =
             size_of::<ServiceKey>() + size_of::<Service>() + size_of::<RevNat>() + 4 + size_of::<FrontendInfo>();
         let bytes = services.len() as u64 * per_frontend as u64

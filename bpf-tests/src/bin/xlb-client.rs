@@ -12,6 +12,7 @@
 //! xlb-client udp-connected ADDR MSG  connect, send, recvfrom → peer=, from= and the echo
 //! xlb-client connect-error ADDR tcp|udp|udp-connect   how a connect / sendto fails: err=<errno> ms=<time>, or ok
 //! xlb-client stream ADDR             a long-lived connection: one line per tick, until killed
+//! xlb-client hold ADDR N             N connections, one request each (a line per connection), kept open until killed
 //! xlb-client udp-hold ADDR [unconnected]  a UDP socket kept open (connected, or sendto each time):
 //!                                    a request per line read on stdin (reconnects after an error)
 //! xlb-client conn-rate ADDR[,ADDR…] THREADS SECS  connect (to each address in turn), one request/response, close, in a loop per thread
@@ -53,6 +54,7 @@ fn main() {
         "udp-connected" => println!("{}", udp(addr(), a(2), true)),
         "connect-error" => println!("{}", connect_error(addr(), a(2))),
         "stream" => stream(addr()),
+        "hold" => hold(addr(), a(2).parse().expect("N")),
         "udp-hold" => udp_hold(addr(), args.get(2).map(String::as_str) == Some("unconnected")),
         "conn-rate" => conn_rate(addrs(), a(2).parse().expect("THREADS"), a(3).parse().expect("SECS")),
         "rr-latency" => rr_latency(addr(), a(2).parse().expect("N")),
@@ -126,6 +128,24 @@ fn connect_error(to: SocketAddr, proto: &str) -> String {
 
 /// A long-lived connection (xlb-echo's `stream`): prints `peer=` once, then
 /// every tick as it comes; exits 1 when the connection breaks.
+fn hold(to: SocketAddr, n: usize) {
+    let mut open = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = connect(to);
+        let mut w = s.try_clone().expect("dup");
+        writeln!(w, "hold{i}").expect("send");
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap_or_else(|e| fail(&format!("read from {to}: {e}")));
+        println!("echo={}", line.trim_end().replace(' ', ","));
+        open.push(r);
+    }
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 fn stream(to: SocketAddr) {
     let s = connect(to);
     let peer = s.peer_addr().map(canonical).map(|p| p.to_string()).unwrap_or_default();
