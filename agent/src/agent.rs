@@ -41,6 +41,9 @@ const CONNTRACK_EXPIRY_PERIOD: Duration = Duration::from_secs(5);
 pub struct Settings {
     pub manifests: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
+    /// `--lb-class`: the `spec.loadBalancerClass` whose addresses xlb
+    /// allocates (besides Services with none).
+    pub lb_class: String,
     /// Which Services are ours (`--service-proxy-name`).
     pub selector: source::Selector,
     pub node_name: String,
@@ -78,7 +81,8 @@ pub fn spawn_source(
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     match (&s.manifests, client) {
         (Some(dir), _) => {
-            tokio::spawn(source::files::watch_dir(dir.clone(), Duration::from_millis(100), s.selector.clone(), tx))
+            let (dir, selector, class) = (dir.clone(), s.selector.clone(), s.lb_class.clone());
+            tokio::spawn(source::files::watch_dir(dir, Duration::from_millis(100), selector, class, tx))
         }
         (None, Some(client)) => tokio::spawn(source::kube::run(client, s.node_name.clone(), s.selector.clone(), tx)),
         (None, None) => tokio::spawn(async { anyhow::bail!("no --manifests and no Kubernetes client") }),
@@ -125,6 +129,11 @@ pub fn desired_with(t: &mut translate::Translator, s: &Settings, snap: &Snapshot
     let node = node_info(s, snap, local);
     let mut d = t.translate_shared(&snap.services, &snap.slices, &node, &s.options);
     d.problems.extend(snap.errors.iter().map(|e| translate::Problem { service: String::new(), message: e.clone() }));
+    d.problems.extend(
+        snap.lb_problems
+            .iter()
+            .map(|(service, message)| translate::Problem { service: service.clone(), message: message.clone() }),
+    );
     d
 }
 

@@ -43,6 +43,9 @@ pub enum Cmd {
     },
     /// Print the version.
     Version,
+    /// Print the CustomResourceDefinitions xlb reads (LoadBalancerIPPool),
+    /// as YAML for `kubectl apply -f -`.
+    Crd,
     /// Load every datapath program into the kernel (through the verifier)
     /// and report it, without attaching anything.
     Check,
@@ -229,6 +232,11 @@ pub struct AgentArgs {
     /// Allowed externalIPs (default: any). Set it to mitigate CVE-2020-8554.
     #[arg(long, env = "XLB_EXTERNAL_IP_CIDRS", value_delimiter = ',', value_parser = agent::cidr)]
     pub external_ip_cidrs: Vec<IpNet>,
+    /// The `spec.loadBalancerClass` of the LoadBalancer Services whose
+    /// addresses xlb allocates from its LoadBalancerIPPools (Services
+    /// without a class too; none is allocated while no pool exists).
+    #[arg(long, env = "XLB_LB_CLASS", default_value = crate::lbipam::DEFAULT_LB_CLASS)]
+    pub lb_class: String,
     /// The scheduler of a Service without `xlb.io/scheduler`: rr, wrr, lc,
     /// wlc, sh, mh (maglev) or random.
     #[arg(long, env = "XLB_SCHEDULER", default_value = "mh")]
@@ -349,6 +357,7 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
     Ok(Settings {
         manifests: a.manifests.clone(),
         kubeconfig: a.kubeconfig.clone(),
+        lb_class: a.lb_class.clone(),
         selector: crate::source::Selector { proxy_name: a.service_proxy_name.clone().filter(|n| !n.is_empty()) },
         node_name: a.node_name.clone(),
         node_addresses: a.node_address.clone(),

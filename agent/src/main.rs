@@ -47,6 +47,7 @@ async fn dry_run(s: &Settings) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Version => println!("xlb {}", env!("CARGO_PKG_VERSION")),
+        Cmd::Crd => print!("{}", xlb::lbipam::crd_yaml()),
         Cmd::Check => {
             let mut dp = Datapath::load(MapSizes::default()).context("loading the datapath")?;
             dp.load_programs().context("verifying the programs")?;

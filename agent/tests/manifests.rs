@@ -12,6 +12,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Namespace, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::Value;
 use xlb::{
     cli::{Cli, Cmd},
@@ -31,6 +32,7 @@ struct Objects {
     bindings: Vec<ClusterRoleBinding>,
     accounts: Vec<ServiceAccount>,
     namespaces: Vec<Namespace>,
+    crds: Vec<CustomResourceDefinition>,
     kustomization: Option<Value>,
 }
 
@@ -56,6 +58,7 @@ fn load() -> Objects {
                 "ClusterRoleBinding" => o.bindings.push(typed(d, &ctx)),
                 "ServiceAccount" => o.accounts.push(typed(d, &ctx)),
                 "Namespace" => o.namespaces.push(typed(d, &ctx)),
+                "CustomResourceDefinition" => o.crds.push(typed(d, &ctx)),
                 "Kustomization" => o.kustomization = Some(d),
                 other => panic!("{ctx}: unexpected kind {other:?}"),
             }
@@ -81,12 +84,16 @@ fn every_manifest_parses_and_kustomize_lists_them() {
         (o.daemonsets.len(), o.configmaps.len(), o.roles.len(), o.bindings.len(), o.accounts.len(), o.namespaces.len()),
         (1, 1, 1, 1, 1, 1)
     );
+    assert_eq!(
+        o.crds.iter().map(|c| c.metadata.name.clone().unwrap()).collect::<Vec<_>>(),
+        ["loadbalancerippools.xlb.io"]
+    );
     let k = o.kustomization.expect("kustomization.yaml");
     let resources: Vec<&str> = k["resources"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
     for r in &resources {
         assert!(dir().join(r).exists(), "kustomization lists missing {r}");
     }
-    assert_eq!(resources.len(), 6);
+    assert_eq!(resources.len(), 7);
 }
 
 #[test]

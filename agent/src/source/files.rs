@@ -10,9 +10,11 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
 };
+
+use crate::lbipam::{self, LoadBalancerIPPool};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::watch;
 
@@ -57,7 +59,9 @@ fn add_object(snap: &mut Snapshot, origin: &str, doc: serde_json::Value) {
         "Service" => serde_json::from_value::<Service>(doc).map(|s| snap.services.push(s.into())),
         "EndpointSlice" => serde_json::from_value::<EndpointSlice>(doc).map(|s| snap.slices.push(s.into())),
         "Node" => serde_json::from_value::<Node>(doc).map(|s| snap.nodes.push(s.into())),
-        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+        "Namespace" => serde_json::from_value::<Namespace>(doc).map(|s| snap.namespaces.push(s.into())),
+        "LoadBalancerIPPool" => serde_json::from_value::<LoadBalancerIPPool>(doc).map(|s| snap.pools.push(s.into())),
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "LoadBalancerIPPoolList" => {
             if let Some(items) = doc.get("items").and_then(|i| i.as_array()) {
                 for (j, item) in items.iter().enumerate() {
                     add_object(snap, &format!("{origin} item {}", j + 1), item.clone());
@@ -110,13 +114,19 @@ pub fn read_dir(dir: &Path) -> Snapshot {
 
 /// Watches `dir` and publishes a fresh [`Snapshot`] of the objects
 /// `selector` makes ours after every burst of changes (debounced by
-/// `settle`). Runs until the receiver is dropped.
+/// `settle`). LoadBalancer Services of class `lb_class` (or none) get their
+/// addresses from the directory's pools here, as the API server's statuses
+/// would hold them ([`lbipam::apply`]; the allocation of one read is the
+/// state of the next, so addresses stay put). Runs until the receiver is
+/// dropped.
 pub async fn watch_dir(
     dir: PathBuf,
     settle: Duration,
     selector: Selector,
+    lb_class: String,
     tx: watch::Sender<Snapshot>,
 ) -> anyhow::Result<()> {
+    let mut held = std::collections::BTreeMap::new();
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     // Only changes to manifests (or to directories) count: a log file or an
     // editor's swap file in the same directory must not trigger re-reads.
@@ -134,6 +144,7 @@ pub async fn watch_dir(
     watcher.watch(&dir, RecursiveMode::Recursive)?;
     let mut first = read_dir(&dir);
     selector.retain(&mut first);
+    lbipam::apply(&mut first, &mut held, &lb_class);
     first.changed_at = Some(Instant::now());
     tx.send_replace(first);
     while let Some(at) = ev_rx.recv().await {
@@ -146,6 +157,7 @@ pub async fn watch_dir(
         })
         .await?;
         selector.retain(&mut snap);
+        lbipam::apply(&mut snap, &mut held, &lb_class);
         snap.changed_at = Some(at);
         if tx.send(snap).is_err() {
             break;

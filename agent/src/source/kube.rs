@@ -104,9 +104,11 @@ pub async fn run(
             services: services.state(),
             slices: slices.state(),
             nodes: nodes.state(),
-            errors: Vec::new(),
             changed_at: Some(at),
             synced: true,
+            // Pools, namespaces and the allocation (API mode, a Lease-held
+            // allocator writing statuses) are the next step of issue #15.
+            ..Snapshot::default()
         };
         if tx.send(snap).is_err() {
             break;

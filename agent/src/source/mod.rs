@@ -6,9 +6,11 @@
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
 };
+
+use crate::lbipam::LoadBalancerIPPool;
 
 pub mod files;
 pub mod kube;
@@ -22,6 +24,13 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<EndpointSlice>>,
     pub nodes: Vec<Arc<Node>>,
+    /// LoadBalancerIPPools and Namespaces (their labels, for pools'
+    /// `namespaceSelector`): the LoadBalancer address allocation's input.
+    pub pools: Vec<Arc<LoadBalancerIPPool>>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    /// Problems of the LoadBalancer address allocation: (`namespace/name`
+    /// of the Service, or `pool/NAME`; message).
+    pub lb_problems: Vec<(String, String)>,
     /// Objects that could not be read (file, document, reason).
     pub errors: Vec<String>,
     /// When the change that produced this snapshot was seen (for the
