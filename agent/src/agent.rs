@@ -52,6 +52,9 @@ pub struct Settings {
     pub zone: Option<String>,
     pub options: Options,
     pub xdp_interfaces: Vec<String>,
+    /// Where LoadBalancer addresses are announced (ARP, NDP).
+    pub l2_interfaces: Vec<String>,
+    pub l2_external_ips: bool,
     pub xdp_mode: attach::XdpAttachMode,
     pub tc_interfaces: Vec<String>,
     pub tc_patterns: Vec<glob::Pattern>,
@@ -259,6 +262,8 @@ struct Reconciler<'a> {
     route: RouteEpoch,
     /// Notices and expected skips already logged (each is said once).
     said_once: std::collections::HashSet<(String, String)>,
+    /// L2 announcements of the LoadBalancer addresses this node owns.
+    l2: crate::l2::Announcer,
 }
 
 impl Reconciler<'_> {
@@ -286,6 +291,16 @@ impl Reconciler<'_> {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweeping stale conntrack / affinity entries failed"),
+        }
+        // L2: in `--manifests` mode every agent computes the same owners
+        // (see `l2.rs`); with the API server, Leases will decide.
+        if s.manifests.is_some() {
+            let want = crate::l2::owned(snap, &s.node_name, s.l2_external_ips);
+            match self.l2.sync(dp, &want) {
+                Ok(gained) if !gained.is_empty() => tracing::info!(?gained, "announcing on L2"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "updating L2 announcements failed"),
+            }
         }
         let took = started.elapsed();
         let http = self.http.clone();
@@ -476,6 +491,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         last_config: None,
         route: RouteEpoch { base: dp.config().map(|c| c.route_epoch).unwrap_or(0), state: *route_rx.borrow() },
         said_once: Default::default(),
+        l2: crate::l2::Announcer::new(s.l2_interfaces.clone()),
     };
     let mut last: Option<Snapshot> = None;
     // Health-check servers that could not bind are retried (kube-proxy: at

@@ -183,6 +183,13 @@ pub struct AgentArgs {
     /// Interfaces that get the XDP program (north-south traffic), comma-separated.
     #[arg(long, env = "XLB_XDP_INTERFACES", value_delimiter = ',')]
     pub xdp_interfaces: Vec<String>,
+    /// Interfaces where this node answers ARP and NDP for the
+    /// LoadBalancer addresses it owns (default: the XDP interfaces).
+    #[arg(long, env = "XLB_L2_INTERFACES", value_delimiter = ',')]
+    pub l2_interfaces: Vec<String>,
+    /// Announce externalIPs on L2 too (the owner answers ARP / NDP for them).
+    #[arg(long, env = "XLB_L2_EXTERNAL_IPS")]
+    pub l2_external_ips: bool,
     /// XDP attach mode.
     #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value = "auto")]
     pub xdp_mode: XdpAttachMode,
@@ -374,6 +381,8 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
             derive_hints: a.manifests.is_some(),
         },
         xdp_interfaces: a.xdp_interfaces.clone(),
+        l2_interfaces: if a.l2_interfaces.is_empty() { a.xdp_interfaces.clone() } else { a.l2_interfaces.clone() },
+        l2_external_ips: a.l2_external_ips,
         xdp_mode: a.xdp_mode,
         tc_interfaces: a.tc_interfaces.clone(),
         tc_patterns,

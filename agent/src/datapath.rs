@@ -17,14 +17,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapError, ProgramArray, lpm_trie::Key},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, ProgramArray, lpm_trie::Key},
     programs::Program,
     util::nr_cpus,
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, CtEntry, CtKey, FrontendInfo, NextHop, RevNat, SCHED_MAGLEV,
-    SCHED_RANDOM, SCHED_SOURCE_HASH, SCHED_WEIGHTED_LC, SCHED_WEIGHTED_RR, Service, ServiceKey, SockRevKey,
-    SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, Config, CtEntry, CtKey, FrontendInfo, L2Key, L2Value, NextHop, RevNat,
+    SCHED_MAGLEV, SCHED_RANDOM, SCHED_SOURCE_HASH, SCHED_WEIGHTED_LC, SCHED_WEIGHTED_RR, Service, ServiceKey,
+    SockRevKey, SourceRangeKey,
     ct_table::{WAYS, buckets_for},
     maps, tail, v4_mapped,
 };
@@ -555,6 +555,32 @@ impl Datapath {
 
     /// Backend `id`'s next-hop cache entry for XDP (`tc` false) or TC, as
     /// the new-flow path left it (see `datapath_common::NextHop`).
+    /// Announces `key`'s address on its interface with `value`'s MAC (L2_ADDRS).
+    pub fn set_l2(&mut self, key: &L2Key, value: &L2Value) -> Result<()> {
+        let map = self.ebpf.map_mut(maps::L2_ADDRS).ok_or(Error::MissingMap(maps::L2_ADDRS))?;
+        let mut m: BpfHashMap<&mut MapData, L2Key, L2Value> =
+            BpfHashMap::try_from(map).map_err(map_err(maps::L2_ADDRS))?;
+        m.insert(key, value, 0).map_err(map_err(maps::L2_ADDRS))
+    }
+
+    /// Stops announcing `key` (no error when it was not announced).
+    pub fn remove_l2(&mut self, key: &L2Key) -> Result<()> {
+        let map = self.ebpf.map_mut(maps::L2_ADDRS).ok_or(Error::MissingMap(maps::L2_ADDRS))?;
+        let mut m: BpfHashMap<&mut MapData, L2Key, L2Value> =
+            BpfHashMap::try_from(map).map_err(map_err(maps::L2_ADDRS))?;
+        match m.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::L2_ADDRS)(e)),
+        }
+    }
+
+    /// What L2_ADDRS holds (addresses announced, per interface).
+    pub fn l2_entries(&self) -> Result<Vec<(L2Key, L2Value)>> {
+        let map = self.ebpf.map(maps::L2_ADDRS).ok_or(Error::MissingMap(maps::L2_ADDRS))?;
+        let m: BpfHashMap<&MapData, L2Key, L2Value> = BpfHashMap::try_from(map).map_err(map_err(maps::L2_ADDRS))?;
+        Ok(m.iter().filter_map(|r| r.ok()).collect())
+    }
+
     pub fn next_hop(&self, id: u32, tc: bool) -> Result<NextHop> {
         let map = self.ebpf.map(maps::NEXT_HOP).ok_or(Error::MissingMap(maps::NEXT_HOP))?;
         let a: Array<&MapData, NextHop> = Array::try_from(map).map_err(map_err(maps::NEXT_HOP))?;

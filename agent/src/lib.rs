@@ -13,6 +13,7 @@ pub mod dump;
 pub mod events;
 pub mod filter;
 pub mod health;
+pub mod l2;
 pub mod lbipam;
 pub mod maglev;
 pub mod mapped;

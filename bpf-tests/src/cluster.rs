@@ -250,11 +250,20 @@ impl Cluster {
     /// targetPort is a number or a name from `named_ports`.
     pub fn write_manifests(&self, named_ports: &[(&str, u16)]) {
         let mut out = String::new();
-        for (i, zone) in self.zones.iter().enumerate() {
+        // A Node per node (with its zone label when zones are set): the
+        // agents' shared view of the cluster (L2 ownership needs it).
+        for i in 0..self.nodes.len() {
+            let labels = match self.zones.get(i) {
+                Some(zone) => format!(", labels: {{topology.kubernetes.io/zone: {zone}}}"),
+                None => String::new(),
+            };
             let _ = write!(
                 out,
-                "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n---\n",
-                i + 1
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{n}{labels}}}\n\
+                 status: {{addresses: [{{type: InternalIP, address: \"{}\"}}, {{type: InternalIP, address: \"{}\"}}]}}\n---\n",
+                node_addr4(i + 1),
+                node_addr6(i + 1),
+                n = i + 1
             );
         }
         for s in &self.services {

@@ -545,8 +545,13 @@ pub mod verdict {
     /// of its bucket established): dropped, since its reply could not be
     /// translated back. (Without SNAT such a flow goes on untracked: CT_FULL.)
     pub const CT_FULL_DROP: u32 = 29;
+    /// An ARP request for a LoadBalancer address this node announces
+    /// (L2_ADDRS) answered from XDP.
+    pub const L2_ARP_REPLY: u32 = 30;
+    /// A neighbour solicitation for such an address answered from XDP.
+    pub const L2_NDP_REPLY: u32 = 31;
     /// Number of reasons (size of VERDICTS).
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 32;
     /// Names in index order, for `xlb dump stats` and the tests.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -579,7 +584,28 @@ pub mod verdict {
         "ct_race_drop",
         "ct_miss_non_syn",
         "ct_full_drop",
+        "l2_arp_reply",
+        "l2_ndp_reply",
     ];
+}
+
+/// L2_ADDRS (hash): an address this node announces on an interface (ARP,
+/// NDP) → the MAC it answers with. Filled by the agent with the
+/// LoadBalancer addresses it owns (issue #15).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L2Key {
+    /// Network order, IPv4 mapped.
+    pub addr: [u8; 16],
+    pub ifindex: u32,
+}
+
+/// Value of L2_ADDRS.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Value {
+    pub mac: [u8; 6],
+    pub _pad: u16,
 }
 
 /// Map names, shared by the programs and the loader.
@@ -615,6 +641,9 @@ pub mod maps {
     /// Socket-LB's counted TCP sockets: cookie → backend id, so that
     /// `sock_release` takes back the BACKEND_CONNS count `connect` added.
     pub const SOCK_CONNS: &str = "SOCK_CONNS";
+    /// The addresses announced on L2 (`super::L2Key`). Not pinned: the
+    /// agent fills it at every start, before the programs attach.
+    pub const L2_ADDRS: &str = "L2_ADDRS";
     /// Not pinned with the others: see [`super::FragKey`].
     pub const FRAGS: &str = "FRAGS";
     /// The "maybe ours" filter ([`super::filter`]). Not pinned: every agent
@@ -769,6 +798,8 @@ mod pod {
     unsafe impl aya::Pod for PktgenConfig {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for L2Key {}
+    unsafe impl aya::Pod for L2Value {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
 }

@@ -10,6 +10,7 @@ mod conntrack;
 mod fragment;
 mod hook;
 mod icmp;
+mod l2;
 mod maps;
 mod nat;
 mod next_hop;
@@ -35,6 +36,11 @@ use hook::{Hook, Tc};
 /// node interfaces, plus replies coming back from remote backends.
 #[xdp]
 pub fn xlb_xdp(mut ctx: XdpContext) -> u32 {
+    // ARP and neighbour solicitations for the LoadBalancer addresses this
+    // node announces (L2_ADDRS); everything else goes on.
+    if let Some(action) = l2::answer(&mut ctx) {
+        return ctx.verdict(action);
+    }
     let action = pipeline::process(&mut ctx);
     ctx.verdict(action)
 }

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use datapath_common::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, FragKey, FragPorts, FrontendInfo, NextHop, RevNat,
-    Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, FragKey, FragPorts, FrontendInfo, L2Key, L2Value,
+    NextHop, RevNat, Service, ServiceKey, SockRevKey, SockRevValue, SourceRangeKey,
     ct_ops::NewFlow,
     ct_table::{Addr6, CtBucket, CtRecord4, CtRecord6, Tuple, event},
     filter::FlowFilter,
@@ -63,6 +63,9 @@ pub static FRONTENDS: HashMap<u32, FrontendInfo> = HashMap::with_max_entries(1, 
 /// Socket-level load balancing's reverse translations (`sock.rs`).
 #[map]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::with_max_entries(1, 0);
+/// The addresses this node announces on L2 (`l2.rs`).
+#[map]
+pub static L2_ADDRS: HashMap<L2Key, L2Value> = HashMap::with_max_entries(4096, 0);
 /// Socket-LB's TCP sockets counted in BACKEND_CONNS: cookie → backend id
 /// (not LRU: an evicted socket would keep its count forever).
 #[map]
