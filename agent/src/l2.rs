@@ -87,21 +87,8 @@ pub fn owner<'a>(addr: &IpAddr, nodes: &'a BTreeSet<String>) -> Option<&'a Strin
         let mut key = addr.to_string().into_bytes();
         key.push(0);
         key.extend_from_slice(n.as_bytes());
-        fnv_splitmix(&key)
+        crate::maglev::hash64(0x6c32, &key)
     })
-}
-
-fn fnv_splitmix(bytes: &[u8]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 /// The addresses `node` announces (`--manifests` mode).

@@ -60,7 +60,8 @@ pub fn size_for(backends: usize) -> u32 {
     next_prime(want).min(MAX_SIZE)
 }
 
-fn hash64(seed: u64, bytes: &[u8]) -> u64 {
+/// FNV-1a of `bytes` from `seed`, avalanched (also the L2 owners' rendezvous hash).
+pub fn hash64(seed: u64, bytes: &[u8]) -> u64 {
     // FNV-1a, then the splitmix64 finaliser for avalanche.
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for b in bytes {

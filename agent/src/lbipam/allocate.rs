@@ -101,16 +101,14 @@ struct Candidate<'a> {
     held: Vec<IpAddr>,
 }
 
+/// A Service's `status.loadBalancer.ingress` entries.
+pub fn ingress(svc: &Service) -> impl Iterator<Item = &k8s_openapi::api::core::v1::LoadBalancerIngress> {
+    svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref()).into_iter().flatten()
+}
+
 /// The addresses a Service holds in its status.
 pub fn held_in_status(svc: &Service) -> Vec<IpAddr> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect()
+    ingress(svc).filter_map(|i| i.ip.as_deref()?.parse().ok()).collect()
 }
 
 fn id_of(svc: &Service) -> String {

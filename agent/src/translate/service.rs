@@ -233,12 +233,7 @@ fn scheduler(svc: &Service, opts: &Options, problems: &mut Notes) -> (Scheduler,
 
 /// `status.loadBalancer.ingress` IPs bound here (not `ipMode: Proxy`).
 fn load_balancer_ips(svc: &Service, problems: &mut Notes) -> Vec<IpAddr> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref())
-        .into_iter()
-        .flatten()
+    crate::lbipam::allocate::ingress(svc)
         .filter_map(|i| {
             let ip = i.ip.as_deref()?;
             if i.ip_mode.as_deref() == Some("Proxy") {
