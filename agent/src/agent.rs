@@ -295,7 +295,7 @@ impl Reconciler<'_> {
         // L2: in `--manifests` mode every agent computes the same owners
         // (see `l2.rs`); with the API server, Leases will decide.
         if s.manifests.is_some() {
-            let want = crate::l2::owned(snap, &s.node_name, s.l2_external_ips);
+            let want = crate::l2::owned(snap, &s.node_name, s.l2_external_ips, &s.lb_class);
             match self.l2.sync(dp, &want) {
                 Ok(gained) if !gained.is_empty() => tracing::info!(?gained, "announcing on L2"),
                 Ok(_) => {}

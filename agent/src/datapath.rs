@@ -553,8 +553,6 @@ impl Datapath {
         self.maps.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
     }
 
-    /// Backend `id`'s next-hop cache entry for XDP (`tc` false) or TC, as
-    /// the new-flow path left it (see `datapath_common::NextHop`).
     /// Announces `key`'s address on its interface with `value`'s MAC (L2_ADDRS).
     pub fn set_l2(&mut self, key: &L2Key, value: &L2Value) -> Result<()> {
         let map = self.ebpf.map_mut(maps::L2_ADDRS).ok_or(Error::MissingMap(maps::L2_ADDRS))?;
@@ -574,13 +572,8 @@ impl Datapath {
         }
     }
 
-    /// What L2_ADDRS holds (addresses announced, per interface).
-    pub fn l2_entries(&self) -> Result<Vec<(L2Key, L2Value)>> {
-        let map = self.ebpf.map(maps::L2_ADDRS).ok_or(Error::MissingMap(maps::L2_ADDRS))?;
-        let m: BpfHashMap<&MapData, L2Key, L2Value> = BpfHashMap::try_from(map).map_err(map_err(maps::L2_ADDRS))?;
-        Ok(m.iter().filter_map(|r| r.ok()).collect())
-    }
-
+    /// Backend `id`'s next-hop cache entry for XDP (`tc` false) or TC, as
+    /// the new-flow path left it (see `datapath_common::NextHop`).
     pub fn next_hop(&self, id: u32, tc: bool) -> Result<NextHop> {
         let map = self.ebpf.map(maps::NEXT_HOP).ok_or(Error::MissingMap(maps::NEXT_HOP))?;
         let a: Array<&MapData, NextHop> = Array::try_from(map).map_err(map_err(maps::NEXT_HOP))?;

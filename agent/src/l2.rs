@@ -27,7 +27,7 @@ use k8s_openapi::api::core::v1::Service;
 use crate::{Datapath, source::Snapshot};
 
 /// The nodes that may announce each LoadBalancer address of `snap`.
-pub fn eligible(snap: &Snapshot, external_ips: bool) -> BTreeMap<IpAddr, BTreeSet<String>> {
+pub fn eligible(snap: &Snapshot, external_ips: bool, lb_class: &str) -> BTreeMap<IpAddr, BTreeSet<String>> {
     let nodes: BTreeSet<String> = snap.nodes.iter().filter_map(|n| n.metadata.name.clone()).collect();
     // A node's own address (`NodeIPs` pools hand them out) is its own to
     // answer for: never announced by another.
@@ -42,7 +42,9 @@ pub fn eligible(snap: &Snapshot, external_ips: bool) -> BTreeMap<IpAddr, BTreeSe
     for svc in &snap.services {
         let Some(spec) = svc.spec.as_ref() else { continue };
         let mut addrs = Vec::new();
-        if spec.type_.as_deref() == Some("LoadBalancer") {
+        // Another controller's LoadBalancer is its to announce.
+        let ours = spec.load_balancer_class.as_deref().is_none_or(|c| c == lb_class);
+        if spec.type_.as_deref() == Some("LoadBalancer") && ours {
             addrs.extend(crate::lbipam::allocate::held_in_status(svc));
         }
         if external_ips {
@@ -57,8 +59,17 @@ pub fn eligible(snap: &Snapshot, external_ips: bool) -> BTreeMap<IpAddr, BTreeSe
             nodes.clone()
         };
         for a in addrs.into_iter().filter(|a| !node_addrs.contains(a)) {
-            // Services sharing an address share the Local nodes' union.
-            out.entry(a).or_default().extend(who.iter().cloned());
+            // Services sharing an address: the nodes eligible for all of
+            // them (a Local one's traffic must land where it has an endpoint).
+            match out.entry(a) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(who.clone());
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    let both: BTreeSet<String> = o.get().intersection(&who).cloned().collect();
+                    o.insert(both);
+                }
+            }
         }
     }
     out
@@ -92,63 +103,114 @@ pub fn owner<'a>(addr: &IpAddr, nodes: &'a BTreeSet<String>) -> Option<&'a Strin
 }
 
 /// The addresses `node` announces (`--manifests` mode).
-pub fn owned(snap: &Snapshot, node: &str, external_ips: bool) -> BTreeSet<IpAddr> {
-    eligible(snap, external_ips)
+pub fn owned(snap: &Snapshot, node: &str, external_ips: bool, lb_class: &str) -> BTreeSet<IpAddr> {
+    eligible(snap, external_ips, lb_class)
         .into_iter()
         .filter(|(a, nodes)| owner(a, nodes).is_some_and(|o| o == node))
         .map(|(a, _)| a)
         .collect()
 }
 
-/// The announcing side of one agent: its L2 interfaces and what it owns.
+/// What is announced now: (address, ifindex) → MAC, shared with the
+/// sending thread, which re-checks it before every announcement.
+type Owned = std::sync::Arc<std::sync::Mutex<BTreeMap<(IpAddr, u32), [u8; 6]>>>;
+
+/// The announcing side of one agent: its L2 interfaces, what it announces,
+/// and one thread sending the announcements of newly owned addresses.
 pub struct Announcer {
     interfaces: Vec<String>,
-    owned: BTreeSet<(IpAddr, u32)>,
+    owned: Owned,
+    missing: BTreeSet<String>,
+    queue: std::sync::mpsc::Sender<(IpAddr, u32)>,
 }
 
 impl Announcer {
     pub fn new(interfaces: Vec<String>) -> Self {
-        Self { interfaces, owned: BTreeSet::new() }
+        let owned = Owned::default();
+        let (queue, rx) = std::sync::mpsc::channel();
+        let shared = owned.clone();
+        std::thread::Builder::new()
+            .name("xlb-l2-announce".into())
+            .spawn(move || announcer(rx, shared))
+            .expect("spawning the L2 announcer");
+        Self { interfaces, owned, missing: BTreeSet::new(), queue }
     }
 
-    /// Makes L2_ADDRS hold exactly `want` on every L2 interface there is;
-    /// a newly owned address is announced (a few gratuitous ARPs or
-    /// unsolicited advertisements, spaced). Returns the addresses gained.
+    /// Makes L2_ADDRS hold exactly `want` on every L2 interface there is
+    /// (with each interface's current MAC); a newly owned address is
+    /// announced (gratuitous ARPs or unsolicited advertisements, spaced).
+    /// Stops answering first, then answers: an address never has two MACs
+    /// here. Returns the addresses gained.
     pub fn sync(&mut self, dp: &mut Datapath, want: &BTreeSet<IpAddr>) -> anyhow::Result<Vec<IpAddr>> {
         let mut now: BTreeMap<(IpAddr, u32), [u8; 6]> = BTreeMap::new();
         for name in &self.interfaces {
-            let (Ok(ifindex), Ok(mac)) = (crate::pktgen::ifindex(name), crate::pktgen::mac_of(name)) else {
-                continue; // not there (yet): the next sync tries again
-            };
-            for a in want {
-                now.insert((*a, ifindex), mac);
+            match (crate::pktgen::ifindex(name), crate::pktgen::mac_of(name)) {
+                (Ok(ifindex), Ok(mac)) => {
+                    self.missing.remove(name);
+                    now.extend(want.iter().map(|a| ((*a, ifindex), mac)));
+                }
+                _ => {
+                    if self.missing.insert(name.clone()) {
+                        tracing::warn!(interface = name, "no such L2 interface (yet): nothing announced on it");
+                    }
+                }
             }
+        }
+        let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<(IpAddr, u32)> = owned.keys().filter(|k| !now.contains_key(k)).copied().collect();
+        for (a, ifindex) in gone {
+            dp.remove_l2(&L2Key { addr: crate::datapath::map_addr(a), ifindex })?;
+            owned.remove(&(a, ifindex));
         }
         let mut gained = Vec::new();
         for (&(a, ifindex), mac) in &now {
-            if !self.owned.contains(&(a, ifindex)) {
-                dp.set_l2(&L2Key { addr: crate::datapath::map_addr(a), ifindex }, &L2Value { mac: *mac, _pad: 0 })?;
-                gained.push(a);
-                let (a, ifindex, mac) = (a, ifindex, *mac);
-                std::thread::spawn(move || announce(a, ifindex, mac));
+            if owned.get(&(a, ifindex)) == Some(mac) {
+                continue;
             }
+            dp.set_l2(&L2Key { addr: crate::datapath::map_addr(a), ifindex }, &L2Value { mac: *mac, _pad: 0 })?;
+            owned.insert((a, ifindex), *mac);
+            gained.push(a);
+            let _ = self.queue.send((a, ifindex));
         }
-        for &(a, ifindex) in self.owned.iter().filter(|k| !now.contains_key(k)) {
-            dp.remove_l2(&L2Key { addr: crate::datapath::map_addr(a), ifindex })?;
-        }
-        self.owned = now.into_keys().collect();
         gained.dedup();
         Ok(gained)
     }
 }
 
-/// Sends three announcements of `addr` out of `ifindex`, 0, 0.5 and 1.5 s
-/// after taking it (an ARP cache that missed one gets the next).
-fn announce(addr: IpAddr, ifindex: u32, mac: [u8; 6]) {
-    for wait in [0u64, 500, 1000] {
-        std::thread::sleep(Duration::from_millis(wait));
-        if let Err(e) = send(ifindex, &frame(addr, mac)) {
-            tracing::warn!(%addr, ifindex, error = %e, "sending an L2 announcement failed");
+/// The sending thread: three announcements per newly owned address, 0,
+/// 0.5 and 1.5 s after it was taken (an ARP cache that missed one gets the
+/// next), each only while the address is still owned, with its MAC then.
+fn announcer(rx: std::sync::mpsc::Receiver<(IpAddr, u32)>, owned: Owned) {
+    let mut due: BTreeMap<std::time::Instant, Vec<(IpAddr, u32)>> = BTreeMap::new();
+    loop {
+        let wait = due.keys().next().map(|t| t.saturating_duration_since(std::time::Instant::now()));
+        let got = match wait {
+            Some(w) => rx.recv_timeout(w).map_err(|e| e == std::sync::mpsc::RecvTimeoutError::Disconnected),
+            None => rx.recv().map_err(|_| true),
+        };
+        match got {
+            Ok(k) => {
+                let t = std::time::Instant::now();
+                for ms in [0u64, 500, 1500] {
+                    due.entry(t + Duration::from_millis(ms)).or_default().push(k);
+                }
+            }
+            Err(true) => return,
+            Err(false) => {}
+        }
+        let now = std::time::Instant::now();
+        while let Some(e) = due.first_entry() {
+            if *e.key() > now {
+                break;
+            }
+            for (a, ifindex) in e.remove() {
+                let mac = owned.lock().unwrap_or_else(|e| e.into_inner()).get(&(a, ifindex)).copied();
+                if let Some(mac) = mac
+                    && let Err(err) = send(ifindex, &frame(a, mac))
+                {
+                    tracing::warn!(addr = %a, ifindex, error = %err, "sending an L2 announcement failed");
+                }
+            }
         }
     }
 }
@@ -234,6 +296,8 @@ mod tests {
     use super::*;
     use crate::source::files::parse_into;
 
+    const C: &str = crate::lbipam::DEFAULT_LB_CLASS;
+
     fn snap(nodes: usize, services: usize, local_on: Option<&str>) -> Snapshot {
         let mut y = String::new();
         for n in 1..=nodes {
@@ -267,12 +331,12 @@ mod tests {
     #[test]
     fn one_owner_per_address_spread_and_stable() {
         let three = snap(3, 300, None);
-        let had: Vec<BTreeSet<IpAddr>> = (1..=3).map(|n| owned(&three, &format!("node-{n}"), false)).collect();
+        let had: Vec<BTreeSet<IpAddr>> = (1..=3).map(|n| owned(&three, &format!("node-{n}"), false, C)).collect();
         assert_eq!(had.iter().map(BTreeSet::len).sum::<usize>(), 300, "every address exactly once");
         assert!(had.iter().all(|o| o.len() > 70), "spread: {:?}", had.iter().map(BTreeSet::len).collect::<Vec<_>>());
         let two = snap(2, 300, None);
         for n in 1..=2 {
-            let now = owned(&two, &format!("node-{n}"), false);
+            let now = owned(&two, &format!("node-{n}"), false, C);
             assert!(had[n - 1].is_subset(&now), "node-{n} keeps what it had");
         }
     }
@@ -281,9 +345,9 @@ mod tests {
     #[test]
     fn local_policy_announces_from_nodes_with_a_ready_endpoint() {
         let s = snap(3, 20, Some("node-2"));
-        assert_eq!(owned(&s, "node-2", false).len(), 20);
-        assert!(owned(&s, "node-1", false).is_empty() && owned(&s, "node-3", false).is_empty());
-        assert!(owned(&snap(0, 5, None), "node-1", false).is_empty(), "no Node objects: nothing");
+        assert_eq!(owned(&s, "node-2", false, C).len(), 20);
+        assert!(owned(&s, "node-1", false, C).is_empty() && owned(&s, "node-3", false, C).is_empty());
+        assert!(owned(&snap(0, 5, None), "node-1", false, C).is_empty(), "no Node objects: nothing");
     }
 
     /// A node's own address (a `NodeIPs` pool's) is never announced by another.
@@ -292,7 +356,7 @@ mod tests {
         let mut s = snap(2, 1, None);
         let y = "apiVersion: v1\nkind: Node\nmetadata: {name: node-9}\nstatus: {addresses: [{type: InternalIP, address: 10.9.0.1}]}\n";
         parse_into(&mut s, "node", y);
-        assert!((1..=9).all(|n| owned(&s, &format!("node-{n}"), false).is_empty()));
+        assert!((1..=9).all(|n| owned(&s, &format!("node-{n}"), false, C).is_empty()));
     }
 
     #[test]

@@ -221,6 +221,47 @@ spec: {mode: NodeIPs, nodeSelector: {matchLabels: {lb: "yes"}}}
     assert!(ips(&a, "k/three").is_empty(), "port 80 is k/one's on those addresses");
 }
 
+/// A dual-stack Service asking for its IPv4 address only keeps the IPv6
+/// address it holds; node addresses, externalIPs and another class's
+/// addresses are never handed out; an IPv6 CIDR skips its subnet-router
+/// anycast address; a /64 pool is not scanned address by address.
+#[test]
+fn partial_requests_reserved_addresses_and_large_pools() {
+    let pool = r#"
+apiVersion: xlb.io/v1alpha1
+kind: LoadBalancerIPPool
+metadata: {name: p}
+spec:
+  blocks: [{start: 203.0.113.5, stop: 203.0.113.8}, {cidr: "2001:db8:7::/64"}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 203.0.113.5}]}
+---
+"#;
+    let dual = ", ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack";
+    let y = pool.to_string()
+        + &lb("t", "dual", ", annotations: {xlb.io/lb-ips: 203.0.113.8}", dual, "2026-01-01T00:00:00Z")
+        + &lb("t", "ext", "", ", externalIPs: [203.0.113.6]", "2026-01-02T00:00:00Z")
+            .replace("type: LoadBalancer", "type: ClusterIP")
+        + &lb("t", "theirs", "", ", loadBalancerClass: example.com/lb", "2026-01-03T00:00:00Z")
+        + &lb("t", "mine", "", "", "2026-01-04T00:00:00Z");
+    let mut snap = objects(&y);
+    set_status(&mut snap, "dual", &["203.0.113.8", "2001:db8:7::9"]);
+    set_status(&mut snap, "theirs", &["203.0.113.7"]);
+    let a = run(&snap);
+    assert_eq!(ips(&a, "t/dual"), ["203.0.113.8", "2001:db8:7::9"], "the IPv6 address is kept");
+    assert!(ips(&a, "t/mine").is_empty(), ".5 is a node's, .6 an externalIP, .7 another class's: {a:?}");
+    // Fresh: the /64's first address is skipped.
+    let mut snap = objects(&y);
+    set_status(&mut snap, "theirs", &["203.0.113.7"]);
+    let started = std::time::Instant::now();
+    let a = run(&snap);
+    assert_eq!(ips(&a, "t/dual"), ["203.0.113.8", "2001:db8:7::1"]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+}
+
 /// `namespaceSelector` reads the Namespace's labels.
 #[test]
 fn namespace_selector() {

@@ -134,6 +134,22 @@ fn a_neighbour_solicitation_for_an_announced_address_is_answered_from_xdp() {
         }
         assert_eq!(w.lb.run(Prog::Xdp, &solicitation("fd60::101", "fd60::200", 255, slla)).0, Verdict::Pass);
     }
+    // A longer solicitation (a nonce option after the link-layer one,
+    // RFC 7527) is cut to the 86-byte advertisement.
+    let mut w = world();
+    let _in = w.env.enter();
+    announce(&mut w, OWNED6.parse().unwrap(), LO);
+    let mut long = solicitation(OWNED6, "fd60::200", 255, true);
+    long.extend_from_slice(&[14, 1, 1, 2, 3, 4, 5, 6]);
+    let len = (long.len() - 54) as u16;
+    long[18..20].copy_from_slice(&len.to_be_bytes());
+    let (v, out) = w.lb.run(Prog::Xdp, &long);
+    assert_eq!((v, out.len()), (Verdict::Redirect, 86));
+    // A multicast or IPv4-mapped target is never answered, even if in the map.
+    for target in ["ff02::1", "::ffff:192.168.60.100"] {
+        announce(&mut w, target.parse().unwrap(), LO);
+        assert_eq!(w.lb.run(Prog::Xdp, &solicitation(target, "fd60::200", 255, true)).0, Verdict::Pass, "{target}");
+    }
 }
 
 fn ip6_of(b: &[u8]) -> [u8; 16] {

@@ -641,8 +641,9 @@ pub mod maps {
     /// Socket-LB's counted TCP sockets: cookie → backend id, so that
     /// `sock_release` takes back the BACKEND_CONNS count `connect` added.
     pub const SOCK_CONNS: &str = "SOCK_CONNS";
-    /// The addresses announced on L2 (`super::L2Key`). Not pinned: the
-    /// agent fills it at every start, before the programs attach.
+    /// The addresses announced on L2 (`super::L2Key`). Not pinned: each
+    /// agent fills its programs' copy at its first sync. The programs keep
+    /// answering from it while no agent runs (as they keep balancing).
     pub const L2_ADDRS: &str = "L2_ADDRS";
     /// Not pinned with the others: see [`super::FragKey`].
     pub const FRAGS: &str = "FRAGS";

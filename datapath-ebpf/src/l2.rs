@@ -10,6 +10,11 @@
 //! RFC 826's reply. NDP: RFC 4861's solicited advertisement (flags S and O,
 //! the target link-layer address option), to the solicitation's source; a
 //! duplicate-address probe (source `::`) is left to the kernel.
+//!
+//! Not handled: VLAN-tagged frames (a request on a VLAN sub-interface is
+//! the kernel's), and the solicitation's own checksum is not verified
+//! (the answer is to the sender whatever the request's integrity; a
+//! corrupted request at worst gets an advertisement it did not need).
 
 use aya_ebpf::programs::XdpContext;
 use datapath_common::{L2Key, csum, v4_mapped, verdict};
@@ -98,8 +103,13 @@ fn ndp(ctx: &mut XdpContext) -> Option<Action> {
     // SAFETY: the 78 bytes are checked above; every read below is inside.
     unsafe {
         let ip = p.add(ETH);
-        // No extension header, hop limit 255 (RFC 4861 §7.1.1), a
-        // solicitation with code 0.
+        // Version 6, a payload that holds the solicitation, no extension
+        // header, hop limit 255 (RFC 4861 §7.1.1), a solicitation with
+        // code 0.
+        let payload = u16::from_be_bytes([*ip.add(4), *ip.add(5)]) as usize;
+        if *ip >> 4 != 6 || payload < 24 || data + ETH + 40 + payload > end {
+            return None;
+        }
         if *ip.add(6) != IPPROTO_ICMPV6 || *ip.add(7) != 255 {
             return None;
         }
@@ -113,6 +123,12 @@ fn ndp(ctx: &mut XdpContext) -> Option<Action> {
     }
     if src == [0; 16] {
         return None; // duplicate address detection: the kernel's business
+    }
+    // A multicast source or target, or an IPv4-mapped target (L2_ADDRS keys
+    // IPv4 addresses that way), is never one to answer.
+    let mapped = target[..10] == [0; 10] && target[10] == 0xff && target[11] == 0xff;
+    if src[0] == 0xff || target[0] == 0xff || mapped {
+        return None;
     }
     let key = L2Key { addr: target, ifindex: ctx.ifindex() };
     // SAFETY: the value is copied out at once.

@@ -256,12 +256,29 @@ pub fn allocate(inp: &Inputs) -> Allocation {
             .filter(|p| selects(&p.namespaces, ns_labels.get(&ns).copied().flatten()))
             .collect()
     };
-    // Holders of each address: candidate indexes.
+    // Holders of each address: candidate indexes. An entry without any is
+    // reserved: a node's address, an externalIP, or the address of a
+    // Service that is not ours (another class, another proxy's).
     let mut used: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
+    let ours: BTreeSet<&str> = cands.iter().map(|c| c.id.as_str()).collect();
+    let node_addrs =
+        inp.nodes.iter().filter_map(|n| n.status.as_ref()?.addresses.as_ref()).flatten().map(|a| &a.address);
+    let external_ips = inp.services.iter().filter_map(|s| s.spec.as_ref()?.external_ips.as_ref()).flatten();
+    for a in node_addrs.chain(external_ips).filter_map(|a| a.parse::<IpAddr>().ok()) {
+        used.entry(a).or_default();
+    }
+    for s in inp.services.iter().filter(|s| !ours.contains(id_of(s).as_str())) {
+        for a in held_in_status(s) {
+            used.entry(a).or_default();
+        }
+    }
     let mut got: Vec<Vec<IpAddr>> = vec![Vec::new(); cands.len()];
     // May candidate `i` use `a` beside its holders?
     let fits = |i: usize, a: &IpAddr, used: &BTreeMap<IpAddr, Vec<usize>>, node_ips: bool| -> Result<(), String> {
         let c = &cands[i];
+        if !node_ips && used.get(a).is_some_and(Vec::is_empty) {
+            return Err(format!("{a} is in use (a node's address, an externalIP, or another controller's Service)"));
+        }
         for &h in used.get(a).into_iter().flatten() {
             let o = &cands[h];
             if !node_ips && (c.key.is_none() || c.key != o.key) {
@@ -281,7 +298,9 @@ pub fn allocate(inp: &Inputs) -> Allocation {
         let pools = eligible(c, false);
         for a in &c.held {
             let family_open = c.families.contains(&a.is_ipv4()) && !got[i].iter().any(|g| g.is_ipv4() == a.is_ipv4());
-            let wanted = c.requested.is_empty() || c.requested.contains(a);
+            // A request for this family names the address to keep.
+            let asked: Vec<&IpAddr> = c.requested.iter().filter(|r| r.is_ipv4() == a.is_ipv4()).collect();
+            let wanted = asked.is_empty() || asked.contains(&a);
             // `NodeIPs` addresses are not held: step 2 derives them again
             // from the nodes, every time.
             let pool = pools.iter().find(|p| p.mode == PoolMode::Pool && p.contains(a));
@@ -335,8 +354,8 @@ pub fn allocate(inp: &Inputs) -> Allocation {
                     }
                     match p.mode {
                         PoolMode::Pool => {
-                            let free = p.ranges.iter().filter(|r| r.first.is_ipv4() == v4).flat_map(|r| r.iter());
-                            if let Some(a) = free.take(1 << 20).find(|a| !used.contains_key(a)) {
+                            let mut free = p.ranges.iter().filter(|r| r.first.is_ipv4() == v4);
+                            if let Some(a) = free.find_map(|r| r.first_free(&used)) {
                                 take.push(a);
                             }
                         }

@@ -93,6 +93,31 @@ pub struct Range {
 }
 
 impl Range {
+    /// A range of unicast addresses only (no multicast, loopback or
+    /// unspecified address can be a LoadBalancer's).
+    fn checked(first: IpAddr, last: IpAddr) -> Result<Self, String> {
+        let bad = |a: &IpAddr| a.is_multicast() || a.is_loopback() || a.is_unspecified();
+        if bad(&first) || bad(&last) {
+            return Err(format!("{first}–{last} holds multicast, loopback or unspecified addresses"));
+        }
+        Ok(Self { first, last })
+    }
+
+    /// The first address of the range not in `used` (a walk over the used
+    /// addresses inside the range: O(used), not O(range)).
+    pub fn first_free<V>(&self, used: &std::collections::BTreeMap<IpAddr, V>) -> Option<IpAddr> {
+        let v4 = self.first.is_ipv4();
+        let mut candidate = to_u128(&self.first);
+        for a in used.range(self.first..=self.last).map(|(a, _)| to_u128(a)) {
+            if a == candidate {
+                candidate += 1;
+            } else if a > candidate {
+                break;
+            }
+        }
+        (candidate <= to_u128(&self.last)).then(|| from_u128(candidate, v4))
+    }
+
     pub fn contains(&self, a: &IpAddr) -> bool {
         a.is_ipv4() == self.first.is_ipv4() && to_u128(a) >= to_u128(&self.first) && to_u128(a) <= to_u128(&self.last)
     }
@@ -123,13 +148,16 @@ impl Block {
                 let net: IpNet = c.trim().parse().map_err(|_| format!("cidr {c:?} is not a CIDR"))?;
                 let net = net.trunc();
                 let (mut first, mut last) = (net.network(), net.broadcast());
-                if let IpNet::V4(n) = net
-                    && n.prefix_len() < 31
-                {
-                    first = from_u128(to_u128(&first) + 1, true);
-                    last = from_u128(to_u128(&last) - 1, true);
+                match net {
+                    IpNet::V4(n) if n.prefix_len() < 31 => {
+                        first = from_u128(to_u128(&first) + 1, true);
+                        last = from_u128(to_u128(&last) - 1, true);
+                    }
+                    // The subnet-router anycast address (RFC 4291 §2.6.1).
+                    IpNet::V6(n) if n.prefix_len() < 127 => first = from_u128(to_u128(&first) + 1, false),
+                    _ => {}
                 }
-                Ok(Range { first, last })
+                Range::checked(first, last)
             }
             (None, Some(s), Some(e)) => {
                 let first: IpAddr = s.trim().parse().map_err(|_| format!("start {s:?} is not an address"))?;
@@ -137,7 +165,7 @@ impl Block {
                 if first.is_ipv4() != last.is_ipv4() || to_u128(&first) > to_u128(&last) {
                     return Err(format!("{s}–{e} is not a range"));
                 }
-                Ok(Range { first, last })
+                Range::checked(first, last)
             }
             _ => Err("a block is a cidr, or a start and a stop".into()),
         }

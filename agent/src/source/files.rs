@@ -112,13 +112,31 @@ pub fn read_dir(dir: &Path) -> Snapshot {
     snap
 }
 
+/// The LoadBalancer addresses of a directory: a function of the files
+/// alone (statuses given there, creation times, names), so every agent
+/// reading them, and every restart, computes the same allocation (and the
+/// same L2 owners). While a file does not read (an editor mid-write), the
+/// last good allocation is what the Services hold, so nothing moves.
+fn allocate(
+    snap: &mut Snapshot,
+    last_good: &mut std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    lb_class: &str,
+) {
+    if snap.errors.is_empty() {
+        let mut fresh = std::collections::BTreeMap::new();
+        lbipam::apply(snap, &mut fresh, lb_class);
+        *last_good = fresh;
+    } else {
+        let mut held = last_good.clone();
+        lbipam::apply(snap, &mut held, lb_class);
+    }
+}
+
 /// Watches `dir` and publishes a fresh [`Snapshot`] of the objects
 /// `selector` makes ours after every burst of changes (debounced by
 /// `settle`). LoadBalancer Services of class `lb_class` (or none) get their
 /// addresses from the directory's pools here, as the API server's statuses
-/// would hold them ([`lbipam::apply`]; the allocation of one read is the
-/// state of the next, so addresses stay put). Runs until the receiver is
-/// dropped.
+/// would hold them ([`allocate`]). Runs until the receiver is dropped.
 pub async fn watch_dir(
     dir: PathBuf,
     settle: Duration,
@@ -126,7 +144,7 @@ pub async fn watch_dir(
     lb_class: String,
     tx: watch::Sender<Snapshot>,
 ) -> anyhow::Result<()> {
-    let mut held = std::collections::BTreeMap::new();
+    let mut last_good = std::collections::BTreeMap::new();
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     // Only changes to manifests (or to directories) count: a log file or an
     // editor's swap file in the same directory must not trigger re-reads.
@@ -144,7 +162,7 @@ pub async fn watch_dir(
     watcher.watch(&dir, RecursiveMode::Recursive)?;
     let mut first = read_dir(&dir);
     selector.retain(&mut first);
-    lbipam::apply(&mut first, &mut held, &lb_class);
+    allocate(&mut first, &mut last_good, &lb_class);
     first.changed_at = Some(Instant::now());
     tx.send_replace(first);
     while let Some(at) = ev_rx.recv().await {
@@ -157,7 +175,7 @@ pub async fn watch_dir(
         })
         .await?;
         selector.retain(&mut snap);
-        lbipam::apply(&mut snap, &mut held, &lb_class);
+        allocate(&mut snap, &mut last_good, &lb_class);
         snap.changed_at = Some(at);
         if tx.send(snap).is_err() {
             break;
