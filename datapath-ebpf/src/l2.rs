@@ -22,12 +22,11 @@ use datapath_common::{L2Key, csum, v4_mapped, verdict};
 use crate::{
     hook::{Action, Hook as _},
     maps::{L2_ADDRS, count_verdict},
+    parse::{ETH_P_IPV6, PROTO_ICMPV6 as IPPROTO_ICMPV6},
 };
 
 const ETH: usize = 14;
 const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_ICMPV6: u8 = 58;
 const ND_SOLICIT: u8 = 135;
 const ND_ADVERT: u8 = 136;
 /// An advertisement: Ethernet, IPv6, ICMPv6 header and target (24), the

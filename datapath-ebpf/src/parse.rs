@@ -30,7 +30,7 @@ const PROTO_ESP: u8 = 50;
 const PROTO_ROUTING: u8 = 43;
 
 const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 /// Extension headers walked before giving up on an IPv6 packet.

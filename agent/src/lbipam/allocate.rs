@@ -111,7 +111,8 @@ pub fn held_in_status(svc: &Service) -> Vec<IpAddr> {
     ingress(svc).filter_map(|i| i.ip.as_deref()?.parse().ok()).collect()
 }
 
-fn id_of(svc: &Service) -> String {
+/// `namespace/name` of a Service.
+pub fn id_of(svc: &Service) -> String {
     format!("{}/{}", svc.metadata.namespace.as_deref().unwrap_or("default"), svc.metadata.name.as_deref().unwrap_or(""))
 }
 

@@ -44,12 +44,7 @@ pub fn apply(
     };
     let a = allocate(&inputs);
     for svc in &mut snap.services {
-        let id = format!(
-            "{}/{}",
-            svc.metadata.namespace.as_deref().unwrap_or("default"),
-            svc.metadata.name.as_deref().unwrap_or("")
-        );
-        let Some(addrs) = a.addresses.get(&id) else { continue };
+        let Some(addrs) = a.addresses.get(&allocate::id_of(svc)) else { continue };
         if allocate::held_in_status(svc) == *addrs {
             continue;
         }
