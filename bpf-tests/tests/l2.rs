@@ -56,6 +56,11 @@ fn sum(parts: &[&[u8]]) -> u16 {
 /// A neighbour solicitation from fd60::200 for `target`, to its
 /// solicited-node address, with the source link-layer option (`slla`).
 fn solicitation(target: &str, src: &str, hop_limit: u8, slla: bool) -> Vec<u8> {
+    solicitation_with(target, src, hop_limit, slla, &[])
+}
+
+/// [`solicitation`] with more options after the link-layer one.
+fn solicitation_with(target: &str, src: &str, hop_limit: u8, slla: bool, options: &[u8]) -> Vec<u8> {
     let t = ip6(target);
     let mut dst = ip6("ff02::1:ff00:0");
     dst[13..].copy_from_slice(&t[13..]);
@@ -65,6 +70,7 @@ fn solicitation(target: &str, src: &str, hop_limit: u8, slla: bool) -> Vec<u8> {
         icmp.extend_from_slice(&[1, 1]);
         icmp.extend_from_slice(&ASKER_MAC);
     }
+    icmp.extend_from_slice(options);
     let len = icmp.len() as u32;
     let src = ip6(src);
     let c = !sum(&[&src, &dst, &len.to_be_bytes(), &[0, 0, 0, 58], &icmp]);
@@ -139,10 +145,8 @@ fn a_neighbour_solicitation_for_an_announced_address_is_answered_from_xdp() {
     let mut w = world();
     let _in = w.env.enter();
     announce(&mut w, OWNED6.parse().unwrap(), LO);
-    let mut long = solicitation(OWNED6, "fd60::200", 255, true);
-    long.extend_from_slice(&[14, 1, 1, 2, 3, 4, 5, 6]);
-    let len = (long.len() - 54) as u16;
-    long[18..20].copy_from_slice(&len.to_be_bytes());
+    let long = solicitation_with(OWNED6, "fd60::200", 255, true, &[14, 1, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(long.len(), 94);
     let (v, out) = w.lb.run(Prog::Xdp, &long);
     assert_eq!((v, out.len()), (Verdict::Redirect, 86));
     // A multicast or IPv4-mapped target is never answered, even if in the map.
