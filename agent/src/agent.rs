@@ -55,6 +55,12 @@ pub struct Settings {
     /// Where LoadBalancer addresses are announced (ARP, NDP).
     pub l2_interfaces: Vec<String>,
     pub l2_external_ips: bool,
+    /// The L2 Leases' timing (API mode).
+    pub l2_lease: crate::lease::Timing,
+    /// Where the agent's Leases live (API mode).
+    pub namespace: String,
+    /// `--l2-rebalance`.
+    pub l2_rebalance: bool,
     pub xdp_mode: attach::XdpAttachMode,
     pub tc_interfaces: Vec<String>,
     pub tc_patterns: Vec<glob::Pattern>,
@@ -87,7 +93,7 @@ pub fn spawn_source(
             let (dir, selector, class) = (dir.clone(), s.selector.clone(), s.lb_class.clone());
             tokio::spawn(source::files::watch_dir(dir, Duration::from_millis(100), selector, class, tx))
         }
-        (None, Some(client)) => tokio::spawn(source::kube::run(client, s.node_name.clone(), s.selector.clone(), tx)),
+        (None, Some(client)) => tokio::spawn(source::kube::run(client, s.selector.clone(), s.lb_class.clone(), tx)),
         (None, None) => tokio::spawn(async { anyhow::bail!("no --manifests and no Kubernetes client") }),
     }
 }
@@ -262,8 +268,9 @@ struct Reconciler<'a> {
     route: RouteEpoch,
     /// Notices and expected skips already logged (each is said once).
     said_once: std::collections::HashSet<(String, String)>,
-    /// L2 announcements of the LoadBalancer addresses this node owns.
-    l2: crate::l2::Announcer,
+    /// L2 announcements of the LoadBalancer addresses this node owns
+    /// (`--manifests` mode; with the API server, the Lease task has it).
+    l2: Option<crate::l2::Announcer>,
 }
 
 impl Reconciler<'_> {
@@ -293,10 +300,11 @@ impl Reconciler<'_> {
             Err(e) => tracing::warn!(error = %e, "sweeping stale conntrack / affinity entries failed"),
         }
         // L2: in `--manifests` mode every agent computes the same owners
-        // (see `l2.rs`); with the API server, Leases will decide.
-        if s.manifests.is_some() {
+        // (see `l2/mod.rs`); with the API server, Leases decide (`l2/leases.rs`).
+        if let Some(l2) = self.l2.as_mut() {
             let want = crate::l2::owned(snap, &s.node_name, s.l2_external_ips, &s.lb_class);
-            match self.l2.sync(dp, &want) {
+            let want = want.into_iter().map(|a| (a, crate::l2::announce::FOREVER)).collect();
+            match l2.sync(&want) {
                 Ok(gained) if !gained.is_empty() => tracing::info!(?gained, "announcing on L2"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "updating L2 announcements failed"),
@@ -477,6 +485,37 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     let client = client(&s).await?;
     let events = client.clone().map(|c| crate::events::EventSink::new(c, &s.node_name));
+    let announcer = crate::l2::Announcer::new(
+        s.l2_interfaces.clone(),
+        dp.l2_map().map_err(|e| tracing::warn!(error = %e, "no L2_ADDRS: no L2 announcements")).ok(),
+    );
+    // API mode: the allocator's election and the L2 Leases, stopped (and
+    // their Leases released) before the agent exits.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut leaders = Vec::new();
+    let announcer = match &client {
+        Some(c) => {
+            leaders.push(tokio::spawn(crate::lbipam::leader::run(
+                c.clone(),
+                s.namespace.clone(),
+                s.node_name.clone(),
+                s.lb_class.clone(),
+                rx.clone(),
+                stop_rx.clone(),
+            )));
+            let l2 = crate::l2::leases::Settings {
+                namespace: s.namespace.clone(),
+                node: s.node_name.clone(),
+                timing: s.l2_lease,
+                external_ips: s.l2_external_ips,
+                lb_class: s.lb_class.clone(),
+                rebalance: s.l2_rebalance,
+            };
+            leaders.push(tokio::spawn(crate::l2::leases::run(c.clone(), l2, announcer, rx.clone(), stop_rx)));
+            None
+        }
+        None => Some(announcer),
+    };
     let mut source = spawn_source(&s, client, tx);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut r = Reconciler {
@@ -491,7 +530,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         last_config: None,
         route: RouteEpoch { base: dp.config().map(|c| c.route_epoch).unwrap_or(0), state: *route_rx.borrow() },
         said_once: Default::default(),
-        l2: crate::l2::Announcer::new(s.l2_interfaces.clone()),
+        l2: announcer,
     };
     let mut last: Option<Snapshot> = None;
     // Health-check servers that could not bind are retried (kube-proxy: at
@@ -565,8 +604,25 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    // Stop answering on L2 and give the Leases up, so others take over now.
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), futures::future::join_all(leaders)).await;
     tracing::info!("exiting; programs stay attached and maps pinned under {}", s.pin_dir.display());
     Ok(())
+}
+
+/// Parses a duration: `500ms`, `2s`, `1m` (a bare number is seconds).
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: the unit is ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// Parses `a-b` into a port range.

@@ -190,6 +190,23 @@ pub struct AgentArgs {
     /// Announce externalIPs on L2 too (the owner answers ARP / NDP for them).
     #[arg(long, env = "XLB_L2_EXTERNAL_IPS")]
     pub l2_external_ips: bool,
+    /// The duration of each address's L2 Lease (whole seconds, e.g. `2s`):
+    /// after a node dies, another answers for its addresses within about
+    /// this long.
+    #[arg(long, env = "XLB_L2_LEASE_DURATION", default_value = "2s", value_parser = agent::duration)]
+    pub l2_lease_duration: std::time::Duration,
+    /// How often a holder renews its L2 Leases (e.g. `500ms`).
+    #[arg(long, env = "XLB_L2_RENEW_INTERVAL", default_value = "500ms", value_parser = agent::duration)]
+    pub l2_renew_interval: std::time::Duration,
+    /// Hand an L2 address over to the node that ranks first for it when
+    /// that node comes (back): owners stay spread over the nodes. Each
+    /// move breaks the connections that need the old owner's conntrack.
+    #[arg(long, env = "XLB_L2_REBALANCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub l2_rebalance: bool,
+    /// The namespace of the agent's Leases (the allocator's and the L2
+    /// addresses'): the agent's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub namespace: String,
     /// XDP attach mode.
     #[arg(long, env = "XLB_XDP_MODE", value_enum, default_value = "auto")]
     pub xdp_mode: XdpAttachMode,
@@ -383,6 +400,15 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         xdp_interfaces: a.xdp_interfaces.clone(),
         l2_interfaces: if a.l2_interfaces.is_empty() { a.xdp_interfaces.clone() } else { a.l2_interfaces.clone() },
         l2_external_ips: a.l2_external_ips,
+        l2_lease: crate::lease::Timing {
+            duration: a.l2_lease_duration,
+            renew: a.l2_renew_interval,
+            margin: crate::lease::Timing::L2.margin,
+        }
+        .check()
+        .map_err(|e| anyhow::anyhow!("--l2-lease-duration / --l2-renew-interval: {e}"))?,
+        namespace: a.namespace.clone(),
+        l2_rebalance: a.l2_rebalance,
         xdp_mode: a.xdp_mode,
         tc_interfaces: a.tc_interfaces.clone(),
         tc_patterns,

@@ -44,6 +44,9 @@ use handles::{open_pin, replaceable};
 /// The eBPF object built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
 
+/// A handle on L2_ADDRS of its own ([`Datapath::l2_map`]).
+pub type L2Map = BpfHashMap<MapData, L2Key, L2Value>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("loading the eBPF object: {0}")]
@@ -559,6 +562,19 @@ impl Datapath {
         let mut m: BpfHashMap<&mut MapData, L2Key, L2Value> =
             BpfHashMap::try_from(map).map_err(map_err(maps::L2_ADDRS))?;
         m.insert(key, value, 0).map_err(map_err(maps::L2_ADDRS))
+    }
+
+    /// A handle of its own on L2_ADDRS (a duplicate of the map's fd), for
+    /// the L2 announcer, which runs apart from the task owning `self`.
+    pub fn l2_map(&self) -> Result<L2Map> {
+        let map = self.ebpf.map(maps::L2_ADDRS).ok_or(Error::MissingMap(maps::L2_ADDRS))?;
+        let data: &MapData = match map {
+            aya::maps::Map::HashMap(d) => d,
+            _ => return Err(Error::MissingMap(maps::L2_ADDRS)),
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| map_err(maps::L2_ADDRS)(MapError::from(e)))?;
+        let data = MapData::from_fd(fd).map_err(map_err(maps::L2_ADDRS))?;
+        BpfHashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(maps::L2_ADDRS))
     }
 
     /// Stops announcing `key` (no error when it was not announced).

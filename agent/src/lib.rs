@@ -15,6 +15,7 @@ pub mod filter;
 pub mod health;
 pub mod l2;
 pub mod lbipam;
+pub mod lease;
 pub mod maglev;
 pub mod mapped;
 pub mod metrics;

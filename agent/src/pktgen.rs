@@ -327,6 +327,32 @@ pub fn mac_of(dev: &str) -> anyhow::Result<[u8; 6]> {
     Ok(std::array::from_fn(|i| data[i] as u8))
 }
 
+/// Whether interface `dev` (in the calling thread's namespace) is up with
+/// a carrier (IFF_UP and IFF_RUNNING); false when it does not exist.
+pub fn is_running(dev: &str) -> bool {
+    if dev.len() >= libc::IFNAMSIZ {
+        return false;
+    }
+    // SAFETY: a datagram socket only for the ioctl, closed by OwnedFd.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return false;
+    }
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(sock) };
+    // SAFETY: a zeroed ifreq is valid; the name fits (checked above).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = s as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFFLAGS fills ifr_flags of a valid ifreq.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    // SAFETY: the ioctl set the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags } as i32;
+    rc == 0 && flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0
+}
+
 fn enter(netns: &std::fs::File) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on a valid namespace fd.

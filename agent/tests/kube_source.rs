@@ -1,16 +1,15 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! The Kubernetes source over real HTTP against the API-server emulator in
-//! `apiserver/`: initial lists, watch events, bookmarks, a dropped
+//! The Kubernetes source over real HTTP against the API-server emulator
+//! (the `kube-emu` crate): initial lists, watch events, bookmarks, a dropped
 //! connection, 410 Gone and a re-list, and an outage during which the last
 //! state is kept (never an empty view).
 
-mod apiserver;
-
 use std::time::Duration;
 
-use apiserver::{ApiServer, Kind};
+use kube_emu::{ApiServer, Kind};
 use tokio::sync::watch;
 use xlb::{
+    lbipam::DEFAULT_LB_CLASS,
     source::{Snapshot, kube},
     translate::{NodeInfo, Options, translate},
 };
@@ -39,7 +38,8 @@ status: {addresses: [{type: InternalIP, address: 192.168.7.1}, {type: Hostname, 
 
 /// Backends of the ClusterIP frontend, and the NodePort addresses, of a snapshot.
 fn view(s: &Snapshot) -> (Vec<String>, Vec<String>) {
-    let node = s.nodes.first().map(|n| NodeInfo::from_node(n)).unwrap_or_default();
+    let node1 = s.nodes.iter().find(|n| n.metadata.name.as_deref() == Some("node-1"));
+    let node = node1.map(|n| NodeInfo::from_node(n)).unwrap_or_default();
     let d = translate(&s.services, &s.slices, &node, &Options::default());
     let backends = d
         .frontends
@@ -92,7 +92,7 @@ async fn lists_watches_survives_drops_gone_and_outages() {
     let client = kube::client(Some(&dir)).await.expect("client");
     std::fs::remove_file(&dir).unwrap();
     let (tx, mut rx) = watch::channel(Snapshot::default());
-    let task = tokio::spawn(kube::run(client, "node-1".into(), Default::default(), tx));
+    let task = tokio::spawn(kube::run(client, Default::default(), DEFAULT_LB_CLASS.into(), tx));
     // Never an empty view once synced: the datapath must not be flushed.
     let never_empty = |s: &Snapshot| {
         if s.synced {
@@ -100,9 +100,10 @@ async fn lists_watches_survives_drops_gone_and_outages() {
         }
     };
 
-    // 1. Initial lists: this node only (field selector), its InternalIP gets the NodePort.
+    // 1. Initial lists: every Node (L2 ownership ranks them); this node's
+    // InternalIP gets the NodePort.
     let s = until(&mut rx, "the initial lists", never_empty, backends_are(&["10.0.0.1"])).await;
-    assert_eq!(s.nodes.len(), 1, "only this node is watched");
+    assert_eq!(s.nodes.len(), 2, "every node is watched");
     assert_eq!(view(&s).1, ["192.168.7.1"]);
 
     // 2. A watch event.
@@ -309,7 +310,7 @@ endpoints: [{addresses: [10.0.0.8]}]
     std::fs::remove_file(&path).unwrap();
 
     let (tx, mut rx) = watch::channel(Snapshot::default());
-    let task = tokio::spawn(kube::run(client.clone(), "node-1".into(), Selector::default(), tx));
+    let task = tokio::spawn(kube::run(client.clone(), Selector::default(), DEFAULT_LB_CLASS.into(), tx));
     // The headless Service itself comes (translation skips it); its slice does not.
     let s = until(&mut rx, "the initial lists", |_| {}, |s| !s.services.is_empty() && !s.slices.is_empty()).await;
     assert_eq!(names(&s), ["db", "web", "web-1"]);
@@ -323,7 +324,7 @@ endpoints: [{addresses: [10.0.0.8]}]
 
     let named = Selector { proxy_name: Some("other-proxy".into()) };
     let (tx, mut rx) = watch::channel(Snapshot::default());
-    let task = tokio::spawn(kube::run(client, "node-1".into(), named.clone(), tx));
+    let task = tokio::spawn(kube::run(client, named.clone(), DEFAULT_LB_CLASS.into(), tx));
     until(&mut rx, "the named class", |_| {}, |s| names(s) == ["other", "other-1"]).await;
     task.abort();
 

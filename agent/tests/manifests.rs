@@ -10,7 +10,7 @@ use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::{ConfigMap, Namespace, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::Value;
@@ -30,6 +30,8 @@ struct Objects {
     configmaps: Vec<ConfigMap>,
     roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    ns_roles: Vec<Role>,
+    ns_bindings: Vec<RoleBinding>,
     accounts: Vec<ServiceAccount>,
     namespaces: Vec<Namespace>,
     crds: Vec<CustomResourceDefinition>,
@@ -56,6 +58,8 @@ fn load() -> Objects {
                 "ConfigMap" => o.configmaps.push(typed(d, &ctx)),
                 "ClusterRole" => o.roles.push(typed(d, &ctx)),
                 "ClusterRoleBinding" => o.bindings.push(typed(d, &ctx)),
+                "Role" => o.ns_roles.push(typed(d, &ctx)),
+                "RoleBinding" => o.ns_bindings.push(typed(d, &ctx)),
                 "ServiceAccount" => o.accounts.push(typed(d, &ctx)),
                 "Namespace" => o.namespaces.push(typed(d, &ctx)),
                 "CustomResourceDefinition" => o.crds.push(typed(d, &ctx)),
@@ -93,7 +97,7 @@ fn every_manifest_parses_and_kustomize_lists_them() {
     for r in &resources {
         assert!(dir().join(r).exists(), "kustomization lists missing {r}");
     }
-    assert_eq!(resources.len(), 7);
+    assert_eq!(resources.len(), 9);
 }
 
 #[test]
@@ -151,35 +155,68 @@ fn the_daemonset_runs_real_agent_flags() {
 #[test]
 fn rbac_grants_only_what_the_agent_uses() {
     let o = load();
-    let mut granted: Vec<(String, String, String)> = Vec::new();
-    for r in o.roles[0].rules.iter().flatten() {
-        for g in r.api_groups.iter().flatten() {
-            for res in r.resources.iter().flatten() {
-                for v in &r.verbs {
-                    granted.push((g.clone(), res.clone(), v.clone()));
+    type Grants = Vec<(String, String, String)>;
+    fn grants(rules: &[k8s_openapi::api::rbac::v1::PolicyRule]) -> Grants {
+        let mut granted = Grants::new();
+        for r in rules {
+            for g in r.api_groups.iter().flatten() {
+                for res in r.resources.iter().flatten() {
+                    for v in &r.verbs {
+                        granted.push((g.clone(), res.clone(), v.clone()));
+                    }
                 }
             }
         }
+        granted.sort();
+        granted
     }
-    granted.sort();
-    let mut want: Vec<(String, String, String)> = Vec::new();
-    for (g, r) in [("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")] {
-        for v in ["get", "list", "watch"] {
-            want.push((g.into(), r.into(), v.into()));
-        }
+    fn want(rules: &[(&str, &str, &[&str])]) -> Grants {
+        let mut w: Grants = rules
+            .iter()
+            .flat_map(|(g, r, verbs)| verbs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string())))
+            .collect();
+        w.sort();
+        w
     }
-    for g in ["", "events.k8s.io"] {
-        for v in ["create", "patch"] {
-            want.push((g.into(), "events".into(), v.into()));
-        }
-    }
-    want.sort();
-    assert_eq!(granted, want);
+    let watch: &[&str] = &["get", "list", "watch"];
+    let cluster = want(&[
+        // The source's watches (`source/kube.rs`).
+        ("", "services", watch),
+        ("", "nodes", watch),
+        ("", "namespaces", watch),
+        ("discovery.k8s.io", "endpointslices", watch),
+        ("xlb.io", "loadbalancerippools", watch),
+        // The allocator's status writes (`lbipam/leader.rs`: patch_status).
+        ("", "services/status", &["patch"]),
+        // Events (`events.rs`).
+        ("", "events", &["create", "patch"]),
+        ("events.k8s.io", "events", &["create", "patch"]),
+    ]);
+    assert_eq!(grants(o.roles[0].rules.as_deref().unwrap_or_default()), cluster);
+    // Leases (`lease.rs`: get, create, replace; `l2/leases.rs`: list and
+    // watch), in the agent's namespace only.
+    let leases = want(&[("coordination.k8s.io", "leases", &["get", "list", "watch", "create", "update"])]);
+    assert_eq!(grants(o.ns_roles[0].rules.as_deref().unwrap_or_default()), leases);
     let b = &o.bindings[0];
     assert_eq!(b.role_ref.name, o.roles[0].metadata.name.clone().unwrap());
     let subject = &b.subjects.as_ref().unwrap()[0];
     assert_eq!(Some(subject.name.clone()), o.accounts[0].metadata.name);
     assert_eq!(subject.namespace, o.accounts[0].metadata.namespace);
+    let rb = &o.ns_bindings[0];
+    assert_eq!(
+        (rb.role_ref.kind.as_str(), Some(rb.role_ref.name.clone())),
+        ("Role", o.ns_roles[0].metadata.name.clone())
+    );
+    let subject = &rb.subjects.as_ref().unwrap()[0];
+    assert_eq!(Some(subject.name.clone()), o.accounts[0].metadata.name);
+    assert_eq!(subject.namespace, o.accounts[0].metadata.namespace);
+    // The Role lives where the agent runs: its Leases' namespace (POD_NAMESPACE).
+    let k = o.kustomization.as_ref().unwrap();
+    assert_eq!(Some(k["namespace"].as_str().unwrap().to_string()), o.accounts[0].metadata.namespace);
+    let ds = &o.daemonsets[0].spec.template.spec.as_ref().unwrap().containers[0];
+    let pod_ns = ds.env.iter().flatten().find(|e| e.name == "POD_NAMESPACE").expect("POD_NAMESPACE");
+    let field = pod_ns.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("metadata.namespace"));
 }
 
 #[test]

@@ -158,6 +158,15 @@ impl Agent {
         }
     }
 
+    /// Kills the agent with SIGKILL (no cleanup, no Lease released: a
+    /// crashed agent) and waits for it. Its programs stay attached.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

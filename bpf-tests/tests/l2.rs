@@ -19,8 +19,13 @@ const OUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const LO: u32 = 1;
 
 fn announce(w: &mut World, addr: std::net::IpAddr, ifindex: u32) {
+    announce_until(w, addr, ifindex, u64::MAX);
+}
+
+/// Announces `addr` until `deadline_ns` (CLOCK_BOOTTIME), as a Lease holder.
+fn announce_until(w: &mut World, addr: std::net::IpAddr, ifindex: u32, deadline_ns: u64) {
     let key = L2Key { addr: xlb::datapath::map_addr(addr), ifindex };
-    w.lb.dp.set_l2(&key, &L2Value { mac: OUR_MAC, _pad: 0 }).unwrap();
+    w.lb.dp.set_l2(&key, &L2Value { mac: OUR_MAC, _pad: 0, deadline_ns }).unwrap();
 }
 
 fn arp_request(target: [u8; 4]) -> Vec<u8> {
@@ -158,4 +163,26 @@ fn a_neighbour_solicitation_for_an_announced_address_is_answered_from_xdp() {
 
 fn ip6_of(b: &[u8]) -> [u8; 16] {
     b.try_into().unwrap()
+}
+
+/// A Lease holder's entry answers until its deadline and not after: an
+/// agent that dies (or freezes) with its programs attached stops answering
+/// by itself when its Lease runs out, before another node may take it
+/// (the split brain MetalLB has by design, metallb/metallb#740).
+#[test]
+fn an_entry_past_its_deadline_is_not_answered() {
+    let now = xlb::lease::boot_ns();
+    for (addr, frame, answered) in [
+        (std::net::IpAddr::from(OWNED4), arp_request(OWNED4), "l2_arp_reply"),
+        (OWNED6.parse().unwrap(), solicitation(OWNED6, "fd60::200", 255, true), "l2_ndp_reply"),
+    ] {
+        let mut w = world();
+        let _in = w.env.enter();
+        announce_until(&mut w, addr, LO, now + 60_000_000_000);
+        assert_eq!(w.lb.run(Prog::Xdp, &frame).0, Verdict::Redirect, "{addr}: a minute left");
+        announce_until(&mut w, addr, LO, now.saturating_sub(1));
+        let (v, out) = w.lb.run(Prog::Xdp, &frame);
+        assert_eq!((v, &out), (Verdict::Pass, &frame), "{addr}: expired, left to the kernel untouched");
+        assert_eq!((w.lb.verdict(answered), w.lb.verdict("l2_expired")), (1, 1), "{addr}");
+    }
 }

@@ -550,8 +550,12 @@ pub mod verdict {
     pub const L2_ARP_REPLY: u32 = 30;
     /// A neighbour solicitation for such an address answered from XDP.
     pub const L2_NDP_REPLY: u32 = 31;
+    /// A request for an address whose L2_ADDRS entry's deadline has passed
+    /// (the Lease ran out with no agent to renew it): left to the kernel.
+    /// Counted *in addition* to the packet's reason.
+    pub const L2_EXPIRED: u32 = 32;
     /// Number of reasons (size of VERDICTS).
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 33;
     /// Names in index order, for `xlb dump stats` and the tests.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass",
@@ -586,6 +590,7 @@ pub mod verdict {
         "ct_full_drop",
         "l2_arp_reply",
         "l2_ndp_reply",
+        "l2_expired",
     ];
 }
 
@@ -601,11 +606,23 @@ pub struct L2Key {
 }
 
 /// Value of L2_ADDRS.
-#[repr(C, align(4))]
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct L2Value {
     pub mac: [u8; 6],
     pub _pad: u16,
+    /// Answered only while `bpf_ktime_get_boot_ns()` is below this
+    /// (CLOCK_BOOTTIME): the end of the Lease this node holds for the
+    /// address, so an agent that dies or freezes stops answering by itself
+    /// when its Lease runs out. `u64::MAX`: no Lease (`--manifests` mode).
+    pub deadline_ns: u64,
+}
+
+impl L2Value {
+    /// An entry that never expires.
+    pub const fn forever(mac: [u8; 6]) -> Self {
+        Self { mac, _pad: 0, deadline_ns: u64::MAX }
+    }
 }
 
 /// Map names, shared by the programs and the loader.
@@ -642,8 +659,9 @@ pub mod maps {
     /// `sock_release` takes back the BACKEND_CONNS count `connect` added.
     pub const SOCK_CONNS: &str = "SOCK_CONNS";
     /// The addresses announced on L2 (`super::L2Key`). Not pinned: each
-    /// agent fills its programs' copy at its first sync. The programs keep
-    /// answering from it while no agent runs (as they keep balancing).
+    /// agent fills its programs' copy at its first sync. While no agent
+    /// runs the programs answer from it until each entry's deadline (a
+    /// Lease's end; never for `--manifests` mode's entries).
     pub const L2_ADDRS: &str = "L2_ADDRS";
     /// Not pinned with the others: see [`super::FragKey`].
     pub const FRAGS: &str = "FRAGS";

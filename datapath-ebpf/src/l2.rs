@@ -50,6 +50,21 @@ pub fn answer(ctx: &mut XdpContext) -> Option<Action> {
     }
 }
 
+/// The MAC to answer for `key`, while this node's hold on it lasts.
+#[inline(always)]
+fn owned_mac(key: &L2Key) -> Option<[u8; 6]> {
+    // SAFETY: the value is copied out at once.
+    let v = unsafe { L2_ADDRS.get(key) }?;
+    let (mac, deadline) = (v.mac, v.deadline_ns);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    if now >= deadline {
+        count_verdict(verdict::L2_EXPIRED);
+        return None;
+    }
+    Some(mac)
+}
+
 #[inline(always)]
 fn arp(ctx: &mut XdpContext) -> Option<Action> {
     let (data, end) = (ctx.data(), ctx.data_end());
@@ -70,7 +85,7 @@ fn arp(ctx: &mut XdpContext) -> Option<Action> {
         let mut tpa = [0u8; 4];
         core::ptr::copy_nonoverlapping(a.add(24), tpa.as_mut_ptr(), 4);
         let key = L2Key { addr: v4_mapped(tpa), ifindex: ctx.ifindex() };
-        let mac = L2_ADDRS.get(&key)?.mac;
+        let mac = owned_mac(&key)?;
         let mut sha = [0u8; 6];
         let mut spa = [0u8; 4];
         core::ptr::copy_nonoverlapping(a.add(8), sha.as_mut_ptr(), 6);
@@ -130,8 +145,7 @@ fn ndp(ctx: &mut XdpContext) -> Option<Action> {
         return None;
     }
     let key = L2Key { addr: target, ifindex: ctx.ifindex() };
-    // SAFETY: the value is copied out at once.
-    let mac = unsafe { L2_ADDRS.get(&key) }?.mac;
+    let mac = owned_mac(&key)?;
     // The advertisement is 86 bytes; the solicitation may be shorter (no
     // source link-layer option) or longer (other options).
     if ctx.truncate(NA_LEN as u32).is_err() {

@@ -4,6 +4,7 @@
 //! LoadBalancer Services' addresses from the pools ([`allocate`]).
 
 pub mod allocate;
+pub mod leader;
 pub mod pool;
 
 pub use allocate::{Allocation, DEFAULT_LB_CLASS, Inputs, allocate};
@@ -19,6 +20,35 @@ pub fn crd_yaml() -> String {
     out
 }
 
+/// The allocation's problems on `snap` (API mode: every agent computes
+/// them; the leader writes the addresses).
+pub fn problems(snap: &crate::source::Snapshot, lb_class: &str) -> Vec<(String, String)> {
+    if snap.pools.is_empty() {
+        return Vec::new();
+    }
+    let none = std::collections::BTreeMap::new();
+    let inputs = Inputs {
+        services: &snap.services,
+        pools: &snap.pools,
+        namespaces: &snap.namespaces,
+        nodes: &snap.nodes,
+        previous: &none,
+        lb_class,
+    };
+    allocate(&inputs).problems
+}
+
+/// A Service's `status.loadBalancer` with `addrs` (`ipMode: VIP`: the
+/// address is the Service's and the node delivers it, as kube-proxy expects).
+pub fn status_of(addrs: &[std::net::IpAddr]) -> k8s_openapi::api::core::v1::LoadBalancerStatus {
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus};
+    let ingress: Vec<LoadBalancerIngress> = addrs
+        .iter()
+        .map(|ip| LoadBalancerIngress { ip: Some(ip.to_string()), ip_mode: Some("VIP".into()), ..Default::default() })
+        .collect();
+    LoadBalancerStatus { ingress: Some(ingress).filter(|i| !i.is_empty()) }
+}
+
 /// Allocates the addresses of `snap`'s LoadBalancer Services locally
 /// (`--manifests` mode, where no status is written): every Service of ours
 /// gets its allocation as `status.loadBalancer.ingress` (`ipMode: VIP`), as
@@ -30,7 +60,7 @@ pub fn apply(
     held: &mut std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
     lb_class: &str,
 ) {
-    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+    use k8s_openapi::api::core::v1::ServiceStatus;
     if snap.pools.is_empty() {
         return;
     }
@@ -49,16 +79,8 @@ pub fn apply(
             continue;
         }
         let mut s = (**svc).clone();
-        let ingress: Vec<LoadBalancerIngress> = addrs
-            .iter()
-            .map(|ip| LoadBalancerIngress {
-                ip: Some(ip.to_string()),
-                ip_mode: Some("VIP".into()),
-                ..Default::default()
-            })
-            .collect();
         let status = s.status.get_or_insert_with(ServiceStatus::default);
-        status.load_balancer = Some(LoadBalancerStatus { ingress: Some(ingress) });
+        status.load_balancer = Some(status_of(addrs));
         *svc = std::sync::Arc::new(s);
     }
     snap.lb_problems = a.problems;

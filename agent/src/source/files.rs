@@ -84,7 +84,7 @@ fn is_manifest(p: &Path) -> bool {
 /// Reads every `*.yaml`, `*.yml` and `*.json` file under `dir` (recursively,
 /// in path order).
 pub fn read_dir(dir: &Path) -> Snapshot {
-    let mut snap = Snapshot { synced: true, ..Snapshot::default() };
+    let mut snap = Snapshot { synced: true, lb_synced: true, ..Snapshot::default() };
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

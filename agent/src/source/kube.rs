@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The Kubernetes source: kube-rs watchers + reflector stores for Services,
-//! EndpointSlices and this node's Node object.
+//! EndpointSlices and Nodes (all of them: L2 ownership ranks the nodes), and
+//! for the LoadBalancer allocation's LoadBalancerIPPools and Namespaces.
 //!
 //! The watchers list, then watch from the list's resourceVersion (with
 //! bookmarks); on `410 Gone` they re-list, and on any error they retry with
@@ -13,7 +14,7 @@ use std::{path::Path, time::Instant};
 
 use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -24,6 +25,7 @@ use kube::{
 use tokio::sync::watch;
 
 use super::{Selector, Snapshot};
+use crate::lbipam::{self, LoadBalancerIPPool};
 
 /// A client from `kubeconfig`, or the in-cluster / default configuration.
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
@@ -43,6 +45,8 @@ enum Which {
     Services,
     Slices,
     Nodes,
+    Pools,
+    Namespaces,
 }
 
 fn events<K>(
@@ -61,26 +65,33 @@ where
 }
 
 /// Runs the watchers and publishes a [`Snapshot`] after every change once
-/// all three stores have completed their first list. Services and
-/// EndpointSlices are watched through `selector`'s label selector.
+/// Services, EndpointSlices and Nodes have completed their first list
+/// (`synced`); pools and Namespaces only gate the LoadBalancer allocation
+/// (`lb_synced`: a cluster without the CRD still gets its Services
+/// programmed). Services and EndpointSlices are watched through
+/// `selector`'s label selector.
 pub async fn run(
     client: Client,
-    node_name: String,
     selector: Selector,
+    lb_class: String,
     tx: watch::Sender<Snapshot>,
 ) -> anyhow::Result<()> {
     let (services, sw) = reflector::store::<Service>();
     let (slices, ew) = reflector::store::<EndpointSlice>();
     let (nodes, nw) = reflector::store::<Node>();
+    let (pools, pw) = reflector::store::<LoadBalancerIPPool>();
+    let (namespaces, nsw) = reflector::store::<Namespace>();
     let cfg = watcher::Config::default().labels(&selector.label_selector());
-    let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let all = watcher::Config::default();
     let mut stream = futures::stream::select_all([
         events(Api::<Service>::all(client.clone()), cfg.clone(), sw, Which::Services),
         events(Api::<EndpointSlice>::all(client.clone()), cfg, ew, Which::Slices),
-        events(Api::<Node>::all(client), node_cfg, nw, Which::Nodes),
+        events(Api::<Node>::all(client.clone()), all.clone(), nw, Which::Nodes),
+        events(Api::<LoadBalancerIPPool>::all(client.clone()), all.clone(), pw, Which::Pools),
+        events(Api::<Namespace>::all(client), all, nsw, Which::Namespaces),
     ]);
-    let mut ready = [false; 3];
-    let handle = |which: Which, ev: Result<bool, watcher::Error>, ready: &mut [bool; 3]| match ev {
+    let mut ready = [false; 5];
+    let handle = |which: Which, ev: Result<bool, watcher::Error>, ready: &mut [bool; 5]| match ev {
         Ok(true) => {
             tracing::info!(?which, "initial list complete");
             ready[which as usize] = true;
@@ -97,19 +108,26 @@ pub async fn run(
         while let Some(Some((which, ev))) = stream.next().now_or_never() {
             handle(which, ev, &mut ready);
         }
-        if !ready.iter().all(|r| *r) {
+        if !ready[..3].iter().all(|r| *r) {
             continue;
         }
-        let snap = Snapshot {
+        let mut snap = Snapshot {
             services: services.state(),
             slices: slices.state(),
             nodes: nodes.state(),
+            pools: pools.state(),
+            namespaces: namespaces.state(),
             changed_at: Some(at),
             synced: true,
-            // Pools, namespaces and the allocation (API mode, a Lease-held
-            // allocator writing statuses) are the next step of issue #15.
+            lb_synced: ready[3] && ready[4],
             ..Snapshot::default()
         };
+        if snap.lb_synced {
+            // The allocation's problems, as the leader sees them (every
+            // agent computes the same; each Event is created once).
+            // Statuses are the leader's to write (`lbipam::leader`).
+            snap.lb_problems = lbipam::problems(&snap, &lb_class);
+        }
         if tx.send(snap).is_err() {
             break;
         }

@@ -39,6 +39,9 @@ pub struct Snapshot {
     /// False until the source has a complete view (the API server's
     /// initial lists); the agent programs nothing before.
     pub synced: bool,
+    /// The pools and Namespaces are complete too: the LoadBalancer
+    /// allocation may run (never on a partial view of the pools).
+    pub lb_synced: bool,
 }
 
 /// The label that gives a Service (and its EndpointSlices) to another proxy.

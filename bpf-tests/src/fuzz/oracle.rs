@@ -60,7 +60,9 @@ pub struct Known {
 type Tuple = ([u8; 16], [u8; 16], u16, u16);
 
 pub fn judge(lb: &Lb, known: &Known, input: &[u8], v: Verdict, out: &[u8], delta: &[u64]) -> Result<Outcome, String> {
-    let on_top = |r: u32| r == verdict::FIB_PASS || r == verdict::MTU_PASS || r == verdict::CT_MISS_NON_SYN;
+    let on_top = |r: u32| {
+        r == verdict::FIB_PASS || r == verdict::MTU_PASS || r == verdict::CT_MISS_NON_SYN || r == verdict::L2_EXPIRED
+    };
     let primary: Vec<u32> = (0..verdict::COUNT).filter(|&r| !on_top(r) && delta[r as usize] > 0).collect();
     let counted: u64 = primary.iter().map(|&r| delta[r as usize]).sum();
     if counted != 1 {

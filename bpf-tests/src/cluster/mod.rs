@@ -22,6 +22,9 @@
 //! - The harness writes the Services it is given and EndpointSlices it
 //!   derives from the pods (selector `app`, conditions, nodeName) into the
 //!   shared manifests directory; every agent picks changes up.
+//! - Or, in API mode ([`Cluster::use_api`], `api.rs`), the agents watch an
+//!   API-server emulator on the underlay, to which the harness applies the
+//!   same objects.
 //!
 //! Names are unique per run; namespaces, processes, pins and files are
 //! removed on drop, also when a test fails. `cargo xtask clean` removes the
@@ -36,6 +39,10 @@ use std::{
     process::{Child, Command, Stdio},
     time::Duration,
 };
+
+mod api;
+pub mod probe;
+pub use api::{AGENT_NAMESPACE, API4, Api};
 
 use crate::{
     NetNs,
@@ -108,6 +115,8 @@ pub struct Cluster {
     /// each endpoint its node's zone (as the EndpointSlice controller
     /// writes it).
     pub zones: Vec<String>,
+    /// API mode ([`Cluster::use_api`]): the API server the agents use.
+    pub api: Option<Api>,
 }
 
 impl Cluster {
@@ -128,6 +137,7 @@ impl Cluster {
             echo_ports: echo_ports.to_vec(),
             veths: vec![0; nodes + 1],
             zones: Vec::new(),
+            api: None,
         };
         c.uplink(&c.external, "x0", EXTERNAL4, EXTERNAL6, false);
         for r in ["198.51.100.0/24", "80.11.12.0/24"] {
@@ -317,8 +327,9 @@ impl Cluster {
         }
         // Write-then-rename, so an agent never reads half a file.
         let tmp = self.dir.path.join("cluster.yaml.tmp");
-        std::fs::write(&tmp, out).unwrap();
+        std::fs::write(&tmp, &out).unwrap();
         std::fs::rename(&tmp, self.manifests().join("cluster.yaml")).unwrap();
+        self.push_to_api(&out);
     }
 
     pub fn manifests(&self) -> PathBuf {
@@ -334,9 +345,10 @@ impl Cluster {
 
     pub fn agent_args(&self, node: usize, extra: &[&str]) -> Vec<String> {
         let n = &self.nodes[node - 1];
-        let mut a: Vec<String> = vec![
-            "--manifests".into(),
-            self.manifests().display().to_string(),
+        let source =
+            self.api_args().unwrap_or_else(|| vec!["--manifests".into(), self.manifests().display().to_string()]);
+        let mut a: Vec<String> = source;
+        a.extend([
             "--node-name".into(),
             format!("node-{node}"),
             "--node-address".into(),
@@ -351,7 +363,7 @@ impl Cluster {
             n.cgroup.arg(),
             "--http-address".into(),
             "127.0.0.1:10249".into(),
-        ];
+        ]);
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     }
@@ -362,6 +374,13 @@ impl Cluster {
         let n = &mut self.nodes[node - 1];
         n.agent = None; // stop a running one first
         n.agent = Some(Agent::start(&n.ns, log, &args));
+    }
+
+    /// Kills node `node`'s agent with SIGKILL (a crash: nothing released).
+    pub fn kill_agent(&mut self, node: usize) {
+        if let Some(mut a) = self.nodes[node - 1].agent.take() {
+            a.kill();
+        }
     }
 
     pub fn stop_agent(&mut self, node: usize) {

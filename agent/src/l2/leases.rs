@@ -1,0 +1,216 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! L2 ownership with the API server: one Lease per announced address
+//! (`xlb-l2-<address>` in the agent's namespace, label `xlb.io/l2=true`),
+//! held by the one node that answers ARP / NDP for it.
+//!
+//! - **Candidates**: the nodes [`super::eligible`] gives (every Node for
+//!   `externalTrafficPolicy: Cluster`, the nodes with a ready endpoint for
+//!   `Local`), and of them only a node with an L2 interface up and running.
+//! - **Spread**: a free Lease (absent, released or expired) is tried by
+//!   the candidate of rank k (rendezvous order, the last holder left out)
+//!   k × 100 ms after it became free: the top node normally takes it, so
+//!   owners spread over the nodes as in `--manifests` mode, not all on one.
+//! - **Handover, not preemption**: a holder that stops being a candidate
+//!   (its Local endpoint moved, its interface went down, SIGTERM) stops
+//!   answering, *then* releases, and another takes over at once. The node
+//!   ranked first that finds the Lease held by another (it started later,
+//!   or came back) asks for it after being a candidate for two Lease
+//!   durations (`spec.preferredHolder`, as Kubernetes' coordinated leader
+//!   election does): the holder stops answering, releases, and it takes
+//!   over — so owners end up spread as rendezvous hashing ranks them
+//!   whatever the order agents started in. `--l2-rebalance=false` keeps
+//!   every holder until it fails or stops being eligible (each move breaks
+//!   the connections that need the old owner's conntrack).
+//! - **Never two answering**: an answer's L2_ADDRS entry is written only
+//!   after the write that took or renewed the Lease succeeded, with that
+//!   hold's end as its deadline, which the XDP program checks itself: a
+//!   holder that dies, freezes or is cut off from the API server falls
+//!   silent before any other node may take its Lease (see
+//!   [`crate::lease`]). A lost Lease's entry is removed at once.
+//!
+//! Leases are watched (one reflector on the label); a candidate only reads
+//! the store, and writes when it takes or renews.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, reflector, reflector::ObjectRef, watcher},
+};
+use tokio::sync::watch;
+
+use super::Announcer;
+use crate::{
+    lease::{Elector, Step, Timing, View, boot_ns},
+    source::Snapshot,
+};
+
+/// The label on every L2 Lease.
+pub const LABEL: &str = "xlb.io/l2";
+/// The annotation naming a Lease's address.
+pub const ADDRESS_ANNOTATION: &str = "xlb.io/address";
+/// How long each rank waits after a Lease becomes free.
+pub const RANK_DELAY: Duration = Duration::from_millis(100);
+/// How often candidacy and Leases are looked at.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Settings of the L2 Lease task.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub namespace: String,
+    pub node: String,
+    pub timing: Timing,
+    pub external_ips: bool,
+    pub lb_class: String,
+    /// Ask for the Leases this node ranks first for (see the module doc).
+    pub rebalance: bool,
+}
+
+/// The Lease of `addr`: IPv4 dotted, IPv6 as 32 hex digits (`::` could
+/// end a name with `-`, which a Lease name may not).
+pub fn lease_name(addr: &IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("xlb-l2-{a}"),
+        IpAddr::V6(a) => format!("xlb-l2-{:032x}", u128::from(*a)),
+    }
+}
+
+/// Runs until `stop`: stands for the Lease of every address this node may
+/// announce and answers for the ones it holds; on `stop` answers nothing
+/// and releases them all.
+pub async fn run(
+    client: Client,
+    s: Settings,
+    mut announcer: Announcer,
+    mut snaps: watch::Receiver<Snapshot>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &s.namespace);
+    let (store, writer) = reflector::store::<Lease>();
+    let cfg = watcher::Config::default().labels(&format!("{LABEL}=true"));
+    let stream = reflector(writer, watcher(api.clone(), cfg)).default_backoff();
+    tokio::spawn(stream.for_each(|ev| async move {
+        if let Err(e) = ev {
+            tracing::debug!(error = %e, "watching the L2 leases failed; retrying");
+        }
+    }));
+    tokio::select! {
+        r = store.wait_until_ready() => if r.is_err() { return },
+        _ = stop.changed() => return,
+    }
+    let mut electors: BTreeMap<IpAddr, Elector> = BTreeMap::new();
+    // Per address: since when this node is a candidate, when it last asked.
+    let mut since: BTreeMap<IpAddr, u64> = BTreeMap::new();
+    let mut asked: BTreeMap<IpAddr, u64> = BTreeMap::new();
+    let settle = 2 * s.timing.duration.as_nanos() as u64;
+    let mut eligible = BTreeMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        if snaps.has_changed().unwrap_or(false) {
+            let snap = snaps.borrow_and_update().clone();
+            if snap.synced {
+                eligible = super::eligible(&snap, s.external_ips, &s.lb_class);
+            }
+        }
+        let up = !announcer.interfaces_up().is_empty();
+        let candidate = |a: &IpAddr| up && eligible.get(a).is_some_and(|n| n.contains(&s.node));
+        // No longer a candidate: stop answering, then release.
+        let leaving: Vec<IpAddr> = electors.keys().filter(|a| !candidate(a)).copied().collect();
+        if !leaving.is_empty() {
+            for a in &leaving {
+                since.remove(a);
+                asked.remove(a);
+            }
+            let mut gone: Vec<Elector> = leaving.iter().filter_map(|a| electors.remove(a)).collect();
+            sync(&mut announcer, &electors);
+            for e in gone.iter_mut().filter(|e| e.held().is_some()) {
+                tracing::info!(lease = %e.name, "giving the L2 lease up");
+                e.release(s.timing.renew).await;
+            }
+        }
+        for a in eligible.keys().filter(|a| candidate(a)) {
+            since.entry(*a).or_insert_with(boot_ns);
+            electors.entry(*a).or_insert_with(|| {
+                let labels = BTreeMap::from([(LABEL.to_string(), "true".to_string())]);
+                let annotations = BTreeMap::from([(ADDRESS_ANNOTATION.to_string(), a.to_string())]);
+                Elector::new(api.clone(), lease_name(a), s.node.clone(), s.timing).with_metadata(labels, annotations)
+            });
+        }
+        let now = boot_ns();
+        for e in electors.values_mut() {
+            let seen = store.get(&ObjectRef::new(&e.name).within(&s.namespace));
+            e.observe(seen.as_deref(), now);
+        }
+        let steps = futures::future::join_all(electors.iter_mut().map(|(a, e)| {
+            // Rank among the eligible nodes, the recorded holder left out
+            // (a dead holder stays a Node: its successor must not wait).
+            let nodes = eligible.get(a).into_iter().flatten();
+            let k = super::rank(a, nodes.filter(|n| Some(n.as_str()) != e.recorded_holder()), &s.node);
+            let delay = RANK_DELAY * k as u32;
+            async move { (*a, e.step(true, delay, s.timing.renew).await) }
+        }))
+        .await;
+        let mut changed = false;
+        for (a, step) in steps {
+            match step {
+                Step::Acquired(_) => {
+                    tracing::info!(addr = %a, "took the L2 lease: answering ARP / NDP");
+                    changed = true;
+                }
+                Step::Renewed(_) => changed = true,
+                Step::Lost => {
+                    tracing::warn!(addr = %a, "lost the L2 lease: no longer answering");
+                    changed = true;
+                }
+                Step::Failed(m) => tracing::debug!(addr = %a, error = m, "L2 lease write failed"),
+                Step::Idle => {}
+            }
+        }
+        if changed {
+            sync(&mut announcer, &electors);
+        }
+        // Asked to hand over: no longer answering (synced above), release.
+        for e in electors.values_mut().filter(|e| e.asked_to_yield()) {
+            tracing::info!(lease = %e.name, to = ?e.recorded_preferred(), "handing the L2 lease over");
+            e.release(s.timing.renew).await;
+        }
+        if s.rebalance {
+            let now = boot_ns();
+            for (a, e) in electors.iter_mut() {
+                let View::Other(_) = e.view(now) else { continue };
+                let first = eligible.get(a).is_some_and(|n| super::rank(a, n.iter(), &s.node) == 0);
+                let settled = since.get(a).is_some_and(|t| now >= t + settle);
+                let recently = asked.get(a).is_some_and(|t| now < t + settle);
+                if first && settled && !recently && e.recorded_preferred() != Some(s.node.as_str()) {
+                    asked.insert(*a, now);
+                    if e.prefer(s.timing.renew).await {
+                        tracing::info!(addr = %a, "asked for the L2 lease (this node ranks first)");
+                    }
+                }
+            }
+        }
+    }
+    // Stopping: answer nothing, then give every Lease up.
+    let none = BTreeMap::new();
+    if let Err(e) = announcer.sync(&none) {
+        tracing::warn!(error = %e, "clearing the L2 answers failed");
+    }
+    futures::future::join_all(electors.values_mut().map(|e| e.release(Duration::from_secs(1)))).await;
+}
+
+/// Answers for exactly the addresses held, each until its hold ends.
+fn sync(announcer: &mut Announcer, electors: &BTreeMap<IpAddr, Elector>) {
+    let want: BTreeMap<IpAddr, u64> = electors.iter().filter_map(|(a, e)| Some((*a, e.held()?.until))).collect();
+    match announcer.sync(&want) {
+        Ok(gained) if !gained.is_empty() => tracing::info!(?gained, "announcing on L2"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "updating the L2 answers failed"),
+    }
+}

@@ -1,0 +1,112 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+//! The cluster in API mode: an API-server emulator (`kube-emu`) serves on
+//! the underlay, from the fabric namespace on br0 ([`API4`]:6443), and the
+//! agents run against it with a kubeconfig — the path a real cluster uses,
+//! and the shared store that Lease elections across nodes need — instead of
+//! `--manifests`. The harness applies to it the same objects it writes to
+//! the manifests directory (an object that goes away from them is deleted),
+//! as `kubectl apply --prune` would; a Service's status stays the agents'.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Mutex,
+};
+
+use kube_emu::{ApiServer, Kind};
+use serde_json::Value;
+
+use super::Cluster;
+
+/// The API server's address on the underlay.
+pub const API4: &str = "192.168.60.250";
+/// The agents' namespace (their Leases live there).
+pub const AGENT_NAMESPACE: &str = "xlb-system";
+
+/// The emulator of a cluster in API mode.
+pub struct Api {
+    pub server: ApiServer,
+    pub kubeconfig: PathBuf,
+    /// (kind, namespace, name) of every object applied from the manifests.
+    applied: Mutex<BTreeSet<(Kind, String, String)>>,
+}
+
+fn kind_of(name: &str) -> Option<Kind> {
+    Some(match name {
+        "Service" => Kind::Service,
+        "EndpointSlice" => Kind::EndpointSlice,
+        "Node" => Kind::Node,
+        "Namespace" => Kind::Namespace,
+        "LoadBalancerIPPool" => Kind::LoadBalancerIPPool,
+        "Lease" => Kind::Lease,
+        _ => return None,
+    })
+}
+
+impl Cluster {
+    /// Starts the API server on the underlay; agents started from now on
+    /// use it instead of the manifests directory. Call before
+    /// [`Cluster::write_manifests`] and [`Cluster::start_agents`].
+    pub fn use_api(&mut self) {
+        self.fabric
+            .exec_lines(&[&format!("ip addr add {API4}/24 dev br0"), "ip -6 addr add fd60::250/64 dev br0 nodad"]);
+        let netns = PathBuf::from(format!("/var/run/netns/{}", self.fabric.name));
+        let addr = SocketAddr::new(API4.parse().unwrap(), 6443);
+        let server = ApiServer::spawn(Some(&netns), addr);
+        let kubeconfig = self.dir.path.join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
+        self.api = Some(Api { server, kubeconfig, applied: Mutex::new(BTreeSet::new()) });
+    }
+
+    /// The emulator (panics unless [`Cluster::use_api`] was called).
+    pub fn api(&self) -> &ApiServer {
+        &self.api.as_ref().expect("the cluster runs without an API server").server
+    }
+
+    /// Applies the documents of `yaml` to the API server and deletes the
+    /// objects applied before that are no longer in it.
+    pub(super) fn push_to_api(&self, yaml: &str) {
+        let Some(api) = &self.api else { return };
+        let mut now = BTreeSet::new();
+        for doc in yaml.split("\n---\n").map(str::trim).filter(|d| !d.is_empty()) {
+            let v: Value = serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
+            let kind = v["kind"].as_str().and_then(kind_of).unwrap_or_else(|| panic!("unknown kind in {doc}"));
+            let m = &v["metadata"];
+            let ns = m["namespace"].as_str().unwrap_or(if kind.namespaced() { "default" } else { "" });
+            let name = m["name"].as_str().expect("a name").to_string();
+            api.server.apply(kind, doc);
+            now.insert((kind, ns.to_string(), name));
+        }
+        let mut applied = api.applied.lock().unwrap();
+        for (kind, ns, name) in applied.difference(&now) {
+            api.server.delete(*kind, ns, name);
+        }
+        *applied = now;
+    }
+
+    /// The agent arguments that reach the API server.
+    pub(super) fn api_args(&self) -> Option<Vec<String>> {
+        let api = self.api.as_ref()?;
+        Some(vec![
+            "--kubeconfig".into(),
+            api.kubeconfig.display().to_string(),
+            "--namespace".into(),
+            AGENT_NAMESPACE.into(),
+        ])
+    }
+
+    /// The holder of an L2 address's Lease (`node-N`), if held.
+    pub fn l2_holder(&self, addr: &str) -> Option<String> {
+        let ip: IpAddr = addr.parse().unwrap();
+        let lease = self.api().get(Kind::Lease, AGENT_NAMESPACE, &xlb::l2::leases::lease_name(&ip))?;
+        lease["spec"]["holderIdentity"].as_str().filter(|h| !h.is_empty()).map(str::to_string)
+    }
+
+    /// A Service's `status.loadBalancer.ingress` addresses, as stored.
+    pub fn ingress(&self, ns: &str, name: &str) -> Vec<String> {
+        let Some(svc) = self.api().get(Kind::Service, ns, name) else { return Vec::new() };
+        let ingress = svc["status"]["loadBalancer"]["ingress"].as_array().cloned().unwrap_or_default();
+        ingress.iter().filter_map(|i| i["ip"].as_str().map(str::to_string)).collect()
+    }
+}
