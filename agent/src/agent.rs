@@ -495,17 +495,23 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut leaders = Vec::new();
     let announcer = match &client {
         Some(c) => {
+            let identity = crate::lease::identity(&s.node_name);
+            tracing::info!(
+                identity,
+                namespace = s.namespace,
+                "standing for the allocator's and the L2 addresses' Leases"
+            );
             leaders.push(tokio::spawn(crate::lbipam::leader::run(
                 c.clone(),
                 s.namespace.clone(),
-                s.node_name.clone(),
+                identity.clone(),
                 s.lb_class.clone(),
                 rx.clone(),
                 stop_rx.clone(),
             )));
             let l2 = crate::l2::leases::Settings {
                 namespace: s.namespace.clone(),
-                node: s.node_name.clone(),
+                identity,
                 timing: s.l2_lease,
                 external_ips: s.l2_external_ips,
                 lb_class: s.lb_class.clone(),

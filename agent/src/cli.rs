@@ -378,6 +378,11 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
     if a.maglev_min > a.maglev_max || a.maglev_min < 2 {
         anyhow::bail!("--maglev-min {} / --maglev-max {}: need 2 ≤ min ≤ max", a.maglev_min, a.maglev_max);
     }
+    // The answers come from the XDP program: an L2 interface without it
+    // would hold Leases and answer nothing (a black hole nobody replaces).
+    if let Some(i) = a.l2_interfaces.iter().find(|i| !a.xdp_interfaces.contains(i)) {
+        anyhow::bail!("--l2-interfaces {i}: not an XDP interface (--xdp-interfaces); ARP and NDP are answered by XDP");
+    }
     Ok(Settings {
         manifests: a.manifests.clone(),
         kubeconfig: a.kubeconfig.clone(),
@@ -403,7 +408,9 @@ pub fn settings(a: &AgentArgs) -> anyhow::Result<Settings> {
         l2_lease: crate::lease::Timing {
             duration: a.l2_lease_duration,
             renew: a.l2_renew_interval,
-            margin: crate::lease::Timing::L2.margin,
+            // Clock rate error grows with the duration: an eighth of it,
+            // at least 250 ms.
+            margin: crate::lease::Timing::L2.margin.max(a.l2_lease_duration / 8),
         }
         .check()
         .map_err(|e| anyhow::anyhow!("--l2-lease-duration / --l2-renew-interval: {e}"))?,

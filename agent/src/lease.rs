@@ -136,6 +136,8 @@ pub struct Elector {
     /// When `last`'s resourceVersion (or the Lease's absence) was first seen.
     observed_at: u64,
     held: Option<Held>,
+    /// No take before this (boot ns): a failed write backs off.
+    retry_at: u64,
 }
 
 fn rv(l: Option<&Lease>) -> Option<&str> {
@@ -146,8 +148,30 @@ fn holder(l: &Lease) -> Option<&str> {
     l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).filter(|h| !h.is_empty())
 }
 
+/// The annotation by which a candidate asks the holder for a Lease.
+/// (Not `spec.preferredHolder`: API servers drop that field unless the
+/// CoordinatedLeaderElection feature gate is on, and refuse it without
+/// `spec.strategy`.)
+pub const PREFERRED_HOLDER_ANNOTATION: &str = "xlb.io/preferred-holder";
+
 fn preferred(l: &Lease) -> Option<&str> {
-    l.spec.as_ref().and_then(|s| s.preferred_holder.as_deref()).filter(|h| !h.is_empty())
+    l.metadata.annotations.as_ref()?.get(PREFERRED_HOLDER_ANNOTATION).map(String::as_str).filter(|h| !h.is_empty())
+}
+
+/// The node part of an identity (`node/instance`).
+pub fn node_of(identity: &str) -> &str {
+    identity.split_once('/').map_or(identity, |(n, _)| n)
+}
+
+/// An identity for this process on `node`: `node/<instance>`, unique per
+/// agent process, so a second agent on one node (a surge rollout, a stuck
+/// old pod) is another candidate, never taken for this one.
+pub fn identity(node: &str) -> String {
+    let mut b = [0u8; 4];
+    // SAFETY: a valid buffer of its length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let r = if n == 4 { u32::from_ne_bytes(b) } else { std::process::id() ^ boot_ns() as u32 };
+    format!("{node}/{r:08x}")
 }
 
 impl Elector {
@@ -162,6 +186,7 @@ impl Elector {
             last: None,
             observed_at: boot_ns(),
             held: None,
+            retry_at: 0,
         }
     }
 
@@ -231,16 +256,20 @@ impl Elector {
         self.last.as_ref().and_then(preferred)
     }
 
-    /// Asks the live holder to hand the Lease over (coordinated leader
-    /// election's `spec.preferredHolder`): a replace of the observed record
-    /// naming us as preferred. The holder's next renewal then gets 409; it
-    /// stops acting, reads the record and releases; we take it at once.
+    /// Asks the live holder to hand the Lease over (as coordinated leader
+    /// election's `spec.preferredHolder`, by annotation): a replace of the
+    /// observed record naming us. The holder's next renewal then gets 409;
+    /// it stops acting, reads the record and releases; we take it at once.
     pub async fn prefer(&mut self, timeout: Duration) -> bool {
         if self.held.is_some() {
             return false;
         }
         let Some(mut lease) = self.last.clone() else { return false };
-        lease.spec.get_or_insert_with(Default::default).preferred_holder = Some(self.identity.clone());
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(PREFERRED_HOLDER_ANNOTATION.into(), self.identity.clone());
         let pp = PostParams::default();
         match tokio::time::timeout(timeout, self.api.replace(&self.name, &pp, &lease)).await {
             Ok(Ok(l)) => {
@@ -276,9 +305,23 @@ impl Elector {
                 match self.write(true, timeout.min(left)).await {
                     Ok(h) => Step::Renewed(h),
                     Err(e) if e.conflict => {
-                        // Taken, or another asked for it: read which.
+                        // Taken, asked for, or our own earlier renewal
+                        // that timed out here but committed: read which.
+                        let left = Duration::from_nanos(h.until.saturating_sub(boot_ns()));
+                        let seen = self.read(timeout.min(left)).await;
+                        let ours_alone = seen.as_ref().is_some_and(|l| {
+                            holder(l) == Some(self.identity.as_str()) && preferred(l).is_none_or(|p| p == self.identity)
+                        });
+                        if ours_alone && boot_ns() < h.until {
+                            // Still ours: renew from that record (the hold
+                            // stays the one last acknowledged).
+                            self.last = seen;
+                            return Step::Failed(e.message);
+                        }
                         self.lose();
-                        self.refresh().await;
+                        if let Some(l) = seen {
+                            self.observe(Some(&l), boot_ns());
+                        }
                         Step::Lost
                     }
                     Err(e) => {
@@ -293,12 +336,19 @@ impl Elector {
             }
             View::Other(_) => Step::Idle,
             View::Free(since) => {
-                if !may_take || now < since + ns(delay) {
+                if !may_take || now < since + ns(delay) || now < self.retry_at {
                     return Step::Idle;
                 }
                 match self.write(false, timeout).await {
                     Ok(h) => Step::Acquired(h),
-                    Err(e) => Step::Failed(e.message),
+                    Err(e) => {
+                        if !e.conflict {
+                            // client-go retries every RetryPeriod with jitter.
+                            let jitter = boot_ns() % (ns(self.timing.renew) / 5 + 1);
+                            self.retry_at = boot_ns() + ns(self.timing.renew) + jitter;
+                        }
+                        Step::Failed(e.message)
+                    }
                 }
             }
         }
@@ -325,18 +375,19 @@ impl Elector {
             },
             spec: Some(LeaseSpec::default()),
         });
+        let exists = lease.metadata.resource_version.is_some();
+        if !renewal && let Some(a) = lease.metadata.annotations.as_mut() {
+            a.remove(PREFERRED_HOLDER_ANNOTATION);
+        }
         let spec = lease.spec.get_or_insert_with(Default::default);
         let previous = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        if !renewal {
+        if !renewal && previous.as_deref() != Some(self.identity.as_str()) {
+            // As client-go: a new holder is a transition (from a released
+            // Lease too); a created Lease starts at 0.
             spec.acquire_time = Some(now.clone());
-            if previous.as_deref() != Some(self.identity.as_str()) {
-                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + i32::from(previous.is_some()));
-            }
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + i32::from(exists));
         }
         spec.holder_identity = Some(self.identity.clone());
-        if !renewal {
-            spec.preferred_holder = None;
-        }
         spec.lease_duration_seconds = Some(self.timing.seconds());
         spec.renew_time = Some(now);
         let create = lease.metadata.resource_version.is_none();
@@ -355,9 +406,9 @@ impl Elector {
             }
             Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
                 // Another wrote first: re-read before trying again (a
-                // holder's caller reads after giving up its hold).
+                // holder reads in `step`, after deciding about its hold).
                 if !renewal {
-                    self.refresh().await;
+                    self.refresh(timeout).await;
                 }
                 Err(WriteError { conflict: true, message: s.message.clone() })
             }
@@ -366,11 +417,16 @@ impl Elector {
         }
     }
 
-    /// Reads the Lease again (after a conflict).
-    pub async fn refresh(&mut self) {
-        if let Ok(seen) = self.api.get_opt(&self.name).await {
+    /// Reads the Lease again (after a conflict), within `timeout`.
+    pub async fn refresh(&mut self, timeout: Duration) {
+        if let Ok(Ok(seen)) = tokio::time::timeout(timeout, self.api.get_opt(&self.name)).await {
             self.observe(seen.as_ref(), boot_ns());
         }
+    }
+
+    /// The Lease as stored now (`None`: absent or unreadable in `timeout`).
+    async fn read(&self, timeout: Duration) -> Option<Lease> {
+        tokio::time::timeout(timeout, self.api.get_opt(&self.name)).await.ok()?.ok()?
     }
 
     /// Gives the Lease up (client-go's ReleaseOnCancel): no holder, a 1 s

@@ -159,7 +159,10 @@ async fn a_holder_asked_for_its_lease_hands_it_over() {
     assert!(Duration::from_nanos(boot_ns() - released) < Duration::from_millis(200));
     let stored = api.get(Kind::Lease, "xlb", "l").unwrap();
     assert_eq!(stored["spec"]["holderIdentity"], "node-b");
-    assert!(stored["spec"]["preferredHolder"].is_null(), "cleared by the take: {stored}");
+    assert!(
+        stored["metadata"]["annotations"].get(xlb::lease::PREFERRED_HOLDER_ANNOTATION).is_none(),
+        "cleared by the take: {stored}"
+    );
 }
 
 const POOL: &str = r#"
@@ -208,7 +211,8 @@ fn ingress(api: &ApiServer, name: &str) -> Vec<String> {
 
 /// Two agents: one leads and writes each LoadBalancer Service's status
 /// (`ipMode: VIP`) through the status subresource; a Service that stops
-/// being a LoadBalancer is cleared and its address goes to the next. When
+/// being a LoadBalancer (its status cleared by the API server) frees its
+/// address for the next. When
 /// the leader stops (its Lease released), the other takes over.
 #[tokio::test]
 async fn one_leader_writes_the_statuses_and_the_other_takes_over() {
@@ -227,7 +231,7 @@ async fn one_leader_writes_the_statuses_and_the_other_takes_over() {
     assert_eq!(ingress(&api, "b"), ["198.51.100.2 VIP"]);
     let leader = api.get(Kind::Lease, "xlb", "xlb-lbipam").unwrap();
     assert_eq!(leader["spec"]["holderIdentity"], "node-1");
-    // `a` becomes a NodePort Service: its status is cleared.
+    // `a` becomes a NodePort Service: the API server clears its status.
     api.apply(
         Kind::Service,
         "metadata: {name: a, namespace: shop, creationTimestamp: \"2026-01-01T00:00:00Z\"}\n\
@@ -244,4 +248,9 @@ async fn one_leader_writes_the_statuses_and_the_other_takes_over() {
     wait_for("c's status", || ingress(&api, "c").len() == 1).await;
     assert_eq!(ingress(&api, "c"), ["198.51.100.1 VIP"], "a's address, free again");
     assert_eq!(ingress(&api, "b"), ["198.51.100.2 VIP"], "kept");
+    // `b` deleted and created again (a new UID): allocated afresh.
+    api.delete(Kind::Service, "shop", "b");
+    api.apply(Kind::Service, &lb("b", "2026-01-04T00:00:00Z"));
+    wait_for("the new b's status", || ingress(&api, "b").len() == 1).await;
+    assert_eq!(ingress(&api, "b"), ["198.51.100.2 VIP"]);
 }

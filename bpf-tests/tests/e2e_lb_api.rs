@@ -108,7 +108,13 @@ fn top(addr: &str, nodes: usize) -> String {
     xlb::l2::owner(&addr.parse().unwrap(), &all).unwrap().clone()
 }
 
+const REBALANCE_OFF: &str = "--l2-rebalance=false";
+
 fn cluster(extra: &[&str]) -> Cluster {
+    cluster_with(extra, &[])
+}
+
+fn cluster_with(extra: &[&str], args: &[&str]) -> Cluster {
     let mut c = Cluster::new(3, &[9376]);
     c.use_api();
     for (pod, node) in [("web-1a", 1), ("web-2a", 2), ("web-3a", 3), ("solo-2", 2)] {
@@ -121,7 +127,7 @@ fn cluster(extra: &[&str]) -> Cluster {
         c.add_services(s);
     }
     c.write_manifests(&[]);
-    c.start_agents(&[]);
+    c.start_agents(args);
     c
 }
 
@@ -207,7 +213,7 @@ fn fail_owner(c: &mut Cluster, node_down: bool) -> Failover {
     let new = wait_until("a new owner", Duration::from_secs(10), || {
         c.l2_holder(VIP).filter(|h| node_of(h) != owner).map(|h| node_of(&h))
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(600));
     let heard = arp.finish();
     let attempts = conn.finish();
     let new_mac = mac_bytes(c, new);
@@ -215,12 +221,7 @@ fn fail_owner(c: &mut Cluster, node_down: bool) -> Failover {
     if node_down {
         c.fabric.exec(&["ip", "link", "set", &format!("u{owner}"), "up"]);
     }
-    c.start_agent(owner, &[]);
-    // Back, the node that ranks first asks for its address again (after
-    // two Lease durations): wait for that before the next try.
-    wait_until("the address back with its first-ranked node", Duration::from_secs(20), || {
-        Some(()).filter(|_| c.l2_holder(VIP) == Some(top(VIP, 3)))
-    });
+    c.start_agent(owner, &[REBALANCE_OFF]);
     check_single_owner(&heard, old_mac, new_mac, fault);
     let first_new = heard.iter().find(|h| h.mac == new_mac && h.reply).map(|h| h.at).expect("the new owner answered");
     let last_old = heard.iter().filter(|h| h.mac == old_mac).map(|h| h.at).max().unwrap_or(fault);
@@ -273,11 +274,10 @@ fn summary(name: &str, mut xs: Vec<Duration>) -> Duration {
 /// takes ≥ 10 s by default), with never two nodes answering.
 #[test]
 fn the_address_fails_over_within_the_lease_with_never_two_owners() {
-    let mut c = cluster(&[]);
+    // Restarted agents leave the address where it went (no handover back
+    // to the first-ranked node between tries: that is tested below).
+    let mut c = cluster_with(&[], &[REBALANCE_OFF]);
     wait_until("web's status", Duration::from_secs(20), || Some(()).filter(|_| c.ingress("demo", "web").len() == 2));
-    wait_until("the first-ranked owner", Duration::from_secs(20), || {
-        Some(()).filter(|_| c.l2_holder(VIP) == Some(top(VIP, 3)))
-    });
     for node_down in [false, true] {
         let runs: Vec<Failover> = (0..10).map(|_| fail_owner(&mut c, node_down)).collect();
         let what = if node_down { "node down" } else { "agent killed" };
@@ -325,4 +325,55 @@ fn a_local_service_is_announced_where_its_endpoint_is_and_moves_with_it() {
     let (pod, _) =
         wait_until("solo on node-3", Duration::from_secs(5), || tcp_request(&c.external, sa(solo, 80), "b").ok());
     assert_eq!(pod, "solo-3");
+}
+
+/// The owner's L2 interface loses its carrier (its agent alive): it gives
+/// the Lease up at once, and the next node answers well before the Lease
+/// would have expired (cilium/cilium#35507: renewals over another network
+/// kept a dead NIC's Lease). When the link comes back, the node that ranks
+/// first asks for its address again and gets it by a handover.
+#[test]
+fn an_owner_whose_link_goes_down_gives_the_address_up() {
+    let c = cluster(&[]);
+    wait_until("the first-ranked owner", Duration::from_secs(20), || {
+        Some(()).filter(|_| c.ingress("demo", "web").len() == 2 && c.l2_holder(VIP) == Some(top(VIP, 3)))
+    });
+    let owner = node_of(&top(VIP, 3));
+    let old_mac = mac_bytes(&c, owner);
+    let arp = ArpProbe::start(&c.external, "eth0", VIP.parse().unwrap(), Duration::from_millis(20));
+    let down = Instant::now();
+    c.fabric.exec(&["ip", "link", "set", &format!("u{owner}"), "down"]);
+    let new = wait_until("a new owner", Duration::from_secs(10), || {
+        c.l2_holder(VIP).filter(|h| node_of(h) != owner).map(|h| node_of(&h))
+    });
+    let moved = down.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let new_mac = mac_bytes(&c, new);
+    let heard = arp.finish();
+    let first_new = heard.iter().find(|h| h.mac == new_mac && h.reply).expect("the new owner answered").at;
+    println!(
+        "link down: the Lease moved in {} ms, the new owner answered {} ms after",
+        moved.as_millis(),
+        (first_new - down).as_millis()
+    );
+    assert!(moved < Duration::from_millis(1000), "given up, not expired: {moved:?}");
+    check_single_owner(&heard, old_mac, new_mac, down);
+    // The link back: the first-ranked node asks for its address again.
+    let arp = ArpProbe::start(&c.external, "eth0", VIP.parse().unwrap(), Duration::from_millis(20));
+    let up = Instant::now();
+    c.fabric.exec(&["ip", "link", "set", &format!("u{owner}"), "up"]);
+    wait_until("the address back", Duration::from_secs(20), || {
+        Some(()).filter(|_| c.l2_holder(VIP) == Some(top(VIP, 3)))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let heard = arp.finish();
+    check_single_owner(&heard, new_mac, old_mac, up);
+    let last_new = heard.iter().filter(|h| h.mac == new_mac).map(|h| h.at).max().unwrap_or(up);
+    let back = heard.iter().find(|h| h.mac == old_mac && h.reply).expect("the first-ranked node answers").at;
+    println!(
+        "link up: handed back {} ms after the link came up; no answer for {} ms during the handover",
+        (back - up).as_millis(),
+        back.saturating_duration_since(last_new).as_millis()
+    );
+    assert!(back.saturating_duration_since(last_new) < Duration::from_millis(500), "a handover, not an expiry");
 }

@@ -187,6 +187,8 @@ impl Store {
                     m.remove("namespace");
                 }
                 m["resourceVersion"] = json!(self.rv.to_string());
+                normalize(kind, &mut obj);
+                let m = &mut obj["metadata"];
                 for field in ["uid", "creationTimestamp"] {
                     if let Some(v) = old.map(|o| &o["metadata"][field]).filter(|v| !v.is_null()) {
                         m[field] = v.clone();
@@ -414,6 +416,34 @@ pub(crate) fn now_rfc3339() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// What the real registries do to every object written, beyond the
+/// generic store:
+/// - Lease (`pkg/registry/coordination/lease/strategy.go`): without the
+///   CoordinatedLeaderElection feature gate (off by default)
+///   `spec.preferredHolder` and `spec.strategy` are dropped.
+/// - Service (`pkg/registry/core/service/strategy.go`,
+///   `dropTypeDependentFields`): a Service that is not `type:
+///   LoadBalancer` has no load-balancer status.
+fn normalize(kind: Kind, obj: &mut Value) {
+    match kind {
+        Kind::Lease => {
+            if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.remove("preferredHolder");
+                spec.remove("strategy");
+            }
+        }
+        Kind::Service => {
+            if obj["spec"]["type"].as_str() != Some("LoadBalancer")
+                && let Some(status) = obj.get_mut("status").and_then(Value::as_object_mut)
+                && status.contains_key("loadBalancer")
+            {
+                status.insert("loadBalancer".into(), json!({}));
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]

@@ -316,3 +316,29 @@ async fn pools_and_namespaces_are_listed_and_watched() {
         .unwrap();
     assert_eq!(ns[0].meta().name.as_deref(), Some("demo"));
 }
+
+/// What the registries do beyond the generic store: a Lease's
+/// `spec.preferredHolder` and `spec.strategy` are dropped (the
+/// CoordinatedLeaderElection gate is off by default), and a Service that
+/// stops being a LoadBalancer loses its load-balancer status.
+#[tokio::test]
+async fn registry_strategies_drop_gated_lease_fields_and_stale_lb_status() {
+    let emu = ApiServer::start().await;
+    let leases: Api<Lease> = Api::namespaced(client(&emu), NS);
+    let mut l = lease("gated", "node-1", &[]);
+    let spec = l.spec.as_mut().unwrap();
+    spec.preferred_holder = Some("node-2".into());
+    spec.strategy = Some("OldestEmulationVersion".into());
+    let created = leases.create(&PostParams::default(), &l).await.unwrap();
+    let spec = created.spec.unwrap();
+    assert_eq!((spec.preferred_holder, spec.strategy), (None, None));
+    assert_eq!(spec.holder_identity.as_deref(), Some("node-1"));
+
+    emu.apply(Kind::Service, &format!("{WEB}\nstatus: {{loadBalancer: {{ingress: [{{ip: 198.51.100.7}}]}}}}"));
+    assert_eq!(
+        emu.get(Kind::Service, "demo", "web").unwrap()["status"]["loadBalancer"]["ingress"][0]["ip"],
+        "198.51.100.7"
+    );
+    emu.apply(Kind::Service, &WEB.replace("type: LoadBalancer", "type: NodePort"));
+    assert_eq!(emu.get(Kind::Service, "demo", "web").unwrap()["status"], json!({"loadBalancer": {}}));
+}

@@ -92,9 +92,9 @@ impl Announcer {
         for (ifindex, mac) in up {
             now.extend(want.iter().map(|(a, d)| ((*a, ifindex), Entry { mac, deadline: *d })));
         }
-        let Some(map) = self.map.as_mut() else {
-            return if want.is_empty() { Ok(Vec::new()) } else { Err(MapError::KeyNotFound) };
-        };
+        // Without the map nothing can be answered (`can_answer`: the Lease
+        // task does not even stand then).
+        let Some(map) = self.map.as_mut() else { return Ok(Vec::new()) };
         let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
         let gone: Vec<(IpAddr, u32)> = owned.keys().filter(|k| !now.contains_key(k)).copied().collect();
         for (a, ifindex) in gone {
@@ -121,6 +121,11 @@ impl Announcer {
         }
         gained.dedup();
         Ok(gained)
+    }
+
+    /// Whether this announcer can answer at all (it has L2_ADDRS).
+    pub fn can_answer(&self) -> bool {
+        self.map.is_some()
     }
 
     /// The addresses answered now (whatever their deadline).
@@ -157,8 +162,10 @@ fn announcer(rx: std::sync::mpsc::Receiver<(IpAddr, u32)>, owned: Owned) {
                 break;
             }
             for (a, ifindex) in e.remove() {
-                let entry = owned.lock().unwrap_or_else(|e| e.into_inner()).get(&(a, ifindex)).copied();
-                let Some(entry) = entry.filter(|e| boot_ns() < e.deadline) else { continue };
+                // Held across the send: an entry removed meanwhile (a lost
+                // Lease) is never announced after its removal.
+                let owned = owned.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(entry) = owned.get(&(a, ifindex)).filter(|e| boot_ns() < e.deadline) else { continue };
                 if let Err(err) = send(ifindex, &frame(a, entry.mac)) {
                     tracing::warn!(addr = %a, ifindex, error = %err, "sending an L2 announcement failed");
                 }

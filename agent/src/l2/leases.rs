@@ -60,7 +60,8 @@ const TICK: Duration = Duration::from_millis(50);
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub namespace: String,
-    pub node: String,
+    /// This agent's identity (`node/instance`, [`crate::lease::identity`]).
+    pub identity: String,
     pub timing: Timing,
     pub external_ips: bool,
     pub lb_class: String,
@@ -87,25 +88,33 @@ pub async fn run(
     mut snaps: watch::Receiver<Snapshot>,
     mut stop: watch::Receiver<bool>,
 ) {
+    if !announcer.can_answer() {
+        tracing::warn!("no L2_ADDRS map: not standing for any L2 address's Lease");
+        return;
+    }
     let api: Api<Lease> = Api::namespaced(client, &s.namespace);
     let (store, writer) = reflector::store::<Lease>();
     let cfg = watcher::Config::default().labels(&format!("{LABEL}=true"));
     let stream = reflector(writer, watcher(api.clone(), cfg)).default_backoff();
-    tokio::spawn(stream.for_each(|ev| async move {
+    let watching = tokio::spawn(stream.for_each(|ev| async move {
         if let Err(e) = ev {
-            tracing::debug!(error = %e, "watching the L2 leases failed; retrying");
+            tracing::warn!(error = %e, "watching the L2 leases failed; retrying");
         }
     }));
+    let _abort = AbortOnDrop(watching);
     tokio::select! {
         r = store.wait_until_ready() => if r.is_err() { return },
         _ = stop.changed() => return,
     }
+    let node = crate::lease::node_of(&s.identity).to_string();
     let mut electors: BTreeMap<IpAddr, Elector> = BTreeMap::new();
     // Per address: since when this node is a candidate, when it last asked.
     let mut since: BTreeMap<IpAddr, u64> = BTreeMap::new();
     let mut asked: BTreeMap<IpAddr, u64> = BTreeMap::new();
     let settle = 2 * s.timing.duration.as_nanos() as u64;
-    let mut eligible = BTreeMap::new();
+    // Per address: the eligible nodes, best ranked first (recomputed only
+    // when the snapshot changes).
+    let mut ranked: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -116,11 +125,14 @@ pub async fn run(
         if snaps.has_changed().unwrap_or(false) {
             let snap = snaps.borrow_and_update().clone();
             if snap.synced {
-                eligible = super::eligible(&snap, s.external_ips, &s.lb_class);
+                ranked = super::eligible(&snap, s.external_ips, &s.lb_class)
+                    .into_iter()
+                    .map(|(a, nodes)| (a, super::ranked(&a, &nodes)))
+                    .collect();
             }
         }
         let up = !announcer.interfaces_up().is_empty();
-        let candidate = |a: &IpAddr| up && eligible.get(a).is_some_and(|n| n.contains(&s.node));
+        let candidate = |a: &IpAddr| up && ranked.get(a).is_some_and(|n| n.contains(&node));
         // No longer a candidate: stop answering, then release.
         let leaving: Vec<IpAddr> = electors.keys().filter(|a| !candidate(a)).copied().collect();
         if !leaving.is_empty() {
@@ -129,18 +141,21 @@ pub async fn run(
                 asked.remove(a);
             }
             let mut gone: Vec<Elector> = leaving.iter().filter_map(|a| electors.remove(a)).collect();
-            sync(&mut announcer, &electors);
-            for e in gone.iter_mut().filter(|e| e.held().is_some()) {
-                tracing::info!(lease = %e.name, "giving the L2 lease up");
-                e.release(s.timing.renew).await;
+            if sync(&mut announcer, &electors) {
+                futures::future::join_all(gone.iter_mut().filter(|e| e.held().is_some()).map(|e| {
+                    tracing::info!(lease = %e.name, "giving the L2 lease up");
+                    e.release(s.timing.renew)
+                }))
+                .await;
             }
         }
-        for a in eligible.keys().filter(|a| candidate(a)) {
+        for a in ranked.keys().filter(|a| candidate(a)) {
             since.entry(*a).or_insert_with(boot_ns);
             electors.entry(*a).or_insert_with(|| {
                 let labels = BTreeMap::from([(LABEL.to_string(), "true".to_string())]);
                 let annotations = BTreeMap::from([(ADDRESS_ANNOTATION.to_string(), a.to_string())]);
-                Elector::new(api.clone(), lease_name(a), s.node.clone(), s.timing).with_metadata(labels, annotations)
+                Elector::new(api.clone(), lease_name(a), s.identity.clone(), s.timing)
+                    .with_metadata(labels, annotations)
             });
         }
         let now = boot_ns();
@@ -149,10 +164,11 @@ pub async fn run(
             e.observe(seen.as_deref(), now);
         }
         let steps = futures::future::join_all(electors.iter_mut().map(|(a, e)| {
-            // Rank among the eligible nodes, the recorded holder left out
+            // Rank among the eligible nodes, the recorded holder's left out
             // (a dead holder stays a Node: its successor must not wait).
-            let nodes = eligible.get(a).into_iter().flatten();
-            let k = super::rank(a, nodes.filter(|n| Some(n.as_str()) != e.recorded_holder()), &s.node);
+            let holder = e.recorded_holder().map(crate::lease::node_of);
+            let order = ranked.get(a).into_iter().flatten();
+            let k = order.filter(|n| Some(n.as_str()) != holder).position(|n| *n == node).unwrap_or(0);
             let delay = RANK_DELAY * k as u32;
             async move { (*a, e.step(true, delay, s.timing.renew).await) }
         }))
@@ -173,44 +189,77 @@ pub async fn run(
                 Step::Idle => {}
             }
         }
-        if changed {
-            sync(&mut announcer, &electors);
-        }
+        let synced = !changed || sync(&mut announcer, &electors);
         // Asked to hand over: no longer answering (synced above), release.
-        for e in electors.values_mut().filter(|e| e.asked_to_yield()) {
-            tracing::info!(lease = %e.name, to = ?e.recorded_preferred(), "handing the L2 lease over");
-            e.release(s.timing.renew).await;
+        if synced {
+            futures::future::join_all(electors.values_mut().filter(|e| e.asked_to_yield()).map(|e| {
+                tracing::info!(lease = %e.name, to = ?e.recorded_preferred(), "handing the L2 lease over");
+                e.release(s.timing.renew)
+            }))
+            .await;
         }
         if s.rebalance {
             let now = boot_ns();
-            for (a, e) in electors.iter_mut() {
-                let View::Other(_) = e.view(now) else { continue };
-                let first = eligible.get(a).is_some_and(|n| super::rank(a, n.iter(), &s.node) == 0);
-                let settled = since.get(a).is_some_and(|t| now >= t + settle);
-                let recently = asked.get(a).is_some_and(|t| now < t + settle);
-                if first && settled && !recently && e.recorded_preferred() != Some(s.node.as_str()) {
-                    asked.insert(*a, now);
+            let asking: Vec<IpAddr> = electors
+                .iter()
+                .filter(|(a, e)| {
+                    let View::Other(_) = e.view(now) else { return false };
+                    // First-ranked, over a holder on another node (a second
+                    // agent on this node is not asked), not too eagerly.
+                    let first = ranked.get(*a).and_then(|n| n.first()) == Some(&node);
+                    let other_node = e.recorded_holder().is_some_and(|h| crate::lease::node_of(h) != node);
+                    let settled = since.get(*a).is_some_and(|t| now >= t + settle);
+                    let recently = asked.get(*a).is_some_and(|t| now < t + settle);
+                    first && other_node && settled && !recently && e.recorded_preferred() != Some(s.identity.as_str())
+                })
+                .map(|(a, _)| *a)
+                .collect();
+            for a in &asking {
+                asked.insert(*a, now);
+            }
+            futures::future::join_all(electors.iter_mut().filter(|(a, _)| asking.contains(a)).map(
+                |(a, e)| async move {
                     if e.prefer(s.timing.renew).await {
                         tracing::info!(addr = %a, "asked for the L2 lease (this node ranks first)");
                     }
-                }
-            }
+                },
+            ))
+            .await;
         }
     }
     // Stopping: answer nothing, then give every Lease up.
     let none = BTreeMap::new();
     if let Err(e) = announcer.sync(&none) {
-        tracing::warn!(error = %e, "clearing the L2 answers failed");
+        tracing::warn!(error = %e, "clearing the L2 answers failed; the Leases are left to expire");
+        return;
     }
     futures::future::join_all(electors.values_mut().map(|e| e.release(Duration::from_secs(1)))).await;
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Answers for exactly the addresses held, each until its hold ends.
-fn sync(announcer: &mut Announcer, electors: &BTreeMap<IpAddr, Elector>) {
+/// False when the map could not be brought there (a release must wait:
+/// the entry's deadline ends the answers instead).
+fn sync(announcer: &mut Announcer, electors: &BTreeMap<IpAddr, Elector>) -> bool {
     let want: BTreeMap<IpAddr, u64> = electors.iter().filter_map(|(a, e)| Some((*a, e.held()?.until))).collect();
     match announcer.sync(&want) {
-        Ok(gained) if !gained.is_empty() => tracing::info!(?gained, "announcing on L2"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "updating the L2 answers failed"),
+        Ok(gained) => {
+            if !gained.is_empty() {
+                tracing::info!(?gained, "announcing on L2");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "updating the L2 answers failed");
+            false
+        }
     }
 }

@@ -10,7 +10,8 @@
 //! highest hash of address and node name), which spreads the addresses
 //! over the nodes and moves only a departed node's. Eligible: every Node of
 //! the snapshot for `externalTrafficPolicy: Cluster`; for `Local`, the
-//! nodes with a ready endpoint of the Service. Without Node objects nothing
+//! nodes with a ready endpoint of the Service; never a node labelled
+//! [`EXCLUDE_LABEL`] or reported NotReady. Without Node objects nothing
 //! is announced (no view of the other nodes: two owners would answer).
 //!
 //! Ownership with the API server ([`leases`]): a Lease per address, taken
@@ -33,7 +34,8 @@ pub use announce::Announcer;
 
 /// The nodes that may announce each LoadBalancer address of `snap`.
 pub fn eligible(snap: &Snapshot, external_ips: bool, lb_class: &str) -> BTreeMap<IpAddr, BTreeSet<String>> {
-    let nodes: BTreeSet<String> = snap.nodes.iter().filter_map(|n| n.metadata.name.clone()).collect();
+    let nodes: BTreeSet<String> =
+        snap.nodes.iter().filter(|n| may_announce(n)).filter_map(|n| n.metadata.name.clone()).collect();
     // A node's own address (`NodeIPs` pools hand them out) is its own to
     // answer for: never announced by another.
     let node_addrs: BTreeSet<IpAddr> = snap
@@ -80,6 +82,21 @@ pub fn eligible(snap: &Snapshot, external_ips: bool, lb_class: &str) -> BTreeMap
     out
 }
 
+/// The label that keeps a node out of external load balancers (kubeadm
+/// puts it on control-plane nodes; the cloud-provider service controller
+/// and MetalLB honour it).
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// Whether `node` may announce: not excluded by [`EXCLUDE_LABEL`], and not
+/// reported NotReady (a node with no Ready condition at all counts as
+/// ready: nobody says otherwise).
+fn may_announce(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    let excluded = node.metadata.labels.as_ref().is_some_and(|l| l.contains_key(EXCLUDE_LABEL));
+    let ready =
+        node.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    !excluded && ready.is_none_or(|c| c.status == "True")
+}
+
 /// Nodes with a ready endpoint of `svc`.
 fn local_endpoint_nodes(snap: &Snapshot, svc: &Service) -> BTreeSet<String> {
     let (ns, name) =
@@ -109,10 +126,12 @@ pub fn owner<'a>(addr: &IpAddr, nodes: &'a BTreeSet<String>) -> Option<&'a Strin
     nodes.iter().max_by_key(|n| weight(addr, n))
 }
 
-/// `node`'s rank for `addr` among `nodes` (0: the owner by [`owner`]).
-pub fn rank<'a>(addr: &IpAddr, nodes: impl Iterator<Item = &'a String>, node: &str) -> usize {
-    let mine = weight(addr, node);
-    nodes.filter(|n| n.as_str() != node && weight(addr, n) > mine).count()
+/// `nodes` in rendezvous order for `addr`: the owner by [`owner`] first.
+pub fn ranked(addr: &IpAddr, nodes: &BTreeSet<String>) -> Vec<String> {
+    let mut v: Vec<(u64, &String)> = nodes.iter().map(|n| (weight(addr, n), n)).collect();
+    // Highest weight first; ties (never in practice) by name, as `owner`.
+    v.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(a.1)));
+    v.into_iter().map(|(_, n)| n.clone()).collect()
 }
 
 /// The addresses `node` announces (`--manifests` mode).
@@ -190,5 +209,23 @@ mod tests {
         let y = "apiVersion: v1\nkind: Node\nmetadata: {name: node-9}\nstatus: {addresses: [{type: InternalIP, address: 10.9.0.1}]}\n";
         parse_into(&mut s, "node", y);
         assert!((1..=9).all(|n| owned(&s, &format!("node-{n}"), false, C).is_empty()));
+    }
+
+    /// Excluded and NotReady nodes never announce (the cloud-provider
+    /// service controller's node predicates).
+    #[test]
+    fn excluded_and_not_ready_nodes_do_not_announce() {
+        let mut s = snap(2, 40, None);
+        let y = format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-3, labels: {{{EXCLUDE_LABEL}: \"\"}}}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node-4}}\nstatus: {{conditions: [{{type: Ready, status: \"False\"}}]}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node-5}}\nstatus: {{conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        );
+        parse_into(&mut s, "nodes", &y);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert!(owned(&s, "node-3", false, C).is_empty() && owned(&s, "node-4", false, C).is_empty());
+        assert!(!owned(&s, "node-5", false, C).is_empty(), "a Ready node does");
+        let total: usize = [1, 2, 5].iter().map(|n| owned(&s, &format!("node-{n}"), false, C).len()).sum();
+        assert_eq!(total, 40);
     }
 }

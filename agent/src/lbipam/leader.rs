@@ -12,9 +12,11 @@
 //!   twice).
 //! - Each write is a merge patch carrying the Service's resourceVersion as
 //!   a precondition: a write from a stale view gets 409 and is redone from
-//!   the next snapshot. No write is sent once the hold has ended.
-//! - A Service that stops being `type: LoadBalancer` has its ingress
-//!   cleared (the service controller's cleanup): its addresses are free.
+//!   the next snapshot. No write is sent once the hold has ended, and none
+//!   may outlive it (its timeout is the time left).
+//! - A Service that stops being `type: LoadBalancer` loses its status in
+//!   the API server itself (the Service registry clears it on that update),
+//!   so its addresses are free for the next allocation.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -34,11 +36,18 @@ use crate::{
 /// The allocator's Lease, in the agent's namespace.
 pub const LEASE: &str = "xlb-lbipam";
 
-/// What the leader writes: Service `namespace/name` → its addresses.
-pub type Written = BTreeMap<String, Vec<IpAddr>>;
+/// What the leader wrote and its watch has not shown yet, per Service
+/// (`namespace/name`): the Service's UID and the resourceVersion the write
+/// was fenced with, and the addresses. An entry stands while the snapshot
+/// still shows that very version of that very Service.
+pub type Written = BTreeMap<String, (String, String, Vec<IpAddr>)>;
 
-/// Runs for the agent's life: stands for election, and while leading keeps
-/// the statuses equal to the allocation. Releases the Lease on `stop`.
+/// How long one API call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs for the agent's life: stands for election (every renewal period,
+/// as client-go), and while leading keeps the statuses equal to the
+/// allocation. Releases the Lease on `stop`.
 pub async fn run(
     client: Client,
     namespace: String,
@@ -48,26 +57,26 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client.clone(), &namespace);
-    let mut e = Elector::new(api.clone(), LEASE.into(), identity, Timing::ALLOCATOR);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let timing = Timing::ALLOCATOR;
+    let mut e = Elector::new(api.clone(), LEASE.into(), identity, timing);
+    let mut tick = tokio::time::interval(timing.renew);
     let mut written = Written::new();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            r = snaps.changed() => if r.is_err() { break },
+        let elect = tokio::select! {
+            _ = tick.tick() => true,
+            r = snaps.changed() => if r.is_err() { break } else { false },
             _ = stop.changed() => break,
-        }
-        if e.held().is_none() {
-            match api.get_opt(LEASE).await {
-                Ok(seen) => e.observe(seen.as_ref(), boot_ns()),
-                Err(err) => tracing::debug!(error = %err, "reading the allocator lease failed"),
+        };
+        if elect {
+            if e.held().is_none() {
+                e.refresh(CALL_TIMEOUT).await;
             }
-        }
-        match e.step(true, Duration::ZERO, Duration::from_secs(5)).await {
-            Step::Acquired(_) => tracing::info!(lease = LEASE, "leading the LoadBalancer address allocation"),
-            Step::Lost => tracing::warn!(lease = LEASE, "no longer leading the LoadBalancer address allocation"),
-            Step::Failed(m) => tracing::debug!(lease = LEASE, error = m, "allocator lease write failed"),
-            _ => {}
+            match e.step(true, Duration::ZERO, CALL_TIMEOUT).await {
+                Step::Acquired(_) => tracing::info!(lease = LEASE, "leading the LoadBalancer address allocation"),
+                Step::Lost => tracing::warn!(lease = LEASE, "no longer leading the LoadBalancer address allocation"),
+                Step::Failed(m) => tracing::debug!(lease = LEASE, error = m, "allocator lease write failed"),
+                _ => {}
+            }
         }
         let Some(held) = e.held() else {
             written.clear();
@@ -81,50 +90,52 @@ pub async fn run(
     e.release(Duration::from_secs(1)).await;
 }
 
-/// Brings every Service's status to the allocation of `snap`; stops at `until`.
+/// Brings every Service's status to the allocation of `snap`; stops at
+/// `until` (boot ns), and no write outlives it.
 pub async fn write_statuses(client: &Client, snap: &Snapshot, lb_class: &str, written: &mut Written, until: u64) {
-    // What was written and not yet seen in a status counts as held.
-    written.retain(|id, addrs| snap.services.iter().any(|s| id_of(s) == *id && held_in_status(s) != *addrs));
+    written.retain(|id, (uid, rv, _)| {
+        snap.services.iter().any(|s| {
+            id_of(s) == *id
+                && s.metadata.uid.as_deref() == Some(uid.as_str())
+                && s.metadata.resource_version.as_deref() == Some(rv.as_str())
+        })
+    });
+    let previous: BTreeMap<String, Vec<IpAddr>> =
+        written.iter().map(|(id, (_, _, a))| (id.clone(), a.clone())).collect();
     let inputs = Inputs {
         services: &snap.services,
         pools: &snap.pools,
         namespaces: &snap.namespaces,
         nodes: &snap.nodes,
-        previous: written,
+        previous: &previous,
         lb_class,
     };
     let a = allocate::allocate(&inputs);
     for svc in &snap.services {
         let id = id_of(svc);
-        let have = held_in_status(svc);
-        let want = match a.addresses.get(&id) {
-            Some(want) if *want != have => want.clone(),
-            Some(_) => continue,
-            // Not a LoadBalancer (any more): its ingress is cleared.
-            None if !have.is_empty() && !is_load_balancer(svc) => Vec::new(),
-            None => continue,
-        };
-        if written.get(&id) == Some(&want) {
+        let Some(want) = a.addresses.get(&id).filter(|w| **w != held_in_status(svc)) else { continue };
+        if written.contains_key(&id) {
             continue; // written; the watch has not shown it yet
         }
-        if boot_ns() >= until {
+        let left = until.saturating_sub(boot_ns());
+        if left == 0 {
             return;
         }
-        match patch(client, svc, &want).await {
-            Ok(()) => {
+        let call = patch(client, svc, want);
+        match tokio::time::timeout(Duration::from_nanos(left).min(CALL_TIMEOUT), call).await {
+            Ok(Ok(())) => {
                 tracing::info!(service = %id, addresses = ?want, "LoadBalancer status written");
-                written.insert(id, want);
+                let uid = svc.metadata.uid.clone().unwrap_or_default();
+                let rv = svc.metadata.resource_version.clone().unwrap_or_default();
+                written.insert(id, (uid, rv, want.clone()));
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
                 tracing::debug!(service = %id, "status write from a stale view; redone on the next snapshot");
             }
-            Err(err) => tracing::warn!(service = %id, error = %err, "writing the LoadBalancer status failed"),
+            Ok(Err(err)) => tracing::warn!(service = %id, error = %err, "writing the LoadBalancer status failed"),
+            Err(_) => tracing::warn!(service = %id, "writing the LoadBalancer status timed out"),
         }
     }
-}
-
-fn is_load_balancer(svc: &Service) -> bool {
-    svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer")
 }
 
 /// A merge patch of `status.loadBalancer`, fenced by the resourceVersion seen.
@@ -132,10 +143,11 @@ async fn patch(client: &Client, svc: &Service, addrs: &[IpAddr]) -> Result<(), k
     let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
     let name = svc.metadata.name.as_deref().unwrap_or_default();
     let api: Api<Service> = Api::namespaced(client.clone(), ns);
-    let mut lb = serde_json::to_value(super::status_of(addrs)).unwrap_or_default();
-    if addrs.is_empty() {
-        lb = serde_json::json!({"ingress": null});
-    }
+    // `ingress: null` removes the list (a revoked allocation).
+    let lb = match addrs.is_empty() {
+        true => serde_json::json!({"ingress": null}),
+        false => serde_json::to_value(super::status_of(addrs)).unwrap_or_default(),
+    };
     let body = serde_json::json!({
         "metadata": {"resourceVersion": svc.metadata.resource_version},
         "status": {"loadBalancer": lb},

@@ -91,14 +91,23 @@ pub async fn run(
         events(Api::<Namespace>::all(client), all, nsw, Which::Namespaces),
     ]);
     let mut ready = [false; 5];
-    let handle = |which: Which, ev: Result<bool, watcher::Error>, ready: &mut [bool; 5]| match ev {
+    // Failures said at warn level once per kind until it works again (a
+    // cluster without the pools' CRD would otherwise log at every retry).
+    let mut failing = [false; 5];
+    let mut handle = |which: Which, ev: Result<bool, watcher::Error>, ready: &mut [bool; 5]| match ev {
         Ok(true) => {
             tracing::info!(?which, "initial list complete");
             ready[which as usize] = true;
+            failing[which as usize] = false;
         }
-        Ok(false) => {}
+        Ok(false) => failing[which as usize] = false,
         // The stores keep their last view; the watcher backs off and retries.
-        Err(e) => tracing::warn!(?which, error = %e, "watch failed; keeping the last state and retrying"),
+        Err(e) if !failing[which as usize] => {
+            failing[which as usize] = true;
+            let hint = if matches!(which, Which::Pools) { " (is the LoadBalancerIPPool CRD installed?)" } else { "" };
+            tracing::warn!(?which, error = %e, "watch failed; keeping the last state and retrying{hint}")
+        }
+        Err(e) => tracing::debug!(?which, error = %e, "watch still failing"),
     };
     while let Some((which, ev)) = stream.next().await {
         let at = Instant::now();

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The cluster in API mode: an API-server emulator (`kube-emu`) serves on
-//! the underlay, from the fabric namespace on br0 ([`API4`]:6443), and the
-//! agents run against it with a kubeconfig — the path a real cluster uses,
+//! a management network of its own (bridge `br1` in the fabric namespace,
+//! each node's `mgmt0`, [`API4`]:6443), as control planes often are, so a
+//! node whose underlay link goes down still reaches it; the agents run
+//! against it with a kubeconfig — the path a real cluster uses,
 //! and the shared store that Lease elections across nodes need — instead of
 //! `--manifests`. The harness applies to it the same objects it writes to
 //! the manifests directory (an object that goes away from them is deleted),
@@ -19,8 +21,9 @@ use serde_json::Value;
 
 use super::Cluster;
 
-/// The API server's address on the underlay.
-pub const API4: &str = "192.168.60.250";
+/// The API server's address on the management network (10.99.0.0/24;
+/// node N is 10.99.0.N).
+pub const API4: &str = "10.99.0.250";
 /// The agents' namespace (their Leases live there).
 pub const AGENT_NAMESPACE: &str = "xlb-system";
 
@@ -49,8 +52,24 @@ impl Cluster {
     /// use it instead of the manifests directory. Call before
     /// [`Cluster::write_manifests`] and [`Cluster::start_agents`].
     pub fn use_api(&mut self) {
-        self.fabric
-            .exec_lines(&[&format!("ip addr add {API4}/24 dev br0"), "ip -6 addr add fd60::250/64 dev br0 nodad"]);
+        self.fabric.exec_lines(&[
+            "ip link add br1 type bridge",
+            "ip link set br1 up",
+            &format!("ip addr add {API4}/24 dev br1"),
+        ]);
+        for n in &self.nodes {
+            let (port, tmp) = (format!("m{}", n.index), format!("m{}p", n.index));
+            self.fabric.exec_lines(&[
+                &format!("ip link add {port} type veth peer name {tmp}"),
+                &format!("ip link set {tmp} netns {}", n.ns.name),
+                &format!("ip link set {port} master br1 up"),
+            ]);
+            n.ns.exec_lines(&[
+                &format!("ip link set {tmp} name mgmt0"),
+                "ip link set mgmt0 up",
+                &format!("ip addr add 10.99.0.{}/24 dev mgmt0", n.index),
+            ]);
+        }
         let netns = PathBuf::from(format!("/var/run/netns/{}", self.fabric.name));
         let addr = SocketAddr::new(API4.parse().unwrap(), 6443);
         let server = ApiServer::spawn(Some(&netns), addr);
@@ -96,11 +115,12 @@ impl Cluster {
         ])
     }
 
-    /// The holder of an L2 address's Lease (`node-N`), if held.
+    /// The node holding an L2 address's Lease (`node-N`), if held.
     pub fn l2_holder(&self, addr: &str) -> Option<String> {
         let ip: IpAddr = addr.parse().unwrap();
         let lease = self.api().get(Kind::Lease, AGENT_NAMESPACE, &xlb::l2::leases::lease_name(&ip))?;
-        lease["spec"]["holderIdentity"].as_str().filter(|h| !h.is_empty()).map(str::to_string)
+        let holder = lease["spec"]["holderIdentity"].as_str().filter(|h| !h.is_empty())?;
+        Some(xlb::lease::node_of(holder).to_string())
     }
 
     /// A Service's `status.loadBalancer.ingress` addresses, as stored.
