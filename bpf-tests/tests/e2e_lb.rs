@@ -9,33 +9,13 @@
 
 use bpf_tests::cluster::*;
 
-const POOLS: &str = r#"
-apiVersion: xlb.io/v1alpha1
-kind: LoadBalancerIPPool
-metadata: {name: underlay}
-spec:
-  blocks: [{start: 192.168.60.100, stop: 192.168.60.110}, {start: "fd60::100", stop: "fd60::10f"}]
----
+const NODE_IPS_POOL: &str = r#"
 apiVersion: xlb.io/v1alpha1
 kind: LoadBalancerIPPool
 metadata: {name: a-nodes}
 spec:
   mode: NodeIPs
   serviceSelector: {matchLabels: {lb: node-ips}}
-"#;
-
-const WEB: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo, creationTimestamp: "2026-01-01T00:00:00Z"}
-spec:
-  type: LoadBalancer
-  ipFamilyPolicy: RequireDualStack
-  ipFamilies: [IPv4, IPv6]
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:96::10"]
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30080}]
 "#;
 
 fn dns(proto: &str, created: &str, cluster_ip: &str) -> String {
@@ -71,8 +51,9 @@ fn cluster() -> Cluster {
     c.add_pod("web-1a", 1, "web");
     c.add_pod("web-2a", 2, "web");
     for s in [
-        POOLS,
-        WEB,
+        lb::UNDERLAY_POOL,
+        NODE_IPS_POOL,
+        lb::WEB,
         &dns("TCP", "2026-01-02T00:00:00Z", "10.96.0.53"),
         &dns("UDP", "2026-01-02T00:00:01Z", "10.96.0.54"),
         NODE_IPS,

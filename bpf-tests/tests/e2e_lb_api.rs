@@ -28,28 +28,6 @@ use bpf_tests::cluster::{
     *,
 };
 
-const POOL: &str = r#"
-apiVersion: xlb.io/v1alpha1
-kind: LoadBalancerIPPool
-metadata: {name: underlay}
-spec:
-  blocks: [{start: 192.168.60.100, stop: 192.168.60.120}, {start: "fd60::100", stop: "fd60::10f"}]
-"#;
-
-const WEB: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo, creationTimestamp: "2026-01-01T00:00:00Z"}
-spec:
-  type: LoadBalancer
-  ipFamilyPolicy: RequireDualStack
-  ipFamilies: [IPv4, IPv6]
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10, "fd00:96::10"]
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 9376, nodePort: 30080}]
-"#;
-
 /// Single-stack Services `more-N`, for the spread of owners.
 fn more(n: usize) -> String {
     format!(
@@ -70,7 +48,7 @@ spec:
 const SOLO: &str = r#"
 apiVersion: v1
 kind: Service
-metadata: {name: solo, namespace: demo, creationTimestamp: "2026-01-03T00:00:00Z", annotations: {xlb.io/lb-ips: 192.168.60.120}}
+metadata: {name: solo, namespace: demo, creationTimestamp: "2026-01-03T00:00:00Z", annotations: {xlb.io/lb-ips: 192.168.60.110}}
 spec:
   type: LoadBalancer
   externalTrafficPolicy: Local
@@ -120,8 +98,8 @@ fn cluster_with(extra: &[&str], args: &[&str]) -> Cluster {
     for (pod, node) in [("web-1a", 1), ("web-2a", 2), ("web-3a", 3), ("solo-2", 2)] {
         c.add_pod(pod, node, if pod.starts_with("solo") { "solo" } else { "web" });
     }
-    c.add_services(POOL);
-    c.add_services(WEB);
+    c.add_services(lb::UNDERLAY_POOL);
+    c.add_services(lb::WEB);
     c.add_services(SOLO);
     for s in extra {
         c.add_services(s);
@@ -306,7 +284,7 @@ fn the_address_fails_over_within_the_lease_with_never_two_owners() {
 #[test]
 fn a_local_service_is_announced_where_its_endpoint_is_and_moves_with_it() {
     let mut c = cluster(&[]);
-    let solo = "192.168.60.120";
+    let solo = "192.168.60.110";
     wait_until("solo's status", Duration::from_secs(20), || Some(()).filter(|_| c.ingress("demo", "solo") == [solo]));
     let holder = wait_until("solo's owner", Duration::from_secs(10), || c.l2_holder(solo));
     assert_eq!(holder, "node-2", "the node with the endpoint");

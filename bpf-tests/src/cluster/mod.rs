@@ -41,6 +41,7 @@ use std::{
 };
 
 mod api;
+pub mod lb;
 pub mod probe;
 pub use api::{AGENT_NAMESPACE, API4, Api};
 
