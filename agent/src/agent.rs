@@ -506,6 +506,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 s.namespace.clone(),
                 identity.clone(),
                 s.lb_class.clone(),
+                http.metrics.leases.clone(),
                 rx.clone(),
                 stop_rx.clone(),
             )));
@@ -516,6 +517,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 external_ips: s.l2_external_ips,
                 lb_class: s.lb_class.clone(),
                 rebalance: s.l2_rebalance,
+                metrics: http.metrics.leases.clone(),
             };
             leaders.push(tokio::spawn(crate::l2::leases::run(c.clone(), l2, announcer, rx.clone(), stop_rx)));
             None

@@ -36,6 +36,19 @@ pub struct Metrics {
     pub programming_latency: Histogram,
     pub frontends: Gauge,
     pub problems: Gauge,
+    pub leases: LeaseMetrics,
+}
+
+/// The Lease tasks' metrics (API mode): handed to them as clones.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseMetrics {
+    /// Addresses this node answers ARP / NDP for now.
+    pub l2_answered: Gauge,
+    pub l2_acquired: Counter,
+    pub l2_lost: Counter,
+    /// 1 while this agent leads the LoadBalancer address allocation.
+    pub allocator_leader: Gauge,
+    pub status_writes: Counter,
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
@@ -51,7 +64,30 @@ impl Metrics {
             programming_latency: Histogram::new(buckets()),
             frontends: Gauge::default(),
             problems: Gauge::default(),
+            leases: LeaseMetrics::default(),
         };
+        let l = &m.leases;
+        registry.register(
+            "xlb_l2_answered_addresses",
+            "LoadBalancer addresses this node answers ARP / NDP for",
+            l.l2_answered.clone(),
+        );
+        registry.register("xlb_l2_leases_acquired", "L2 address Leases this agent took", l.l2_acquired.clone());
+        registry.register(
+            "xlb_l2_leases_lost",
+            "L2 address Leases this agent lost (taken over, or not renewed in time)",
+            l.l2_lost.clone(),
+        );
+        registry.register(
+            "xlb_lb_allocator_leader",
+            "1 while this agent leads the LoadBalancer address allocation",
+            l.allocator_leader.clone(),
+        );
+        registry.register(
+            "xlb_lb_status_writes",
+            "LoadBalancer statuses written by this agent as the allocator's leader",
+            l.status_writes.clone(),
+        );
         registry.register("xlb_syncs", "Reconciliations of the datapath with the source", m.syncs.clone());
         registry.register(
             "xlb_sync_failures",

@@ -186,6 +186,7 @@ fn run_agent(c: &kube::Client, identity: &str, stop: watch::Receiver<bool>) {
         "xlb".into(),
         identity.into(),
         xlb::lbipam::DEFAULT_LB_CLASS.into(),
+        Default::default(),
         rx,
         stop,
     ));

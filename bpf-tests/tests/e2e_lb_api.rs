@@ -71,6 +71,13 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// A metric's value in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics")) as u64
+}
+
 fn node_of(holder: &str) -> usize {
     holder.strip_prefix("node-").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("holder {holder:?}"))
 }
@@ -142,6 +149,21 @@ fn the_leader_writes_the_status_and_each_address_has_one_answering_owner() {
     });
     let nodes: BTreeSet<&String> = holders.iter().collect();
     assert!(nodes.len() >= 2, "owners spread over the nodes: {holders:?}");
+    // The agents' metrics say the same: each node answers for the
+    // addresses it holds (solo's too), one leads the allocation.
+    let solo = wait_until("solo's owner", Duration::from_secs(10), || c.l2_holder("192.168.60.110"));
+    let (mut answered, mut leaders) = (Vec::new(), 0);
+    for n in 1..=3 {
+        let held = holders.iter().chain([&solo]).filter(|h| **h == format!("node-{n}")).count() as u64;
+        let got = wait_until("the answered gauge", Duration::from_secs(5), || {
+            let (_, m) = http_get(&c.nodes[n - 1].ns, sa("127.0.0.1", 10249), "/metrics");
+            Some((metric(&m, "xlb_l2_answered_addresses"), metric(&m, "xlb_lb_allocator_leader")))
+                .filter(|(a, _)| *a == held)
+        });
+        answered.push(got.0);
+        leaders += got.1;
+    }
+    assert_eq!((answered.iter().sum::<u64>(), leaders), (holders.len() as u64 + 1, 1), "{answered:?}");
     for addr in ["192.168.60.100", "fd60::100"] {
         let mut pods = Vec::new();
         for i in 0..12 {

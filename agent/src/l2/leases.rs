@@ -67,6 +67,7 @@ pub struct Settings {
     pub lb_class: String,
     /// Ask for the Leases this node ranks first for (see the module doc).
     pub rebalance: bool,
+    pub metrics: crate::metrics::LeaseMetrics,
 }
 
 /// The Lease of `addr`: IPv4 dotted, IPv6 as 32 hex digits (`::` could
@@ -178,11 +179,13 @@ pub async fn run(
             match step {
                 Step::Acquired(_) => {
                     tracing::info!(addr = %a, "took the L2 lease: answering ARP / NDP");
+                    s.metrics.l2_acquired.inc();
                     changed = true;
                 }
                 Step::Renewed(_) => changed = true,
                 Step::Lost => {
                     tracing::warn!(addr = %a, "lost the L2 lease: no longer answering");
+                    s.metrics.l2_lost.inc();
                     changed = true;
                 }
                 Step::Failed(m) => tracing::debug!(addr = %a, error = m, "L2 lease write failed"),
@@ -190,6 +193,7 @@ pub async fn run(
             }
         }
         let synced = !changed || sync(&mut announcer, &electors);
+        s.metrics.l2_answered.set(announcer.answered().len() as i64);
         // Asked to hand over: no longer answering (synced above), release.
         if synced {
             futures::future::join_all(electors.values_mut().filter(|e| e.asked_to_yield()).map(|e| {

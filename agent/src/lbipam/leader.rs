@@ -53,6 +53,7 @@ pub async fn run(
     namespace: String,
     identity: String,
     lb_class: String,
+    metrics: crate::metrics::LeaseMetrics,
     mut snaps: watch::Receiver<Snapshot>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -78,21 +79,31 @@ pub async fn run(
                 _ => {}
             }
         }
+        metrics.allocator_leader.set(i64::from(e.held().is_some()));
         let Some(held) = e.held() else {
             written.clear();
             continue;
         };
         let snap = snaps.borrow_and_update().clone();
         if snap.synced && snap.lb_synced {
-            write_statuses(&client, &snap, &lb_class, &mut written, held.until).await;
+            let n = write_statuses(&client, &snap, &lb_class, &mut written, held.until).await;
+            metrics.status_writes.inc_by(n);
         }
     }
     e.release(Duration::from_secs(1)).await;
+    metrics.allocator_leader.set(0);
 }
 
 /// Brings every Service's status to the allocation of `snap`; stops at
-/// `until` (boot ns), and no write outlives it.
-pub async fn write_statuses(client: &Client, snap: &Snapshot, lb_class: &str, written: &mut Written, until: u64) {
+/// `until` (boot ns), and no write outlives it. Returns the writes made.
+pub async fn write_statuses(
+    client: &Client,
+    snap: &Snapshot,
+    lb_class: &str,
+    written: &mut Written,
+    until: u64,
+) -> u64 {
+    let mut n = 0;
     written.retain(|id, (uid, rv, _)| {
         snap.services.iter().any(|s| {
             id_of(s) == *id
@@ -119,7 +130,7 @@ pub async fn write_statuses(client: &Client, snap: &Snapshot, lb_class: &str, wr
         }
         let left = until.saturating_sub(boot_ns());
         if left == 0 {
-            return;
+            return n;
         }
         let call = patch(client, svc, want);
         match tokio::time::timeout(Duration::from_nanos(left).min(CALL_TIMEOUT), call).await {
@@ -128,6 +139,7 @@ pub async fn write_statuses(client: &Client, snap: &Snapshot, lb_class: &str, wr
                 let uid = svc.metadata.uid.clone().unwrap_or_default();
                 let rv = svc.metadata.resource_version.clone().unwrap_or_default();
                 written.insert(id, (uid, rv, want.clone()));
+                n += 1;
             }
             Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
                 tracing::debug!(service = %id, "status write from a stale view; redone on the next snapshot");
@@ -136,6 +148,7 @@ pub async fn write_statuses(client: &Client, snap: &Snapshot, lb_class: &str, wr
             Err(_) => tracing::warn!(service = %id, "writing the LoadBalancer status timed out"),
         }
     }
+    n
 }
 
 /// A merge patch of `status.loadBalancer`, fenced by the resourceVersion seen.
