@@ -212,7 +212,7 @@ impl Elector {
         if self.held.is_some() {
             return;
         }
-        if rv(seen) != rv(self.last.as_ref()) || (seen.is_none() != self.last.is_none()) {
+        if rv(seen) != rv(self.last.as_ref()) {
             self.last = seen.cloned();
             self.observed_at = now;
         }

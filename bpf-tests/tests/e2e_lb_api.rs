@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `type: LoadBalancer` on bare metal through the API server (issue #15):
 //! the three-node netns cluster's agents watch an API-server emulator on
-//! the underlay (the path a real cluster uses), so that
+//! a management network (the path a real cluster uses), so that
 //! - exactly one agent, holding the `xlb-lbipam` Lease, allocates and
 //!   writes `status.loadBalancer.ingress` (`ipMode: VIP`) through the
 //!   status subresource (as a cloud's service controller does);

@@ -35,18 +35,6 @@ pub struct Api {
     applied: Mutex<BTreeSet<(Kind, String, String)>>,
 }
 
-fn kind_of(name: &str) -> Option<Kind> {
-    Some(match name {
-        "Service" => Kind::Service,
-        "EndpointSlice" => Kind::EndpointSlice,
-        "Node" => Kind::Node,
-        "Namespace" => Kind::Namespace,
-        "LoadBalancerIPPool" => Kind::LoadBalancerIPPool,
-        "Lease" => Kind::Lease,
-        _ => return None,
-    })
-}
-
 impl Cluster {
     /// Starts the API server on the underlay; agents started from now on
     /// use it instead of the manifests directory. Call before
@@ -90,7 +78,8 @@ impl Cluster {
         let mut now = BTreeSet::new();
         for doc in yaml.split("\n---\n").map(str::trim).filter(|d| !d.is_empty()) {
             let v: Value = serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
-            let kind = v["kind"].as_str().and_then(kind_of).unwrap_or_else(|| panic!("unknown kind in {doc}"));
+            let kind = Kind::of(v["apiVersion"].as_str().unwrap_or(""), v["kind"].as_str().unwrap_or(""))
+                .unwrap_or_else(|| panic!("unknown kind in {doc}"));
             let m = &v["metadata"];
             let ns = m["namespace"].as_str().unwrap_or(if kind.namespaced() { "default" } else { "" });
             let name = m["name"].as_str().expect("a name").to_string();
